@@ -625,14 +625,20 @@ def save_video(folder, video):
 
 
 class VideoFolder:
-    """A dataset root in the on-disk layout, as a sequence of Video (decoded on access)."""
+    """A dataset root in the on-disk layout, as a sequence of Video (decoded on access).
 
-    def __init__(self, root):
+    split "all" takes every video; "val" holds out every 20th (sorted by name) and "train" the rest, so a
+    prepared folder gives held-out videos without a second copy.
+    """
+
+    def __init__(self, root, split="all"):
         self.root = Path(root)
-        self.folders = sorted(p.parent for p in self.root.glob("*/meta.json"))
-        if not self.folders:
+        folders = sorted(p.parent for p in self.root.glob("*/meta.json"))
+        if not folders:
             raise DataError(f"{root}: no prepared videos (expected {root}/<name>/meta.json; "
                             f"see `python data.py synth --help` and `python data.py prepare --help`)")
+        self.folders = {"all": folders, "train": [f for i, f in enumerate(folders) if i % 20 != 19],
+                        "val": folders[19::20] or folders[-1:]}[split]
         self.meta = [json.loads((p / "meta.json").read_text()) for p in self.folders]
 
     def __len__(self):
@@ -670,6 +676,15 @@ def _resample_frames(times, n_out):
     return np.clip(out, 0, len(times) - 1)
 
 
+def square_image(img, size, box=None):
+    """Crop a PIL image to `box` (x0, y0, x1, y1), else to its centre square, and resize it to size x size.
+    Returns uint8 (size, size, 3)."""
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if box is None else box
+    return np.asarray(img.convert("RGB").crop(box).resize((size, size), Image.BICUBIC))
+
+
 def prepare_video(src, size, box=None):
     """Convert one real talking-head video into a Video: 25 fps, square crop (`box` = (x0, y0, x1, y1) in source
     pixels, else the centre square), resized to size x size, 16 kHz mono audio. Raises DataError if the file is
@@ -681,13 +696,7 @@ def prepare_video(src, size, box=None):
             stream = container.streams.video[0]
             frames, times = [], []
             for f in container.decode(stream):
-                if box is None:
-                    h, w = f.height, f.width
-                    s = min(h, w)
-                    crop = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-                else:
-                    crop = box
-                frames.append(np.asarray(f.to_image().crop(crop).resize((size, size), Image.BICUBIC)))
+                frames.append(square_image(f.to_image(), size, box))
                 times.append(float(f.time) if f.time is not None else len(times) / float(stream.average_rate))
     except av.FFmpegError as e:
         raise DataError(f"{src}: cannot decode ({e})") from None
@@ -737,7 +746,7 @@ def prepare(raw_dir, out_dir, size=256, boxes=None):
 
 def to_tensor(frames):
     """uint8 frames (..., H, W, 3) -> float tensor (..., 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+    return torch.from_numpy(np.array(frames)).movedim(-1, -3).float() / 127.5 - 1
 
 
 GROUND_TRUTH = ("openness", "roundness", "blink", "pose", "mouth_box")

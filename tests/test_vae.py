@@ -1,0 +1,123 @@
+"""Tests of vae.py and of the VAE stage of train.py."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+import vae as vae_module
+from vae import VAE, VAEConfig, kl_divergence, psnr, vae_loss
+
+
+@pytest.mark.parametrize("factor", [4, 8])
+@pytest.mark.parametrize("size", [64, 256])
+def test_shapes(factor, size):
+    model = VAE(VAEConfig(resolution=size, factor=factor, width=8)).eval()
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        mean, logvar = model.moments(x)
+        y = model.decode(z)
+    assert z.shape == mean.shape == logvar.shape == (2, 4, size // factor, size // factor)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+
+
+def test_kl_divergence():
+    zero = torch.zeros(3, 4, 5, 5)
+    assert kl_divergence(zero, zero).item() == 0.0  # q = N(0, 1) is the prior itself
+    mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    closed_form = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).mean()
+    assert torch.allclose(kl_divergence(mean, logvar), closed_form, atol=1e-6)
+
+
+def test_encode_samples_when_training_and_is_deterministic_in_eval():
+    model = VAE(VAEConfig(resolution=32, factor=4, width=8))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert not torch.equal(model.encode(x), model.encode(x))
+    model.eval()
+    assert torch.equal(model.encode(x), model.encode(x)) and torch.equal(model.encode(x), model.moments(x)[0])
+
+
+def test_vae_overfits_one_small_batch():
+    torch.manual_seed(0)
+    frames = [data.render_frame(data.identity(i), 64, i / 4, 0.3, 0.0, (0.0, 0.0, 0.0))[0] for i in range(4)]
+    x = data.to_tensor(np.stack(frames))
+    model = VAE(VAEConfig(resolution=64, factor=4, width=16))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.eval()
+    with torch.no_grad():
+        before = psnr(model.decode(model.encode(x)), x).mean().item()
+    model.train()
+    for _ in range(150):
+        loss, _ = vae_loss(model, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = psnr(model.decode(model.encode(x)), x).mean().item()
+    assert after > before + 10 and after > 20
+
+
+def _train(tmp_path, name, *extra):
+    argv = ["--stage", "vae", "--out", str(tmp_path / name), "--videos", "2", "--resolution", "32", "--width", "8",
+            "--batch-size", "4", "--warmup", "2", "--eval-every", "2", "--device", "cpu", *extra]
+    return train.main(argv)
+
+
+def test_train_resumes_exactly_and_stops_on_a_time_budget(tmp_path):
+    _train(tmp_path, "straight", "--steps", "6")
+    _train(tmp_path, "pieces", "--steps", "3")
+    (tmp_path / "pieces" / "log.jsonl").unlink()
+    _train(tmp_path, "pieces", "--steps", "6", "--resume")
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "pieces" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key, value in a["vae"]["weights"].items():
+        assert torch.allclose(value, b["vae"]["weights"][key], atol=1e-6), key
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.allclose(state["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"], atol=1e-8)
+    assert 0 < a["vae"]["weights"]["latent_scale"].item() < 100
+    # a zero time budget stops before the first step, still leaving a checkpoint that resumes
+    result = _train(tmp_path, "budget", "--max-minutes", "0")
+    assert result["step"] == 0 and (tmp_path / "budget" / "ckpt.pt").exists()
+    assert _train(tmp_path, "budget", "--steps", "2", "--resume")["step"] == 2
+
+
+def test_vae_cli_reconstructs_an_image(tmp_path, capsys):
+    _train(tmp_path, "run", "--steps", "2")
+    image = tmp_path / "face.png"
+    Image.fromarray(data.synth_video("test", 0, 0.04, 48).frames[0]).convert("RGBA").save(image)
+    vae_module.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--image", str(image)])
+    assert "PSNR" in capsys.readouterr().out
+    assert Image.open(tmp_path / "face_recon.png").size == (64, 32)  # original | reconstruction at 32x32
+
+
+@pytest.mark.parametrize("case", ["missing ckpt", "garbage ckpt", "bad image"])
+def test_vae_cli_user_errors_exit_2(tmp_path, capsys, case):
+    _train(tmp_path, "run", "--steps", "1")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    ckpt = {"missing ckpt": tmp_path / "none.pt", "garbage ckpt": tmp_path / "junk.pt"}.get(case,
+                                                                                       tmp_path / "run" / "ckpt.pt")
+    image = tmp_path / ("junk.png" if case == "bad image" else "ok.png")
+    capsys.readouterr()  # forget the training run's output
+    with pytest.raises(SystemExit) as e:
+        vae_module.main(["--ckpt", str(ckpt), "--image", str(image)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_train_user_errors_exit_2(tmp_path, capsys):
+    for argv in (["--resume", "--out", str(tmp_path / "none")], ["--data", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--stage", "vae", *argv])
+        assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    _train(tmp_path, "run", "--steps", "1")
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "run", "--steps", "1")  # the run exists: refuse to overwrite it
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""A small convolutional VAE: the latent space the diffusion transformer works in (paper Sec. 3.1).
+
+LetsTalk, like Stable Diffusion, does not diffuse pixels: a VAE first maps each 256x256 frame to a 32x32x4 latent,
+so the transformer sees 64x fewer positions. The paper reuses Stable Diffusion's VAE; we train our own small one
+(nothing can be downloaded here, and a 64x64 CPU demo needs a 4x factor that SD's VAE does not offer).
+
+  encoder: conv -> [ResBlock, stride-2 conv] x log2(factor) -> ResBlock x 2 -> (mean, log-variance), 4 channels
+  decoder: conv -> ResBlock x 2 -> [nearest 2x upsample + conv, ResBlock] x log2(factor) -> conv to RGB
+
+Residual blocks with GroupNorm, no attention (the faces are small; convolutions see enough of them).
+
+`python vae.py --ckpt runs/vae/ckpt.pt --image face.png` writes a side-by-side reconstruction and prints PSNR;
+training is `python train.py --stage vae` (see train.py).
+"""
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+import data
+
+
+@dataclass
+class VAEConfig:
+    resolution: int = 256  # frame size the VAE is trained at, and the whole pipeline works at
+    factor: int = 8  # spatial downsampling: 8 is the paper's 256x256 -> 32x32; 4 the CPU demo's 64x64 -> 16x16
+    latent_channels: int = 4  # as Stable Diffusion's VAE
+    width: int = 64  # channels at full resolution, doubled at every downsampling
+    kl_weight: float = 1e-4  # small: the KL only keeps the latents tame, reconstruction comes first
+
+
+def norm(channels):
+    """GroupNorm with up to 32 groups of at least 4 channels."""
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a skip (1x1 conv when the width changes). (B, cin, H, W) ->
+    (B, cout, H, W)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class VAE(nn.Module):
+    """Frames (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H / factor, W / factor).
+
+    `latent_scale` (a buffer, so it travels in the state dict) is 1 / std of the latents on the training data,
+    measured once after training (Stable Diffusion's 0.18215 is the same idea): the diffusion model works on
+    `encode(x) * latent_scale`, which has unit variance, so the noise schedule means what it says.
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        levels = int(math.log2(config.factor))
+        if 2 ** levels != config.factor:
+            raise ValueError(f"factor must be a power of two, got {config.factor}")
+        ch = [config.width * 2 ** i for i in range(levels + 1)]
+        down = []
+        for i in range(levels):
+            down += [ResBlock(ch[i], ch[i]), nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1)]
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, ch[0], 3, padding=1), *down, ResBlock(ch[-1], ch[-1]), ResBlock(ch[-1], ch[-1]),
+            norm(ch[-1]), nn.SiLU(),
+            nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1))
+        up = []
+        for i in reversed(range(levels)):
+            up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i + 1], ch[i], 3, padding=1),
+                   ResBlock(ch[i], ch[i])]
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.latent_channels, ch[-1], 3, padding=1), ResBlock(ch[-1], ch[-1]),
+            ResBlock(ch[-1], ch[-1]), *up, norm(ch[0]), nn.SiLU(),
+            nn.Conv2d(ch[0], 3, 3, padding=1))
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+
+    def moments(self, x):
+        """The posterior q(z|x) = N(mean, exp(logvar)): (B, 3, H, W) -> two (B, 4, h, w)."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
+    def encode(self, x):
+        """(B, 3, H, W) -> (B, 4, h, w): a sample z = mean + std * eps when training (the reparameterisation
+        trick, so gradients reach the encoder), the mean in eval mode (deterministic latents)."""
+        mean, logvar = self.moments(x)
+        return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
+
+    def decode(self, z):
+        """(B, 4, h, w) -> (B, 3, H, W). Clamped to [-1, 1] in eval mode; unclamped when training, so pixels that
+        overshoot still get a gradient back."""
+        x = self.decoder(z)
+        return x if self.training else x.clamp(-1, 1)
+
+
+def kl_divergence(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per element: 0.5 (mean^2 + var - 1 - logvar), averaged. -> scalar."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+
+
+def vae_loss(vae, x):
+    """The VAE objective on frames x (B, 3, H, W) in [-1, 1]:
+
+        L = mean|x - x'| + mean (x - x')^2 + kl_weight * KL(q(z|x) || N(0, I)),   x' = decode(z), z ~ q(z|x)
+
+    L1 keeps edges sharp, MSE punishes large errors (it is what PSNR measures). Returns (loss, logs dict).
+    """
+    mean, logvar = vae.moments(x)
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+    err = vae.decoder(z) - x
+    l1, mse, kl = err.abs().mean(), err.pow(2).mean(), kl_divergence(mean, logvar)
+    return l1 + mse + vae.config.kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB of images in [-1, 1], one value per image: (B, 3, H, W) x 2 -> (B,)."""
+    mse = (x - y).pow(2).flatten(1).mean(1) / 4  # on the [0, 1] scale, where the peak is 1
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+def load_vae(path, device="cpu"):
+    """Rebuild the VAE of a checkpoint written by `train.py --stage vae`, in eval mode."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (train one with `python train.py --stage vae`)") from None
+    except Exception as e:  # not a torch file, or one that would need to run code to load
+        raise ValueError(f"{path}: not a letstalk checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "vae" not in ckpt:
+        raise ValueError(f"{path}: not a letstalk VAE checkpoint (no 'vae' entry)")
+    vae = VAE(VAEConfig(**ckpt["vae"]["config"])).to(device)
+    vae.load_state_dict(ckpt["vae"]["weights"])
+    return vae.eval()
+
+
+def vae_state(vae):
+    """What a checkpoint holds of a VAE: plain dicts of numbers and tensors (loadable with weights_only=True)."""
+    return {"config": asdict(vae.config), "weights": vae.state_dict()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="vae.py", description="Reconstruct an image through a trained VAE: "
+                                     "writes original | reconstruction side by side and prints the PSNR.")
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `python train.py --stage vae`")
+    parser.add_argument("--image", type=Path, required=True, help="any image PIL opens; centre-cropped to a square "
+                        "and resized to the resolution the VAE was trained at")
+    parser.add_argument("--out", type=Path, help="output PNG (default: <image>_recon.png)")
+    args = parser.parse_args(argv)
+    try:
+        vae = load_vae(args.ckpt)
+        try:
+            img = Image.open(args.image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{args.image}: cannot read image ({e})") from None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    x = data.to_tensor(data.square_image(img, vae.config.resolution))[None]
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x))
+    both = ((torch.cat([x, y], dim=3)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    out = args.out or args.image.with_name(args.image.stem + "_recon.png")
+    Image.fromarray(both).save(out)
+    print(f"PSNR {psnr(x, y).item():.2f} dB, wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
