@@ -1,0 +1,465 @@
+"""LetsTalk: the spatial-temporal diffusion transformer (paper Sec. 3.2-3.3, Fig. 2-3).
+
+Read this file top to bottom next to the paper. The model predicts the noise in a clip of VAE latents:
+
+    noisy latents (B, F, C, h, w) --patchify--> tokens (B*F, P, D), P = (h / 2) * (w / 2)
+    every block:  temporal attention   one patch position across the F frames (+ M motion frames)   Sec. 3.2
+                  audio fusion          direct: cross-attention to the frame's own audio tokens      Sec. 3.3
+                  spatial attention     the P tokens of one frame (+ symbiotic condition tokens)     Sec. 3.2
+                  MLP                   spatial attention and MLP modulated by the timestep (adaLN-Zero)
+    final layer --unpatchify--> predicted noise (B, F, C, h, w)
+
+Factorizing attention this way costs O(F*P^2 + P*F^2) instead of O((F*P)^2) for joint attention (Eq. 4);
+`attention="full"` switches to joint attention for comparison (bench.py measures both).
+
+Conditions (Sec. 3.3, Fig. 3), each fused by one of three schemes chosen independently:
+  symbiotic  the condition's tokens are concatenated with each frame's tokens on the token axis and fused by the
+             spatial self-attention and MLP; they are carried and updated from block to block (the paper's choice
+             for the portrait);
+  direct     cross-attention from the frame's tokens to the condition's tokens in every block (the paper's choice
+             for audio);
+  siamese    a parallel condition transformer of the same depth; its hidden states at layer l join the keys and
+             values of the backbone's spatial attention at layer l (as ReferenceNet does in AnimateAnyone).
+
+The layout follows the official code (zhang-haojie/LetsTalk, models/model_cat.py and model_cat_long.py): its
+block order, reference tokens sharing the video's patch embedding, motion frames prepended in temporal attention
+only. `python letstalk.py --size B` prints parameter counts and GFLOPs of every fusion choice.
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+# depth (blocks), width (D), heads. B and L are the paper's LetsTalk-B / -L (the official VDT-B/2 and -L/2).
+SIZES = {
+    "T": dict(depth=6, width=128, heads=4),  # tiny: the CPU demo and the tests
+    "S": dict(depth=12, width=384, heads=6),
+    "B": dict(depth=12, width=768, heads=12),
+    "L": dict(depth=24, width=1024, heads=16),
+}
+FUSIONS = ("symbiotic", "siamese", "direct")
+
+
+@dataclass
+class LetsTalkConfig:
+    depth: int = 6
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    latent_channels: int = 4
+    latent_size: int = 16  # h = w of the VAE latents (32 for 256x256 frames at factor 8, 16 for 64x64 at 4)
+    patch: int = 2
+    frames: int = 16  # F, frames generated per window
+    motion: int = 2  # M, motion frames from the previous window (0: the model takes none)
+    mel_window: int = 20  # mel frames per video frame (data.MEL_WINDOW)
+    n_mels: int = 80
+    audio_tokens: int = 5  # K audio tokens per frame (the official code: 32 wav2vec tokens of width 768)
+    audio_layers: int = 2  # transformer layers of the audio encoder
+    ref_fusion: str = "symbiotic"  # the paper's choice for the portrait
+    audio_fusion: str = "direct"  # the paper's choice for audio
+    attention: str = "factorized"  # or "full": joint attention over all F * P tokens (Eq. 4's baseline)
+
+
+def config_for(size, **overrides):
+    """The LetsTalkConfig of a named size ('T', 'S', 'B', 'L'), with any field overridden."""
+    return LetsTalkConfig(**{**SIZES[size], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def sincos_1d(dim, positions):
+    """Fixed sin-cos embedding of positions (N,) -> (N, dim), as in the Transformer and MAE."""
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = positions.double()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(dim, size):
+    """Fixed 2D sin-cos embedding of a size x size grid -> (size * size, dim): half the channels encode the row,
+    half the column (row-major order, the order of the patch tokens)."""
+    pos = torch.arange(size)
+    rows, cols = sincos_1d(dim // 2, pos), sincos_1d(dim // 2, pos)
+    return torch.cat([repeat(rows, "h d -> (h w) d", w=size), repeat(cols, "w d -> (h w) d", h=size)], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion timestep t (B,) -> (B, D): sinusoidal features of t, then an MLP (as DiT)."""
+
+    def __init__(self, width, frequencies=256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        return self.mlp(sincos_1d(self.frequencies, t).to(self.mlp[0].weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Eq. 5).
+
+    Queries come from x (N, Lq, D); keys and values from `context` (N, Lk, D), which defaults to x. So one module
+    serves self-attention, cross-attention (direct fusion) and self-attention with extra keys (siamese fusion).
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q = rearrange(self.q(x), "n l (h d) -> n h l d", h=self.heads)
+        k, v = rearrange(self.kv(context), "n l (two h d) -> two n h l d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "n h l d -> n l (h d)"))
+
+
+def mlp(width, ratio):
+    return nn.Sequential(nn.Linear(width, int(width * ratio)), nn.GELU(approximate="tanh"),
+                         nn.Linear(int(width * ratio), width))
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with shift and scale predicted from the timestep."""
+    return x * (1 + scale) + shift
+
+
+def norm(width):
+    """LayerNorm without its own affine parameters: adaLN supplies them."""
+    return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+
+
+class ConditionBlock(nn.Module):
+    """Self-attention + MLP over condition tokens (N, L, D), both modulated by the timestep with adaLN-Zero.
+    The building block of the siamese towers (the backbone's spatial half, without time or fusion)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = norm(cfg.width), Attention(cfg.width, cfg.heads), norm(cfg.width)
+        self.mlp = mlp(cfg.width, cfg.mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+
+    def forward(self, h, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        h = h + gate1 * self.attn(modulate(self.norm1(h), shift1, scale1))
+        return h + gate2 * self.mlp(modulate(self.norm2(h), shift2, scale2))
+
+
+class SiameseTower(nn.Module):
+    """Siamese fusion (Fig. 3b): a transformer as deep as the backbone processes the condition tokens; its
+    hidden state after layer l guides backbone layer l. (N, L, D) -> depth x (N, L, D)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.blocks = nn.ModuleList(ConditionBlock(cfg) for _ in range(cfg.depth))
+
+    def forward(self, h, c):
+        states = []
+        for block in self.blocks:
+            h = block(h, c)
+            states.append(h)
+        return states
+
+
+class AudioEncoder(nn.Module):
+    """Per-frame mel windows (B, F, 20, 80) -> K audio tokens per frame (B, F, K, D).
+
+    A 1D convolution over the window's 20 mel frames (halving them to 10), a sin-cos position, a few transformer
+    layers, then average pooling to K tokens. The official code instead takes 32 tokens of width 768 from a
+    pretrained wav2vec; we learn from the mel spectrogram because no pretrained speech model can be downloaded
+    here, and a tiny model on a synthetic world does not need one.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.conv = nn.Sequential(nn.Conv1d(cfg.n_mels, D, 3, padding=1), nn.GELU(),
+                                  nn.Conv1d(D, D, 3, stride=2, padding=1), nn.GELU())
+        self.register_buffer("pos", sincos_1d(D, torch.arange((cfg.mel_window + 1) // 2)), persistent=False)
+        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(D), Attention(D, cfg.heads), nn.LayerNorm(D),
+                                                   mlp(D, cfg.mlp_ratio)]) for _ in range(cfg.audio_layers))
+        self.tokens = cfg.audio_tokens
+
+    def forward(self, mel):
+        B = mel.shape[0]
+        h = self.conv(rearrange(mel, "b f t m -> (b f) m t"))  # each frame's window on its own
+        h = rearrange(h, "n d t -> n t d") + self.pos
+        for norm1, attn, norm2, ff in self.layers:
+            h = h + attn(norm1(h))
+            h = h + ff(norm2(h))
+        h = F.adaptive_avg_pool1d(rearrange(h, "n t d -> n d t"), self.tokens)
+        return rearrange(h, "(b f) d k -> b f k d", b=B)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The block (Fig. 2b)
+
+
+class Block(nn.Module):
+    """One LetsTalk block: temporal attention -> direct fusion -> spatial attention -> MLP.
+
+    Works on frame tokens x (B*F, P, D). Every residual branch ends in a zero-initialised layer (adaLN-Zero gates,
+    the temporal and cross-attention output projections), so a new block is the identity. (The official code
+    zero-initialises only the adaLN gates; we extend it so the identity holds for the whole block.)
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.full = cfg.attention == "full"
+        if not self.full:  # the temporal half; with full attention the spatial attention spans all frames
+            self.temporal_norm, self.temporal_attn = nn.LayerNorm(D), Attention(D, cfg.heads)
+            self.temporal_fc = nn.Linear(D, D)
+        direct = [name for name, scheme in (("ref", cfg.ref_fusion), ("audio", cfg.audio_fusion)) if scheme == "direct"]
+        self.cross_norm = nn.ModuleDict({name: norm(D) for name in direct})
+        self.cross_attn = nn.ModuleDict({name: Attention(D, cfg.heads) for name in direct})
+        self.norm1, self.attn, self.norm2 = norm(D), Attention(D, cfg.heads), norm(D)
+        self.mlp = mlp(D, cfg.mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def temporal(self, x, motion, B):
+        """Temporal self-attention (Sec. 3.2): each patch position attends over the frames, motion frames first.
+        x (B*F, P, D), motion (B, M, P, D) or None -> the same two, updated."""
+        M = 0 if motion is None else motion.shape[1]
+        seq = rearrange(x, "(b f) p d -> b f p d", b=B)
+        if M:
+            seq = torch.cat([motion, seq], dim=1)
+        seq = rearrange(seq, "b f p d -> (b p) f d")  # batch B*P, sequence of F (+ M) frames
+        seq = seq + self.temporal_fc(self.temporal_attn(self.temporal_norm(seq)))
+        seq = rearrange(seq, "(b p) f d -> b f p d", b=B)
+        return rearrange(seq[:, M:], "b f p d -> (b f) p d"), (seq[:, :M] if M else None)
+
+    def direct(self, x, contexts):
+        """Direct fusion (Fig. 3a): cross-attention from each frame's tokens to its condition tokens.
+        x (B*F, P, D), contexts {name: (B*F, L, D)} -> (B*F, P, D)."""
+        for name, context in contexts.items():
+            x = x + self.cross_attn[name](self.cross_norm[name](x), context)
+        return x
+
+    def spatial(self, x, c, symbiotic=None, guides=None):
+        """Spatial self-attention and MLP over one frame's tokens (Sec. 3.2), modulated by the timestep.
+
+        x (B*F, P, D); c (B, D) timestep embedding; symbiotic (B*F, S, D) condition tokens concatenated on the
+        token axis (symbiotic fusion, Fig. 3c); guides (B*F, G, D) siamese hidden states that join the keys and
+        values only. Returns x and symbiotic, updated. With attention="full" the attention spans all frames.
+        """
+        B, P = c.shape[0], x.shape[1]
+        F_ = x.shape[0] // B
+        shift1, scale1, gate1, shift2, scale2, gate2 = repeat(self.ada(c), "b (six d) -> six (b f) 1 d", six=6, f=F_)
+        h = x if symbiotic is None else torch.cat([x, symbiotic], dim=1)
+        q = modulate(self.norm1(h), shift1, scale1)
+        kv = q if guides is None else torch.cat([q, self.norm1(guides)], dim=1)
+        if self.full:  # joint attention over every token of the clip: O((F*P)^2)
+            out = self.attn(rearrange(q, "(b f) n d -> b (f n) d", b=B), rearrange(kv, "(b f) n d -> b (f n) d", b=B))
+            out = rearrange(out, "b (f n) d -> (b f) n d", f=F_)
+        else:
+            out = self.attn(q, kv)
+        h = h + gate1 * out
+        h = h + gate2 * self.mlp(modulate(self.norm2(h), shift2, scale2))
+        return h[:, :P], (None if symbiotic is None else h[:, P:])
+
+    def forward(self, x, c, motion=None, symbiotic=None, contexts=None, guides=None):
+        if not self.full:
+            x, motion = self.temporal(x, motion, c.shape[0])
+        x = self.direct(x, contexts or {})
+        x, symbiotic = self.spatial(x, c, symbiotic, guides)
+        return x, motion, symbiotic
+
+
+class FinalLayer(nn.Module):
+    """Tokens (B*F, P, D) -> patches (B*F, P, p*p*C), through an adaLN-modulated LayerNorm (zero-initialised)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = norm(cfg.width)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+        self.linear = nn.Linear(cfg.width, cfg.patch ** 2 * cfg.latent_channels)
+
+    def forward(self, x, c):
+        shift, scale = repeat(self.ada(c), "b (two d) -> two (b f) 1 d", two=2, f=x.shape[0] // c.shape[0])
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class LetsTalk(nn.Module):
+    """The LetsTalk denoiser: predicts the noise (or the chosen target) of a noisy latent clip.
+
+    forward(x, t, ref, mel, motion=None, drop_ref=None, drop_audio=None, drop_motion=None):
+      x      (B, F, C, h, w)  noisy latents of the clip
+      t      (B,)             diffusion timesteps
+      ref    (B, C, h, w)     latent of the reference portrait
+      mel    (B, F, 20, 80)   per-frame mel windows
+      motion (B, M, C, h, w)  latents of the M frames before the clip (required when cfg.motion > 0)
+      drop_* (B,) bool        replace that condition by its learned null embedding (classifier-free guidance;
+                              a dropped motion means "the start of a video")
+    returns (B, F, C, h, w).
+    """
+
+    def __init__(self, cfg: LetsTalkConfig):
+        super().__init__()
+        if cfg.ref_fusion not in FUSIONS or cfg.audio_fusion not in FUSIONS:
+            raise ValueError(f"fusion schemes are {FUSIONS}, got {cfg.ref_fusion!r} and {cfg.audio_fusion!r}")
+        if cfg.attention not in ("factorized", "full") or (cfg.attention == "full" and cfg.motion):
+            raise ValueError("attention is 'factorized' or 'full' (full attention takes no motion frames)")
+        self.cfg = cfg
+        D, p, C = cfg.width, cfg.patch, cfg.latent_channels
+        self.patches = (cfg.latent_size // p) ** 2  # P
+        self.embed = nn.Linear(p * p * C, D)  # patchify: one linear map per 2x2xC patch (a strided conv)
+        self.register_buffer("pos_space", sincos_2d(D, cfg.latent_size // p), persistent=False)
+        # temporal positions: motion frames 0..M-1, then the clip's frames, whether motion is given or not
+        self.register_buffer("pos_time", sincos_1d(D, torch.arange(cfg.motion + cfg.frames)), persistent=False)
+        self.t_embed = TimestepEmbedder(D)
+        self.audio_encoder = AudioEncoder(cfg)
+        # learned "no condition" tokens for classifier-free guidance, and for "no previous frames"
+        self.null_ref = nn.Parameter(torch.randn(self.patches, D) * 0.02)
+        self.null_audio = nn.Parameter(torch.randn(cfg.audio_tokens, D) * 0.02)
+        self.null_motion = nn.Parameter(torch.randn(self.patches, D) * 0.02) if cfg.motion else None
+        self.ref_tower = SiameseTower(cfg) if cfg.ref_fusion == "siamese" else None
+        self.audio_tower = SiameseTower(cfg) if cfg.audio_fusion == "siamese" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg)
+        self.initialize()
+
+    def initialize(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        zero = [self.final.linear, self.final.ada[-1]]  # adaLN-Zero: every residual branch starts at zero
+        for block in [*self.blocks, *(self.ref_tower.blocks if self.ref_tower else []),
+                      *(self.audio_tower.blocks if self.audio_tower else [])]:
+            zero.append(block.ada[-1])
+        for block in self.blocks:
+            zero += [attn.proj for attn in block.cross_attn.values()]
+            zero += [] if block.full else [block.temporal_fc]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, latents):
+        """(N, C, h, w) -> tokens (N, P, D): 2x2 patches, a linear map, plus the 2D position embedding."""
+        p = self.cfg.patch
+        return self.embed(rearrange(latents, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)) + self.pos_space
+
+    def unpatchify(self, tokens, B):
+        """(B*F, P, p*p*C) -> (B, F, C, h, w)."""
+        p, s = self.cfg.patch, self.cfg.latent_size // self.cfg.patch
+        return rearrange(tokens, "(b f) (h w) (p q c) -> b f c (h p) (w q)", b=B, h=s, p=p, q=p)
+
+    @staticmethod
+    def _drop(tokens, null, mask):
+        """Replace the tokens (B, ..., L, D) of the samples where mask (B,) is True by the null tokens (L, D)."""
+        if mask is None:
+            return tokens
+        return torch.where(mask.view(-1, *[1] * (tokens.dim() - 1)), null.to(tokens.dtype), tokens)
+
+    def forward(self, x, t, ref, mel, motion=None, drop_ref=None, drop_audio=None, drop_motion=None):
+        cfg = self.cfg
+        B, F_ = x.shape[:2]
+        c = self.t_embed(t)
+
+        # the clip: patch tokens + 2D position + the frame's temporal position
+        h = rearrange(self.patchify(rearrange(x, "b f c h w -> (b f) c h w")), "(b f) p d -> b f p d", b=B)
+        h = rearrange(h + self.pos_time[cfg.motion:cfg.motion + F_, None], "b f p d -> (b f) p d")
+        if cfg.motion:  # motion frames: the same embedding, their own temporal positions; null = "no history"
+            m = rearrange(self.patchify(rearrange(motion, "b m c h w -> (b m) c h w")), "(b m) p d -> b m p d", b=B)
+            m = self._drop(m, self.null_motion, drop_motion) + self.pos_time[:cfg.motion, None]
+        else:
+            m = None
+
+        # the conditions: reference tokens share the video's patch embedding, so ref token p lines up with
+        # video token p (official code); audio tokens come from the audio encoder, K per frame
+        ref_tokens = self._drop(self.patchify(ref), self.null_ref, drop_ref)  # (B, P, D)
+        audio_tokens = self._drop(self.audio_encoder(mel), self.null_audio, drop_audio)  # (B, F, K, D)
+        per_frame = {"ref": repeat(ref_tokens, "b p d -> (b f) p d", f=F_),  # Fig. 2: repeated along frames
+                     "audio": rearrange(audio_tokens, "b f k d -> (b f) k d")}  # frame f: its own audio only
+        schemes = {"ref": cfg.ref_fusion, "audio": cfg.audio_fusion}
+        symbiotic = [per_frame[n] for n in ("ref", "audio") if schemes[n] == "symbiotic"]
+        symbiotic = torch.cat(symbiotic, dim=1) if symbiotic else None
+        contexts = {n: per_frame[n] for n in ("ref", "audio") if schemes[n] == "direct"}
+        towers = []
+        if self.ref_tower is not None:
+            towers.append([repeat(s, "b p d -> (b f) p d", f=F_) for s in self.ref_tower(ref_tokens, c)])
+        if self.audio_tower is not None:
+            towers.append(self.audio_tower(per_frame["audio"], repeat(c, "b d -> (b f) d", f=F_)))
+
+        for i, block in enumerate(self.blocks):
+            guides = torch.cat([tower[i] for tower in towers], dim=1) if towers else None
+            h, m, symbiotic = block(h, c, m, symbiotic, contexts, guides)
+        return self.unpatchify(self.final(h, c), B)  # symbiotic and motion tokens are dropped at the output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter and FLOP table
+
+
+def count_parameters(model):
+    """Parameters per part: backbone (embeddings, blocks without fusion layers, final layer), audio encoder, and
+    fusion (cross-attention layers, siamese towers, null embeddings)."""
+    parts = {"backbone": 0, "audio encoder": 0, "fusion": 0}
+    for name, param in model.named_parameters():
+        if name.startswith("audio_encoder"):
+            parts["audio encoder"] += param.numel()
+        elif "cross_" in name or "tower" in name or name.startswith("null_"):
+            parts["fusion"] += param.numel()
+        else:
+            parts["backbone"] += param.numel()
+    return parts
+
+
+def forward_gflops(cfg, batch=1):
+    """GFLOPs of one forward pass on a clip of cfg.frames frames, counted by torch's FlopCounterMode on meta
+    tensors (shapes only: nothing is computed or allocated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = LetsTalk(cfg)
+        s, C = cfg.latent_size, cfg.latent_channels
+        inputs = (torch.randn(batch, cfg.frames, C, s, s), torch.zeros(batch), torch.randn(batch, C, s, s),
+                  torch.randn(batch, cfg.frames, cfg.mel_window, cfg.n_mels),
+                  torch.randn(batch, cfg.motion, C, s, s) if cfg.motion else None)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="letstalk.py", description="Parameters and forward GFLOPs of a LetsTalk "
+                                     "model for a 16-frame 256x256 clip (32x32x4 latents), for every fusion choice.")
+    parser.add_argument("--size", choices=list(SIZES), default="B")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--latent-size", type=int, default=32, help="32 for 256x256 frames at VAE factor 8")
+    args = parser.parse_args(argv)
+    print(f"LetsTalk-{args.size}: {SIZES[args.size]}, {args.frames} frames of {args.latent_size}x{args.latent_size}"
+          f"x4 latents, 2 motion frames")
+    print(f"{'ref fusion':>10} {'audio fusion':>12} | {'backbone':>9} {'audio enc':>9} {'fusion':>9} {'total':>9} |"
+          f" {'GFLOPs':>8}")
+    for ref_fusion in FUSIONS:
+        for audio_fusion in FUSIONS:
+            cfg = config_for(args.size, frames=args.frames, latent_size=args.latent_size, ref_fusion=ref_fusion,
+                             audio_fusion=audio_fusion)
+            with torch.device("meta"):
+                parts = count_parameters(LetsTalk(cfg))
+            m = {k: f"{v / 1e6:.1f}M" for k, v in parts.items()}
+            print(f"{ref_fusion:>10} {audio_fusion:>12} | {m['backbone']:>9} {m['audio encoder']:>9} {m['fusion']:>9} "
+                  f"{sum(parts.values()) / 1e6:>8.1f}M | {forward_gflops(cfg):>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
