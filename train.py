@@ -1,71 +1,234 @@
-"""Training for LetsTalk, one loop for every stage.
+"""Training for LetsTalk, one loop for both stages.
 
-  python train.py --stage vae                 # the VAE that defines the latent space (Sec. 3.1)
+  python train.py --stage vae               # 1. the VAE that defines the latent space (Sec. 3.1)
+  python train.py                           # 2. the diffusion transformer on VAE latents (Sec. 3, Eq. 1-3)
+  torchrun --nproc_per_node=8 train.py --size B --data DIR     # the same on 8 GPUs (DDP)
 
-The loop is the same whatever it trains: AdamW with a linear warm-up, gradient clipping, a tqdm bar, a JSONL log,
-periodic evaluation, and atomic checkpoints that make every run time-budgeted (`--max-minutes`) and resumable
-(`--resume` continues exactly: weights, optimizer, step, RNG state and data position).
+The loop is the same whatever it trains: AdamW with a linear warm-up, gradient clipping and accumulation, a tqdm
+bar, a JSONL log, periodic evaluation, and atomic checkpoints that make every run time-budgeted (`--max-minutes`)
+and resumable (`--resume` continues exactly: weights, EMA, optimizer, step, RNG state and data position).
 
-Data is a fixed pool of frames cached in the run folder: synthetic talking faces by default (`--data synthetic`,
-rendered once), or a folder in data.py's layout (`--data DIR`), of which every 20th video is held out.
+Data is a fixed pool cached on disk: single frames for the VAE; for the diffusion stage, F-frame clips already
+encoded by the VAE (latents of the clip, its reference and motion frames, and the mel windows), so CPU steps are
+spent on the transformer. The pool comes from the synthetic world (`--data synthetic`, the default) or from a
+folder in data.py's layout (`--data DIR`), of which every 20th video is held out for evaluation.
 """
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from vae import VAE, VAEConfig, psnr, vae_loss, vae_state
+from letstalk import SIZES, LetsTalk, LetsTalkConfig, config_for
+from vae import VAE, VAEConfig, load_vae, psnr, vae_loss, vae_state
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion (paper Sec. 3.1, Eq. 1-3), shared with sample.py
+
+
+class Diffusion:
+    """DDPM with fixed variances: the noise schedule, the forward process q(x_t | x_0), training targets and the
+    reverse-process samplers (DDPM and DDIM).
+
+    The official code follows DiT and also learns the variances (8 output channels, a hybrid loss) and samples with
+    250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample with DDIM in 25-50.
+    """
+
+    def __init__(self, steps=1000, schedule="linear"):
+        if schedule == "linear":  # DDPM's schedule: beta from 1e-4 to 0.02
+            betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
+        elif schedule == "cosine":  # Nichol & Dhariwal: alpha_bar follows a squared cosine, gentler at the ends
+            s = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+            alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        else:
+            raise ValueError(f"schedule is 'linear' or 'cosine', got {schedule!r}")
+        self.steps = steps
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()  # alpha_bar_t, decreasing from ~1 to ~0
+
+    def _ab(self, t, x):
+        """alpha_bar_t for a batch of timesteps t (B,), shaped to broadcast against x (B, ...)."""
+        return self.alphas_cumprod.to(x.device)[t].view(-1, *[1] * (x.dim() - 1))
+
+    def q_sample(self, x0, t, noise):
+        """Eq. 2: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, a sample of q(x_t | x_0) (Eq. 1)."""
+        ab = self._ab(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def target(self, x0, noise, t, prediction):
+        """What the network learns to output. eps: the noise (Eq. 3, the paper's choice); x0: the clean latents
+        (sharp at high noise, but errors scale with the signal); v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans &
+        Ho: well scaled at every noise level)."""
+        ab = self._ab(t, x0)
+        return {"eps": noise, "x0": x0, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[prediction]
+
+    def split(self, x_t, t, out, prediction):
+        """From the network output, the implied (x0, eps) at x_t."""
+        ab = self._ab(t, x_t)
+        if prediction == "eps":
+            return (x_t - (1 - ab).sqrt() * out) / ab.sqrt(), out
+        if prediction == "x0":
+            return out, (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+        x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
+        return x0, (1 - ab).sqrt() * x_t + ab.sqrt() * out
+
+    def loss_weight(self, t, prediction, min_snr_gamma=None):
+        """Per-sample loss weight (B,). Without min-SNR all weights are 1 (Eq. 3). Min-SNR-gamma (Hang et al.)
+        caps how much the nearly clean timesteps count, expressed for each target: it speeds up training."""
+        if min_snr_gamma is None:
+            return torch.ones(len(t), device=t.device)
+        ab = self.alphas_cumprod.to(t.device)[t]
+        snr = ab / (1 - ab)
+        capped = snr.clamp(max=min_snr_gamma)
+        return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1)}[prediction]
+
+    @torch.no_grad()
+    def sample(self, denoise, shape, steps=25, eta=0.0, generator=None, device="cpu", progress=False):
+        """Draw x_0 from noise: denoise(x_t, t) -> (x0, eps) is the model (with guidance), shape the latents'.
+
+        DDIM (Song et al.) on `steps` evenly spaced timesteps; eta = 0 is deterministic DDIM, eta = 1 with
+        steps = self.steps is DDPM's ancestral sampler with the posterior variance.
+        """
+        x = torch.randn(shape, generator=generator, device="cpu").to(device)
+        times = torch.linspace(self.steps - 1, 0, steps).round().long().tolist()
+        for i, t in enumerate(tqdm(times, desc="denoise", leave=False, disable=not progress)):
+            x0, eps = denoise(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            ab = self.alphas_cumprod[t].item()
+            ab_prev = self.alphas_cumprod[times[i + 1]].item() if i + 1 < len(times) else 1.0
+            sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+            noise = torch.randn(shape, generator=generator, device="cpu").to(device)
+            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * noise
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "vae"
-    data: str = "synthetic"  # or a folder in data.py's layout
-    out: str = ""  # run folder (default runs/<stage>)
-    resolution: int = 0  # frame size (default: 256 on CUDA as in the paper, 64 on CPU)
-    factor: int = 0  # VAE downsampling (default: 8 at 256 and above, else 4: latents of 32x32 and 16x16)
-    width: int = 32  # VAE channels at full resolution (32 trains fast on a CPU; try 64-128 for real data)
-    videos: int = 600  # synthetic training videos in the pool (each gives FRAMES_PER_VIDEO frames)
-    batch_size: int = 32
-    lr: float = 5e-4
-    warmup: int = 100  # steps of linear learning-rate warm-up
-    steps: int = 100_000  # stop after this many steps (or earlier, with --max-minutes)
-    grad_clip: float = 1.0
+    """Every setting of a run; `python train.py --help` lists them with HELP below. Zeros and empty strings
+    mean "the default for this device and stage" (see resolve)."""
+    stage: str = "diffusion"
+    data: str = "synthetic"
+    out: str = ""
+    cache: str = ""
     seed: int = 0
-    eval_every: int = 250  # steps between evaluations on held-out data
-    save_minutes: float = 10.0  # minutes between checkpoints (one is always written at the end)
-    device: str = ""  # default: cuda if available, else cpu
+    device: str = ""
+    steps: int = 100_000
+    batch_size: int = 0
+    accum: int = 1
+    lr: float = 0.0
+    warmup: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    save_minutes: float = 10.0
+    # VAE stage
+    resolution: int = 0
+    factor: int = 0
+    width: int = 32
+    videos: int = 600
+    # diffusion stage
+    vae: str = "runs/vae/ckpt.pt"
+    size: str = ""
+    frames: int = 0
+    motion: int = 2
+    ref_fusion: str = "symbiotic"
+    audio_fusion: str = "direct"
+    clips: int = 2000
+    prediction: str = "eps"
+    schedule: str = "linear"
+    min_snr_gamma: float = 0.0
+    mouth_weight: float = 1.0
+    drop_audio: float = 0.1
+    drop_ref: float = 0.1
+    drop_motion: float = 0.3
+    ema: float = 0.999
+    compile: bool = False
+
+
+HELP = {
+    "stage": "vae (stage 1) or diffusion (stage 2)",
+    "data": "'synthetic' or a folder in data.py's layout",
+    "out": 'run folder (default runs/<stage>)',
+    "cache": 'where the encoded pool lives (default: the run folder)',
+    "seed": "seed of the weights, the data order and the synthetic world",
+    "device": "cpu or cuda (default: cuda if available)",
+    "steps": 'stop after this many optimizer steps (or earlier, with --max-minutes)',
+    "batch_size": 'clips (frames for the VAE) per optimizer step and rank (default: 32 VAE, 16 diffusion)',
+    "accum": 'gradient accumulation: micro-batches per optimizer step',
+    "lr": "peak learning rate (default: 5e-4 VAE, 3e-4 diffusion size T, 1e-4 as the official code for S/B/L)",
+    "warmup": 'steps of linear learning-rate warm-up',
+    "grad_clip": "clip the global gradient norm to this",
+    "eval_every": 'steps between evaluations (and, for diffusion, a sample grid PNG)',
+    "save_minutes": 'minutes between checkpoints (one is always written at the end)',
+    "resolution": 'frame size (default: 256 on CUDA as in the paper, 64 on CPU)',
+    "factor": 'VAE downsampling (default: 8 at 256 and above, else 4: latents of 32x32 and 16x16)',
+    "width": 'VAE channels at full resolution (32 trains fast on a CPU; try 64-128 for real data)',
+    "videos": 'synthetic training videos the pool is cut from',
+    "vae": "VAE checkpoint from `train.py --stage vae` (diffusion stage)",
+    "size": 'model size T, S, B, L (default: B on CUDA, T on CPU)',
+    "frames": 'F per clip (default 16 as the paper on CUDA, 8 on CPU)',
+    "motion": "M motion frames before each clip (0: none)",
+    "ref_fusion": "how the portrait is fused: symbiotic (the paper), siamese or direct",
+    "audio_fusion": "how the audio is fused: direct (the paper), siamese or symbiotic",
+    "clips": 'clips in the encoded pool',
+    "prediction": "network target: eps (the paper's Eq. 3), v or x0",
+    "schedule": "noise schedule: linear (DDPM, the official code) or cosine",
+    "min_snr_gamma": '0: off (plain Eq. 3); 5 is the usual value',
+    "mouth_weight": 'loss weight inside the mouth box (synthetic) or lower face (real data); 1: off',
+    "drop_audio": "probability of dropping the audio (classifier-free guidance), independent of the reference",
+    "drop_ref": "probability of dropping the reference (classifier-free guidance)",
+    "drop_motion": "probability of dropping the motion frames, so the model also learns to start a video",
+    "ema": "EMA decay of the weights sample.py uses (warmed up: min(decay, (1 + n) / (10 + n)))",
+    "compile": "torch.compile the model (worth it on CUDA)",
+}
 
 
 FRAMES_PER_VIDEO = 8  # frames taken from each synthetic video for the VAE pool: many identities, few frames each
-SYNTH_SECONDS = 1.0  # length of the synthetic videos the pools are cut from
+SYNTH_SECONDS = 1.0  # length of the synthetic videos the VAE pool is cut from
+CLIP_SECONDS = 4.0  # and the diffusion pool
 
 
-def frame_pool(cfg, split):
-    """Single frames for the VAE, cached in the run folder: a ClipPool whose items hold frames (1, 3, H, W)."""
-    path = Path(cfg.out) / f"frames_{split}.pt"
-    if path.exists():
-        return data.ClipPool(path)
-    if cfg.data == "synthetic":
-        n = cfg.videos if split == "train" else max(8, cfg.videos // 10)
-        videos = data.SyntheticVideos(split, n, SYNTH_SECONDS, cfg.resolution, cfg.seed)
-        count = n * FRAMES_PER_VIDEO
-    else:
-        videos = data.VideoFolder(cfg.data, split)
-        count = len(videos) * FRAMES_PER_VIDEO
-    clips = data.ClipDataset(videos, frames=1, motion=0, seed=cfg.seed)
-    return data.ClipPool.build(clips, min(count, len(clips)), path)
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers: the same script runs alone or under torchrun
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(value):
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / world()
 
 
 def batch_indices(step, batch_size, n, seed):
-    """The pool indices of batch `step`: consecutive slices of one random permutation per epoch, so the data
+    """The pool indices of global batch `step`: consecutive slices of one random permutation per epoch, so the data
     position is a pure function of the step and a resumed run sees exactly the batches it would have seen."""
     start, out = step * batch_size, []
     while len(out) < batch_size:
@@ -75,28 +238,240 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-@torch.no_grad()
-def measure_latent_scale(vae, frames):
-    """1 / std of the VAE's (mean) latents on training frames (B, 3, H, W), stored in vae.latent_scale."""
-    vae.eval()
-    z = torch.cat([vae.encode(frames[i:i + 64]) for i in range(0, len(frames), 64)])
-    vae.latent_scale.fill_(1.0 / z.std().item())
-    vae.train()
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+
+
+def videos_for(cfg, split, n_synthetic, seconds, resolution):
+    if cfg.data == "synthetic":
+        return data.SyntheticVideos(split, n_synthetic, seconds, resolution, cfg.seed)
+    return data.VideoFolder(cfg.data, split)
+
+
+class VAEStage:
+    """Reconstruction of single frames (vae.vae_loss); evaluation: PSNR on held-out identities or videos."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.width)).to(device)
+        self.train_frames = self.pool("train", cfg.videos)["frames"][:, 0]  # uint8 (N, 3, H, W)
+        self.val_frames = self.pool("val", max(8, cfg.videos // 10))["frames"][:, 0].to(device).float() / 127.5 - 1
+
+    def pool(self, split, n_videos):
+        path = Path(self.cfg.cache) / f"frames_{split}.pt"
+        if rank() == 0 and not path.exists():
+            clips = data.ClipDataset(videos_for(self.cfg, split, n_videos, SYNTH_SECONDS, self.cfg.resolution),
+                                     frames=1, motion=0, seed=self.cfg.seed)
+            data.ClipPool.build(clips, min(len(clips.videos) * FRAMES_PER_VIDEO, len(clips)), path)
+        barrier()
+        return data.ClipPool(path).data
+
+    def __len__(self):
+        return len(self.train_frames)
+
+    def loss(self, indices):
+        x = self.train_frames[indices].to(self.device).float() / 127.5 - 1
+        return vae_loss(self.model, x)
+
+    @torch.no_grad()
+    def evaluate(self, step, out):
+        self.model.eval()
+        scores = torch.cat([psnr(self.model.decode(self.model.encode(x)), x) for x in self.val_frames.split(64)])
+        self.model.train()
+        return {"val_psnr": scores.mean().item()}
+
+    @torch.no_grad()
+    def before_save(self):
+        """Measure latent_scale = 1 / std of the (mean) latents of training frames, so the checkpoint is usable."""
+        self.model.eval()
+        x = self.train_frames[:512].to(self.device).float() / 127.5 - 1
+        z = torch.cat([self.model.encode(chunk) for chunk in x.split(64)])
+        self.model.latent_scale.fill_(1.0 / z.std().item())
+        self.model.train()
+
+    def state(self):
+        return {"vae": vae_state(self.model)}
+
+    def load(self, ckpt):
+        self.model.load_state_dict(ckpt["vae"]["weights"])
+
+    def after_step(self, step):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: the diffusion transformer
 
 
 @torch.no_grad()
-def evaluate(vae, frames):
-    """Mean PSNR (dB) of eval-mode reconstructions of held-out frames (B, 3, H, W)."""
-    vae.eval()
-    scores = torch.cat([psnr(vae.decode(vae.encode(x)), x) for x in frames.split(64)])
-    vae.train()
-    return scores.mean().item()
+def encode_pool(vae, clips, n, path, device):
+    """Encode n clips (evenly spread over a ClipDataset) with the VAE, scaled to unit variance, and save them:
+    latents (n, F, C, h, w), ref (n, C, h, w), motion (n, M, C, h, w), mel (n, F, 20, 80), ground truth."""
+    picks = np.linspace(0, len(clips) - 1, n).round().astype(int)
+    parts = {}
+    for i in tqdm(picks, desc="encode clips", unit="clip"):
+        item = clips[int(i)]
+        images = torch.cat([item["frames"], item["ref"][None], item["motion"]]).to(device)
+        z = (vae.encode(images) * vae.latent_scale).cpu()
+        F_ = len(item["frames"])
+        enc = {"latents": z[:F_], "ref": z[F_], "motion": z[F_ + 1:], "ref_image": item["ref"]}
+        enc.update({k: v for k, v in item.items() if k not in ("frames", "ref", "motion")})
+        for k, v in enc.items():
+            parts.setdefault(k, []).append(v)
+    pool = {k: torch.stack(v) for k, v in parts.items()}
+    for k in ("latents", "ref", "motion", "mel"):  # half precision halves the file; unit-scale values keep 3 digits
+        pool[k] = pool[k].half()
+    pool["ref_image"] = ((pool["ref_image"] + 1) * 127.5).round().to(torch.uint8)
+    data.atomic_write(path, lambda tmp: torch.save(pool, tmp))
 
 
-def save_checkpoint(path, cfg, step, vae, optimizer, elapsed):
+def loss_region(pool_item_boxes, resolution, latent_size, mouth_weight, shape):
+    """Per-latent-pixel loss weights (B, F, 1, h, w): mouth_weight inside the mouth box (synthetic ground truth)
+    or, without one, inside the lower-middle of the face (real data: rows 55-95%, columns 25-75%), 1 elsewhere."""
+    B, F_, _, h, w = shape
+    weight = torch.ones(B, F_, 1, h, w)
+    ys, xs = torch.arange(h).view(-1, 1) + 0.5, torch.arange(w).view(1, -1) + 0.5
+    if pool_item_boxes is None:
+        inside = (ys >= 0.55 * h) & (ys <= 0.95 * h) & (xs >= 0.25 * w) & (xs <= 0.75 * w)
+        return weight + (mouth_weight - 1) * inside.float()
+    box = pool_item_boxes * (latent_size / resolution)  # (B, F, 4) in latent pixels
+    x0, y0, x1, y1 = (box[..., k, None, None] for k in range(4))
+    inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    return weight + (mouth_weight - 1) * inside.float()[:, :, None]
+
+
+class DiffusionStage:
+    """The LetsTalk denoiser trained with L_simple (Eq. 3) on VAE latents of clips, plus an EMA copy."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.vae = load_vae(cfg.vae, device)
+        self.resolution = self.vae.config.resolution
+        latent = self.resolution // self.vae.config.factor
+        mcfg = config_for(cfg.size, latent_size=latent, latent_channels=self.vae.config.latent_channels,
+                          frames=cfg.frames, motion=cfg.motion, ref_fusion=cfg.ref_fusion,
+                          audio_fusion=cfg.audio_fusion)
+        self.model = LetsTalk(mcfg).to(device)
+        self.ema = LetsTalk(mcfg).to(device).requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.diffusion = Diffusion(schedule=cfg.schedule)
+        self.train_pool = self.pool("train", cfg.clips)
+        self.val_pool = self.pool("val", max(16, cfg.clips // 20))
+        self.net = self.model
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        if dist.is_initialized():
+            self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def pool(self, split, n):
+        path = Path(self.cfg.cache) / f"clips_{split}_{self.cfg.frames}f{self.cfg.motion}m.pt"
+        if rank() == 0 and not path.exists():
+            n_videos = max(4, n // 8) if self.cfg.data == "synthetic" else None
+            clips = data.ClipDataset(videos_for(self.cfg, split, n_videos, CLIP_SECONDS, self.resolution),
+                                     frames=self.cfg.frames, motion=self.cfg.motion, seed=self.cfg.seed)
+            encode_pool(self.vae, clips, min(n, len(clips)), path, self.device)
+        barrier()
+        return torch.load(path, weights_only=True)
+
+    def __len__(self):
+        return len(self.train_pool["latents"])
+
+    def conditions(self, pool, indices, train):
+        """Inputs of the model for pool items: (x0, ref, mel, motion, drop masks)."""
+        cfg, dev = self.cfg, self.device
+        get = lambda k: pool[k][indices].to(dev).float()  # noqa: E731
+        x0, ref, mel = get("latents"), get("ref"), get("mel")
+        motion = get("motion") if cfg.motion else None
+        B = len(indices)
+        drops = {"drop_ref": None, "drop_audio": None, "drop_motion": None}
+        if train:
+            # small noise on the reference, as the official code (sigma = exp(N(-3, 0.5))); we add it to the
+            # cached latent rather than to the image, so the pool need not be re-encoded
+            ref = ref + torch.exp(torch.randn(B, 1, 1, 1, device=dev) * 0.5 - 3) * torch.randn_like(ref)
+            if motion is not None:  # motion frames from the real frames before the clip, lightly noised
+                motion = motion + torch.exp(torch.randn(B, 1, 1, 1, 1, device=dev) * 0.5 - 3) * torch.randn_like(motion)
+            drops = {f"drop_{k}": torch.rand(B, device=dev) < getattr(cfg, f"drop_{k}")
+                     for k in ("ref", "audio", "motion")}
+            if motion is None:
+                drops["drop_motion"] = None
+        return x0, ref, mel, motion, drops
+
+    def loss(self, indices):
+        cfg = self.cfg
+        x0, ref, mel, motion, drops = self.conditions(self.train_pool, indices, train=True)
+        t = torch.randint(0, self.diffusion.steps, (len(indices),), device=self.device)
+        noise = torch.randn_like(x0)
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.net(x_t, t, ref, mel, motion, **drops)
+        err = (out.float() - self.diffusion.target(x0, noise, t, cfg.prediction)).pow(2)  # Eq. 3
+        if cfg.mouth_weight != 1:
+            boxes = self.train_pool["mouth_box"][indices] if "mouth_box" in self.train_pool else None
+            err = err * loss_region(boxes, self.resolution, x0.shape[-1], cfg.mouth_weight, x0.shape).to(err.device)
+        weight = self.diffusion.loss_weight(t, cfg.prediction, cfg.min_snr_gamma or None)
+        loss = (err.flatten(1).mean(1) * weight).mean()
+        return loss, {}
+
+    def after_step(self, step):
+        """EMA of the weights, with a warm-up so a short run's EMA is not mostly its initial weights."""
+        decay = min(self.cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1 - decay)
+
+    @torch.no_grad()
+    def evaluate(self, step, out):
+        """Validation loss of the EMA model at fixed timesteps and noise, and a PNG grid of sampled frames
+        (per clip: reference | generated frames, then the real frames below)."""
+        g = torch.Generator().manual_seed(1234)
+        n = min(8, len(self.val_pool["latents"]))
+        idx = list(range(n))
+        x0, ref, mel, motion, _ = self.conditions(self.val_pool, idx, train=False)
+        t = torch.randint(0, self.diffusion.steps, (n,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        target = self.diffusion.target(x0, noise, t, self.cfg.prediction)
+        val_loss = (self.ema(self.diffusion.q_sample(x0, t, noise), t, ref, mel, motion) - target).pow(2).mean()
+        k = 2  # sample two clips with DDIM and decode them
+
+        def denoise(x, tt):
+            out = self.ema(x, tt, ref[:k], mel[:k], None if motion is None else motion[:k])
+            return self.diffusion.split(x, tt, out, self.cfg.prediction)
+        z = self.diffusion.sample(denoise, (k, *x0.shape[1:]), steps=25, generator=g, device=self.device)
+        rows = []
+        for i in range(k):
+            gen = self.vae.decode(z[i] / self.vae.latent_scale)
+            real = self.vae.decode(x0[i] / self.vae.latent_scale)
+            refimg = self.val_pool["ref_image"][i].float().to(self.device) / 127.5 - 1
+            rows += [torch.cat([refimg, *gen], dim=2), torch.cat([torch.zeros_like(refimg), *real], dim=2)]
+        grid = ((torch.cat(rows, dim=1).permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+        path = Path(out) / "samples" / f"step{step:07d}.png"
+        path.parent.mkdir(exist_ok=True)
+        data.atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+        return {"val_loss": val_loss.item()}
+
+    def before_save(self):
+        pass
+
+    def state(self):
+        return {"model": {"config": asdict(self.model.cfg), "weights": self.model.state_dict()},
+                "ema": self.ema.state_dict(), "vae": vae_state(self.vae),
+                "diffusion": {"steps": self.diffusion.steps, "schedule": self.cfg.schedule,
+                              "prediction": self.cfg.prediction}}
+
+    def load(self, ckpt):
+        self.model.load_state_dict(ckpt["model"]["weights"])
+        self.ema.load_state_dict(ckpt["ema"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
     """Write the run's state atomically: a plain dict of tensors and numbers (loads with weights_only=True)."""
-    ckpt = {"stage": cfg.stage, "step": step, "elapsed": elapsed, "train_config": asdict(cfg),
-            "vae": vae_state(vae), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    stage.before_save()
+    ckpt = {"stage": cfg.stage, "step": step, "elapsed": elapsed, "train_config": asdict(cfg), **stage.state(),
+            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
     data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
@@ -104,112 +479,161 @@ def train(cfg, resume=False, max_minutes=None):
     """Run (or continue) training until cfg.steps or max_minutes. Returns the final evaluation dict."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    Path(cfg.cache).mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    vae = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.width)).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    stage = (VAEStage if cfg.stage == "vae" else DiffusionStage)(cfg, device)
+    optimizer = torch.optim.AdamW(stage.model.parameters(), lr=cfg.lr, weight_decay=0.0,
+                                  fused=device.type == "cuda")
     step, elapsed = 0, 0.0
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        vae.load_state_dict(ckpt["vae"]["weights"])
+        stage.load(ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
-    train_frames = frame_pool(cfg, "train").data["frames"][:, 0]  # uint8 (N, 3, H, W), converted per batch
-    val_frames = frame_pool(cfg, "val").data["frames"][:, 0].to(device).float() / 127.5 - 1
+        torch.set_rng_state(ckpt["rng"])
+    if rank() > 0:  # other ranks draw other noise
+        torch.manual_seed(cfg.seed * 1000 + rank() + step)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup)  # noqa: E731  (linear warm-up, then constant)
+    is_main = rank() == 0
 
     start, last_save = time.time(), time.time()
-    log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True)
+    log = open(out / "log.jsonl", "a") if is_main else None
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True, disable=not is_main)
+    global_batch = cfg.batch_size * world()
     while step < cfg.steps and (max_minutes is None or time.time() - start < 60 * max_minutes):
-        x = train_frames[batch_indices(step, cfg.batch_size, len(train_frames), cfg.seed)]
-        x = x.to(device).float() / 127.5 - 1
+        tick = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss, logs = vae_loss(vae, x)
-        if not torch.isfinite(loss):
-            bar.close()
-            sys.exit(f"error: the loss became {loss.item()} at step {step}; the last checkpoint ({ckpt_path}) is "
-                     "intact. Lower --lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip).item()
+        total, logs = 0.0, {}
+        for micro in range(cfg.accum):
+            indices = batch_indices(step * cfg.accum + micro, global_batch, len(stage), cfg.seed)
+            loss, logs = stage.loss(indices[rank()::world()])
+            if not torch.isfinite(loss):
+                bar.close()
+                sys.exit(f"error: the loss became {loss.item()} at step {step}; the last checkpoint ({ckpt_path}) "
+                         "is intact. Lower --lr or check the data.")
+            (loss / cfg.accum).backward()
+            total += loss.item() / cfg.accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), cfg.grad_clip).item()
         optimizer.step()
+        stage.after_step(step)
         step += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        total = mean_across_ranks(total)
+        bar.set_postfix(loss=f"{total:.4f}", refresh=False)
         bar.update(1)
-        record = {"step": step, "loss": loss.item(), "lr": lr_at(step - 1), "grad_norm": grad_norm, **logs}
-        if step % cfg.eval_every == 0:
-            record["val_psnr"] = evaluate(vae, val_frames)
-            tqdm.write(f"step {step}: val PSNR {record['val_psnr']:.2f} dB")
-        log.write(json.dumps(record) + "\n")
+        record = {"step": step, "loss": total, "lr": lr_at(step - 1), "grad_norm": grad_norm,
+                  "it_s": 1 / max(time.time() - tick, 1e-9), **logs}
+        if is_main and step % cfg.eval_every == 0:
+            record.update(stage.evaluate(step, out))
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val")))
+        if is_main:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
         if time.time() - last_save > 60 * cfg.save_minutes:
-            measure_latent_scale(vae, train_frames[:512].to(device).float() / 127.5 - 1)
-            save_checkpoint(ckpt_path, cfg, step, vae, optimizer, elapsed + time.time() - start)
+            if is_main:
+                save_checkpoint(ckpt_path, cfg, step, stage, optimizer, elapsed + time.time() - start)
             last_save = time.time()
     bar.close()
-    measure_latent_scale(vae, train_frames[:512].to(device).float() / 127.5 - 1)
-    save_checkpoint(ckpt_path, cfg, step, vae, optimizer, elapsed + time.time() - start)
-    result = {"step": step, "val_psnr": evaluate(vae, val_frames), "latent_scale": vae.latent_scale.item(),
-              "minutes": (elapsed + time.time() - start) / 60}
-    log.write(json.dumps({"final": result}) + "\n")
-    log.close()
-    print(f"step {step}: val PSNR {result['val_psnr']:.2f} dB, latent scale {result['latent_scale']:.4f}, "
-          f"{result['minutes']:.1f} min trained; checkpoint {ckpt_path}")
+    result = {"step": step}
+    if dist.is_initialized():  # DDP keeps replicas identical; check it, a desync would silently waste the run
+        checksum = torch.tensor([sum(p.double().sum().item() for p in stage.model.parameters())],
+                                device=next(stage.model.parameters()).device)
+        spread = [checksum.clone(), checksum.clone()]
+        dist.all_reduce(spread[0], op=dist.ReduceOp.MAX)
+        dist.all_reduce(spread[1], op=dist.ReduceOp.MIN)
+        result["rank_param_spread"] = (spread[0] - spread[1]).item()
+    if is_main:
+        save_checkpoint(ckpt_path, cfg, step, stage, optimizer, elapsed + time.time() - start)
+        result.update(stage.evaluate(step, out), minutes=(elapsed + time.time() - start) / 60)
+        log.write(json.dumps({"final": result}) + "\n")
+        log.close()
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step")
+              + f"; checkpoint {ckpt_path}")
+    barrier()
     return result
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve(args):
+    """A TrainConfig from the command line, with the device-dependent defaults filled in."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    cfg = TrainConfig(**given)
+    cfg.device = device
+    cfg.out = cfg.out or f"runs/{cfg.stage}"
+    cfg.cache = cfg.cache or cfg.out
+    if cfg.data != "synthetic" and not Path(cfg.data).is_dir():
+        fail(f"--data {cfg.data}: not a folder (make one with `python data.py synth` or `python data.py prepare`), "
+             "or use --data synthetic")
+    if cfg.stage == "vae":
+        cfg.resolution = cfg.resolution or (256 if gpu else 64)
+        cfg.factor = cfg.factor or (8 if cfg.resolution >= 256 else 4)
+        cfg.batch_size, cfg.lr = cfg.batch_size or 32, cfg.lr or 5e-4
+        return cfg
+    cfg.size = cfg.size or ("B" if gpu else "T")
+    cfg.frames = cfg.frames or (16 if gpu else 8)
+    cfg.batch_size = cfg.batch_size or 16
+    cfg.lr = cfg.lr or (3e-4 if cfg.size == "T" else 1e-4)
+    if cfg.size in ("B", "L") and not gpu:
+        fail(f"--size {cfg.size} needs a GPU (one step on this CPU would take minutes). On a CPU, train the tiny "
+             "model: `python train.py --size T`; on GPUs: `torchrun --nproc_per_node=N train.py --size "
+             f"{cfg.size} --data DIR` with DIR from `python data.py prepare`.")
+    if not Path(cfg.vae).is_file():
+        fail(f"--vae {cfg.vae}: no VAE checkpoint; train one first with `python train.py --stage vae`")
+    return cfg
+
+
 def main(argv=None):
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stage", choices=["vae"], default=defaults.stage, help="what to train")
-    parser.add_argument("--data", default=defaults.data, help="'synthetic' or a folder made by data.py")
-    parser.add_argument("--out", default=None, help="run folder: checkpoint, log, cached data (default runs/<stage>)")
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
+                                     __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
-                        "its settings come from its checkpoint")
+                        "its settings come from its checkpoint (--steps and --max-minutes may change)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly with a checkpoint after this "
                         "much training time")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="total steps of the run")
-    parser.add_argument("--resolution", type=int, default=None, help="frame size (default 256 on CUDA, 64 on CPU)")
-    parser.add_argument("--factor", type=int, choices=[4, 8], default=None,
-                        help="VAE downsampling (default 8 at resolution 256 and above, else 4)")
-    for name in ("width", "videos", "batch_size", "lr", "warmup", "grad_clip", "seed", "eval_every",
-                 "save_minutes"):
-        field = next(f for f in fields(TrainConfig) if f.name == name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    choices = {"stage": ["vae", "diffusion"], "size": list(SIZES), "prediction": ["eps", "v", "x0"],
+               "schedule": ["linear", "cosine"], "ref_fusion": ["symbiotic", "siamese", "direct"],
+               "audio_fusion": ["symbiotic", "siamese", "direct"], "factor": [4, 8]}
+    for f in fields(TrainConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{HELP[f.name]} (default: {f.default!r})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=help_text)
     args = parser.parse_args(argv)
 
-    out = Path(args.out or f"runs/{args.stage}")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    out = Path(args.out or f"runs/{args.stage or TrainConfig.stage}")
     if args.resume:
         if not (out / "ckpt.pt").exists():
-            print(f"error: nothing to resume in {out} (no ckpt.pt); drop --resume to start a run", file=sys.stderr)
-            sys.exit(2)
+            fail(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
         saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
-        cfg = TrainConfig(**{**saved, "steps": args.steps, "out": str(out)})
+        cfg = TrainConfig(**{**saved, "steps": args.steps or saved["steps"]})
     else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        resolution = args.resolution or (256 if device == "cuda" else 64)
-        if args.data != "synthetic" and not Path(args.data).is_dir():
-            print(f"error: --data {args.data}: not a folder (make one with `python data.py synth` or "
-                  "`python data.py prepare`), or use --data synthetic", file=sys.stderr)
-            sys.exit(2)
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                             if f.name not in ("out", "resolution", "factor", "device")},
-                          out=str(out), resolution=resolution, device=device,
-                          factor=args.factor or (8 if resolution >= 256 else 4))
+        cfg = resolve(args)
         if (out / "ckpt.pt").exists():
-            print(f"error: {out} already holds a run; pass --resume to continue it or --out for a new one",
-                  file=sys.stderr)
-            sys.exit(2)
+            fail(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
     try:
         return train(cfg, resume=args.resume, max_minutes=args.max_minutes)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (data.DataError, ValueError) as e:
+        fail(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""Tests of train.py: the diffusion maths (Eq. 1-3), the diffusion stage, resume, DDP and failure handling."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import letstalk as L
+import train
+from train import Diffusion
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_sample_has_the_mean_and_variance_of_eq1(schedule):
+    d = Diffusion(schedule=schedule)
+    ab = d.alphas_cumprod
+    assert (ab[1:] < ab[:-1]).all() and 0.99 < ab[0] < 1 and ab[-1] < 0.01  # monotone, from clean to noise
+    x0 = torch.linspace(-2, 2, 50)
+    for t in (0, 300, 999):
+        noise = torch.randn(20_000, 50, generator=torch.Generator().manual_seed(t))
+        x_t = d.q_sample(x0.expand(20_000, 50), torch.full((20_000,), t), noise)
+        assert torch.allclose(x_t.mean(0), ab[t].sqrt() * x0, atol=0.03)
+        assert torch.allclose(x_t.var(0), (1 - ab[t]).expand(50), rtol=0.05, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_every_target_gives_back_x0_and_eps(prediction):
+    d = Diffusion()
+    x0, noise, t = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randint(1, 999, (8,))
+    x_t = d.q_sample(x0, t, noise)
+    got_x0, got_eps = d.split(x_t, t, d.target(x0, noise, t, prediction), prediction)
+    assert torch.allclose(got_x0, x0, atol=1e-3) and torch.allclose(got_eps, noise, atol=1e-3)
+    w = d.loss_weight(t, prediction, 5.0)
+    assert w.shape == (8,) and (w > 0).all() and torch.equal(d.loss_weight(t, prediction), torch.ones(8))
+
+
+def test_ddim_with_a_perfect_denoiser_returns_the_data():
+    d = Diffusion()
+    x0 = torch.randn(2, 3, 4, 4)
+    out = d.sample(lambda x, t: (x0, d.split(x, t, x0, "x0")[1]), x0.shape, steps=10)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_overfitting_one_synthetic_batch():
+    torch.manual_seed(0)
+    frames = data.to_tensor(data.synth_video("train", 0, 0.5, 32).frames[:8])  # one clip of 8 frames
+    latents = torch.nn.functional.avg_pool2d(frames, 4)[None].repeat(4, 1, 1, 1, 1) * 2  # 4x4 pooling as a VAE
+    model = L.LetsTalk(L.config_for("T", latent_size=8, latent_channels=3, frames=8, motion=0))
+    d, opt = Diffusion(), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ref, mel = latents[:, 0], torch.randn(4, 8, 20, 80)
+    t_eval, noise_eval = torch.tensor([100, 300, 500, 700]), torch.randn(latents.shape, generator=torch.Generator())
+
+    def eval_loss():
+        with torch.no_grad():
+            return (model(d.q_sample(latents, t_eval, noise_eval), t_eval, ref, mel) - noise_eval).pow(2).mean()
+    before = eval_loss()
+    for _ in range(120):
+        t, noise = torch.randint(0, 1000, (4,)), torch.randn_like(latents)
+        loss = (model(d.q_sample(latents, t, noise), t, ref, mel) - noise).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < 0.3 * before
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory):
+    """A (barely trained) 32x32 VAE, and a cache of encoded clip pools the diffusion runs share."""
+    root = tmp_path_factory.mktemp("train")
+    train.main(["--stage", "vae", "--out", str(root / "vae"), "--videos", "2", "--resolution", "32", "--width", "8",
+                "--batch-size", "4", "--steps", "2", "--device", "cpu"])
+    return root / "vae" / "ckpt.pt"
+
+
+def diffusion_args(out, vae_ckpt, *extra):
+    return ["--out", str(out), "--cache", str(vae_ckpt.parent.parent / "cache"), "--vae", str(vae_ckpt),
+            "--size", "T", "--frames", "4", "--clips", "8", "--batch-size", "2", "--warmup", "2", "--eval-every", "3",
+            "--device", "cpu", *extra]
+
+
+def test_diffusion_resumes_exactly_and_stops_on_a_time_budget(tmp_path, vae_ckpt):
+    train.main(diffusion_args(tmp_path / "straight", vae_ckpt, "--steps", "6"))
+    train.main(diffusion_args(tmp_path / "pieces", vae_ckpt, "--steps", "3"))
+    train.main(["--out", str(tmp_path / "pieces"), "--steps", "6", "--resume"])
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "pieces" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]["weights"]:
+        assert torch.allclose(a["model"]["weights"][key], b["model"]["weights"][key], atol=1e-6), key
+        assert torch.allclose(a["ema"][key], b["ema"][key], atol=1e-6), key
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.allclose(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"], atol=1e-7)
+    assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()) == ["step0000003.png",
+                                                                                    "step0000006.png"]
+    result = train.main(diffusion_args(tmp_path / "budget", vae_ckpt, "--max-minutes", "0"))
+    assert result["step"] == 0
+    assert train.main(["--out", str(tmp_path / "budget"), "--steps", "2", "--resume"])["step"] == 2
+
+
+def test_ddp_two_processes_stay_in_sync(tmp_path, vae_ckpt):
+    train.main(diffusion_args(tmp_path / "warm", vae_ckpt, "--steps", "1"))  # builds the shared pools first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train.__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           train.__file__, *diffusion_args(tmp_path / "ddp", vae_ckpt, "--steps", "3")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpts = list((tmp_path / "ddp").glob("*.pt"))
+    assert [p.name for p in ckpts] == ["ckpt.pt"]
+    assert torch.load(ckpts[0], weights_only=True)["step"] == 3
+    final = [line for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines() if '"final"' in line]
+    assert '"rank_param_spread": 0.0' in final[0]  # rank 1 holds exactly rank 0's parameters
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, vae_ckpt, monkeypatch):
+    out = tmp_path / "run"
+    train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))
+    before = (out / "ckpt.pt").read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out", str(out), "--steps", "2", "--resume"])
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, vae_ckpt, monkeypatch):
+    out = tmp_path / "run"
+    train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))
+    monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, idx: (torch.tensor(float("nan")), {}))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--steps", "2", "--resume"])
+    assert "loss became nan" in str(e.value.code) and "intact" in str(e.value.code)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
+    cases = [(["--size", "B", "--device", "cpu", "--out", str(tmp_path / "b")], "needs a GPU"),
+             (["--vae", str(tmp_path / "none.pt"), "--out", str(tmp_path / "v"), "--device", "cpu"], "--stage vae"),
+             (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")], "not a folder"),
+             (["--resume", "--out", str(tmp_path / "nothing")], "nothing to resume")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--stage", "--size", "--max-minutes", "--resume", "--prediction", "--min-snr-gamma", "--cache",
+                 "--mouth-weight", "--drop-audio", "--accum", "--compile"):
+        assert flag in text
+
+
+def test_region_weights_cover_the_mouth_box():
+    boxes = torch.tensor([[[8.0, 16.0, 24.0, 24.0]]])  # x0, y0, x1, y1 in pixels of a 32x32 frame
+    w = train.loss_region(boxes, 32, 8, 5.0, (1, 1, 4, 8, 8))
+    inside = w[0, 0, 0] == 5.0
+    assert inside.sum() == 4 * 2 and inside[4:6, 2:6].all()  # latent rows 4-5, columns 2-5
+    lower_face = train.loss_region(None, 32, 8, 3.0, (1, 1, 4, 8, 8))[0, 0, 0]
+    assert lower_face[:4].eq(1).all() and lower_face[5:7, 2:6].eq(3).all()
+
+
+def test_cache_is_reused(tmp_path, vae_ckpt):
+    cache = vae_ckpt.parent.parent / "cache"
+    train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--steps", "1"))
+    stamp = {p.name: p.stat().st_mtime for p in cache.iterdir()}
+    train.main(diffusion_args(tmp_path / "b", vae_ckpt, "--steps", "1"))
+    assert {p.name: p.stat().st_mtime for p in cache.iterdir()} == stamp
+    shutil.rmtree(tmp_path / "a")
