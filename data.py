@@ -767,7 +767,8 @@ class ClipDataset(Dataset):
     """
 
     def __init__(self, videos, frames=16, stride=1, motion=2, seed=0, cache=8):
-        self.videos, self.F, self.stride, self.M, self.seed, self.cache_size = videos, frames, stride, motion, seed, cache
+        self.videos, self.F, self.stride, self.M = videos, frames, stride, motion
+        self.seed, self.cache_size = seed, cache
         # start s needs the motion frames s - M*stride .. s - stride and the last frame s + (F-1)*stride
         self.index = [(v, s) for v in range(len(videos))
                       for s in range(motion * stride, videos.num_frames(v) - (frames - 1) * stride)]

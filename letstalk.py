@@ -27,7 +27,6 @@ only. `python letstalk.py --size B` prints parameter counts and GFLOPs of every 
 """
 
 import argparse
-import math
 from dataclasses import dataclass
 
 import torch

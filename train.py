@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from letstalk import SIZES, LetsTalk, LetsTalkConfig, config_for
+from letstalk import SIZES, LetsTalk, config_for
 from vae import VAE, VAEConfig, load_vae, psnr, vae_loss, vae_state
 
 # ----------------------------------------------------------------------------------------------------------------
