@@ -12,6 +12,7 @@ import torch
 import data
 import letstalk as L
 import train
+from conftest import diffusion_args
 from train import Diffusion
 
 
@@ -66,21 +67,6 @@ def test_overfitting_one_synthetic_batch():
         loss.backward()
         opt.step()
     assert eval_loss() < 0.3 * before
-
-
-@pytest.fixture(scope="module")
-def vae_ckpt(tmp_path_factory):
-    """A (barely trained) 32x32 VAE, and a cache of encoded clip pools the diffusion runs share."""
-    root = tmp_path_factory.mktemp("train")
-    train.main(["--stage", "vae", "--out", str(root / "vae"), "--videos", "2", "--resolution", "32", "--width", "8",
-                "--batch-size", "4", "--steps", "2", "--device", "cpu"])
-    return root / "vae" / "ckpt.pt"
-
-
-def diffusion_args(out, vae_ckpt, *extra):
-    return ["--out", str(out), "--cache", str(vae_ckpt.parent.parent / "cache"), "--vae", str(vae_ckpt),
-            "--size", "T", "--frames", "4", "--clips", "8", "--batch-size", "2", "--warmup", "2", "--eval-every", "3",
-            "--device", "cpu", *extra]
 
 
 def test_diffusion_resumes_exactly_and_stops_on_a_time_budget(tmp_path, vae_ckpt):
