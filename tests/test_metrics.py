@@ -1,0 +1,87 @@
+"""Tests of metrics.py against closed forms and independent implementations."""
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import metrics
+
+
+def _random_cov(dim, rng):
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    mu, cov = rng.normal(size=6), _random_cov(6, rng)
+    assert abs(metrics.frechet_distance(mu, cov, mu, cov)) < 1e-9
+    # diagonal Gaussians: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    v1, v2, m2 = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6), rng.normal(size=6)
+    want = ((mu - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert metrics.frechet_distance(mu, np.diag(v1), m2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
+    # full covariances: symmetric, and equal to an independent formula, tr((S1 S2)^1/2) from the eigenvalues of S1 S2
+    c1, c2 = _random_cov(8, rng), _random_cov(8, rng)
+    m1, m2 = rng.normal(size=8), rng.normal(size=8)
+    independent = ((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.sqrt(
+        np.linalg.eigvals(c1 @ c2).real.clip(min=0)).sum()
+    d12, d21 = metrics.frechet_distance(m1, c1, m2, c2), metrics.frechet_distance(m2, c2, m1, c1)
+    assert d12 == pytest.approx(independent, rel=1e-6) and d12 == pytest.approx(d21, rel=1e-9)
+
+
+def test_streaming_statistics_equal_batch_statistics():
+    x = np.random.default_rng(1).normal(size=(1000, 5)) @ np.random.default_rng(2).normal(size=(5, 5)) + 3
+    stats = metrics.RunningStats(5)
+    for chunk in np.array_split(x, 7):
+        stats.update(chunk)
+    mean, cov = stats.mean_cov()
+    assert np.allclose(mean, x.mean(0), atol=1e-10) and np.allclose(cov, np.cov(x, rowvar=False), atol=1e-9)
+
+
+def _ssim_reference(x, y):
+    """Independent SSIM: explicit loops over 11x11 windows of one grey image, float64."""
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    values = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb, cv = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+            values.append((2 * ma * mb + 1e-4) * (2 * cv + 9e-4) / ((ma ** 2 + mb ** 2 + 1e-4) * (va + vb + 9e-4)))
+    return np.mean(values)
+
+
+def test_ssim():
+    frame = data.synth_video("test", 2, 0.04, 32).frames[0]
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].double() / 255
+    noisy = [(x + s * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+             for s in (0.02, 0.1, 0.3)]
+    assert metrics.ssim(x, x).item() == pytest.approx(1.0)
+    scores = [metrics.ssim(x, n).item() for n in noisy]
+    assert scores[0] > scores[1] > scores[2]
+    grey_x, grey_n = x[0, 0].numpy(), noisy[1][0, 0].numpy()
+    assert metrics.ssim(x[:, :1], noisy[1][:, :1]).item() == pytest.approx(_ssim_reference(grey_x, grey_n), abs=1e-9)
+
+
+def test_per_clip_sync_ignores_offsets_and_shared_silence():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 1, (20, 16))
+    assert metrics.per_clip_sync(truth, truth) == pytest.approx(1.0)
+    unrelated = rng.uniform(0, 1, (20, 16))
+    assert abs(metrics.per_clip_sync(unrelated, truth)) < 0.15
+    # a per-clip offset shared by prediction and truth would make a pooled r high; per clip it stays at chance
+    offsets = rng.normal(0, 5, (20, 1))
+    assert abs(metrics.per_clip_sync(unrelated + offsets, truth + offsets)) < 0.15
+    # so would whole clips of silence, where both stay closed, beside clips of unrelated speech and motion
+    silent_truth = np.concatenate([truth, np.zeros((20, 16))])
+    silent_pred = np.concatenate([unrelated, np.zeros((20, 16))])
+    pooled = np.corrcoef(silent_pred.ravel(), silent_truth.ravel())[0, 1]
+    assert pooled > 0.4 and abs(metrics.per_clip_sync(silent_pred, silent_truth)) < 0.15
+
+
+def test_mouth_darkness_reads_the_mouth_of_the_synthetic_faces():
+    video = data.synth_video("val", 1, 4.0, 64)
+    dark = metrics.mouth_darkness(video.frames, np.array(video.meta["mouth_box"]))
+    assert np.corrcoef(dark, video.meta["openness"])[0, 1] > 0.8  # the check works on real frames
