@@ -1,0 +1,243 @@
+"""Speed and memory: what Eq. 4 saves, training throughput, sampling speed. Ratios on any device; absolute times
+only mean something on the device that measured them (say which).
+
+  python bench.py --quick              # a few minutes on a CPU
+  python bench.py --device cuda        # the full tables on a GPU (bf16 autocast)
+
+Tables (also written as JSON, --json):
+  1a attention alone: full attention over F*P tokens vs spatial (P per frame) + temporal (F per position), beside
+     Eq. 4's prediction (F*P)^2 / (F*P^2 + P*F^2) = F*P / (F + P);
+  1b whole blocks: a full-attention block vs our spatial-temporal block, beside the ratio of their FLOP counts
+     (projections and MLP cost the same in both, so the block saves far less than attention alone);
+  2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size;
+  3  sampling speed: seconds of compute per second of video, DDIM with guidance (3 model passes per step).
+Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-").
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.flop_counter import FlopCounterMode
+
+from letstalk import Block, LetsTalk, config_for, forward_gflops
+from train import Diffusion
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, FLOP/s
+
+
+def measure(fn, device, repeats):
+    """Median wall time (s) of fn() over `repeats` runs after one warm-up, and peak memory (MiB, CUDA only)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+    return statistics.median(times), memory
+
+
+def forward_flops(module, *inputs):
+    """FLOPs of module(*inputs), counted on the meta device (shapes only). There attention decomposes into
+    matrix products that FlopCounterMode sees; a CPU run would hide them inside one fused kernel."""
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"), counter:
+        module(*inputs)
+    return counter.get_total_flops()
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def attention_table(device, frames, patches, width, heads, batch, repeats):
+    """Table 1a: forward + backward of the attention operation alone."""
+    rows = []
+    d = width // heads
+    for F_ in frames:
+        for P in patches:
+            qkv = [torch.randn(batch, heads, F_ * P, d, device=device, requires_grad=True) for _ in range(3)]
+
+            def full():
+                with autocast(device):
+                    F.scaled_dot_product_attention(*qkv).sum().backward()
+
+            def factorized():
+                with autocast(device):
+                    s = [rearrange(t, "b h (f p) d -> (b f) h p d", f=F_) for t in qkv]  # spatial: P per frame
+                    out = rearrange(F.scaled_dot_product_attention(*s), "(b f) h p d -> b h (f p) d", f=F_)
+                    t_ = [rearrange(t, "b h (f p) d -> (b p) h f d", f=F_) for t in qkv]  # temporal: F per position
+                    out = out + rearrange(F.scaled_dot_product_attention(*t_), "(b p) h f d -> b h (f p) d", p=P)
+                    out.sum().backward()
+            try:
+                t_full, m_full = measure(full, device, repeats)
+                t_fact, m_fact = measure(factorized, device, repeats)
+            except torch.OutOfMemoryError:
+                continue
+            rows.append({"F": F_, "P": P, "full_s": t_full, "factorized_s": t_fact, "ratio": t_full / t_fact,
+                         "eq4": F_ * P / (F_ + P), "full_mib": m_full, "factorized_mib": m_fact})
+    return rows
+
+
+def block_table(device, frames, patches, width, heads, batch, repeats):
+    """Table 1b: forward + backward of one whole block, full attention vs spatial-temporal."""
+    rows = []
+    for F_ in frames:
+        for P in patches:
+            side = int(P ** 0.5) * 2
+            result = {"F": F_, "P": P}
+            for kind in ("full", "factorized"):
+                cfg = config_for("T", width=width, heads=heads, frames=F_, latent_size=side, motion=0,
+                                 attention=kind)
+                block = Block(cfg).to(device)
+                x = torch.randn(batch * F_, P, width, device=device, requires_grad=True)
+                c = torch.randn(batch, width, device=device)
+                ref = torch.randn(batch * F_, P, width, device=device)  # the symbiotic reference tokens
+
+                def step():
+                    with autocast(device):
+                        out, _, sym = block(x, c, None, ref)
+                        (out.float().sum() + sym.float().sum()).backward()
+                try:
+                    result[f"{kind}_s"], result[f"{kind}_mib"] = measure(step, device, repeats)
+                except torch.OutOfMemoryError:
+                    break
+                with torch.device("meta"):
+                    meta_block, meta_x = Block(cfg), torch.randn(batch * F_, P, width)
+                    meta_c, meta_ref = torch.randn(batch, width), torch.randn(batch * F_, P, width)
+                result[f"{kind}_gflop"] = forward_flops(meta_block, meta_x, meta_c, None, meta_ref) / 1e9
+            else:
+                result["ratio"] = result["full_s"] / result["factorized_s"]
+                result["flop_ratio"] = result["full_gflop"] / result["factorized_gflop"]
+                rows.append(result)
+    return rows
+
+
+def throughput_table(device, shapes, sizes, batch, repeats):
+    """Table 2: a full training step (forward, backward, AdamW) on random latents."""
+    rows = []
+    for size in sizes:
+        for frames, latent in shapes:
+            cfg = config_for(size, frames=frames, latent_size=latent)
+            model = LetsTalk(cfg).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            s = latent
+            x = torch.randn(batch, frames, 4, s, s, device=device)
+            args = (torch.randint(0, 1000, (batch,), device=device), torch.randn(batch, 4, s, s, device=device),
+                    torch.randn(batch, frames, 20, 80, device=device), torch.randn(batch, 2, 4, s, s, device=device))
+
+            def step():
+                with autocast(device):
+                    loss = (model(x, *args).float() - x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            try:
+                seconds, memory = measure(step, device, repeats)
+            except torch.OutOfMemoryError:
+                continue
+            step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
+            row = {"size": size, "frames": frames, "latent": s, "batch": batch, "step_s": seconds,
+                   "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
+                   "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory}
+            if device.type == "cuda":
+                name = torch.cuda.get_device_name(device)
+                peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+                row["mfu"] = step_flops / seconds / peak if peak else None
+            rows.append(row)
+            del model, opt
+    return rows
+
+
+def sampling_table(device, sizes, shape, steps, repeats):
+    """Table 3: DDIM sampling of one window with guidance (3 passes per step: none, portrait, portrait + audio)."""
+    rows = []
+    frames, latent = shape
+    diffusion = Diffusion()
+    for size in sizes:
+        model = LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval()
+        s = latent
+        ref, mel = torch.randn(3, 4, s, s, device=device), torch.randn(3, frames, 20, 80, device=device)
+        motion = torch.randn(3, 2, 4, s, s, device=device)
+        drop_ref = torch.tensor([True, False, False], device=device)  # none | portrait | portrait + audio
+        drop_audio = torch.tensor([True, True, False], device=device)
+
+        @torch.no_grad()
+        def window():
+            def denoise(x, t):
+                with autocast(device):
+                    out = model(x.repeat(3, 1, 1, 1, 1), t.repeat(3), ref, mel, motion, drop_ref=drop_ref,
+                                drop_audio=drop_audio).float()
+                return diffusion.split(x, t, out[:1] + 1.5 * (out[1:2] - out[:1]) + 2.0 * (out[2:] - out[1:2]), "eps")
+            diffusion.sample(denoise, (1, frames, 4, s, s), steps=steps, device=device)
+        seconds, memory = measure(window, device, repeats)
+        rows.append({"size": size, "frames": frames, "latent": s, "steps": steps, "passes_per_step": 3,
+                     "seconds_per_video_second": seconds / (frames / 25), "peak_mib": memory})
+    return rows
+
+
+def show(title, rows, columns):
+    print(f"\n{title}")
+    print(" | ".join(f"{c:>10}" for c in columns))
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append(f"{'-':>10}" if v is None else f"{v:>10.3g}" if isinstance(v, float) else f"{v!s:>10}")
+        print(" | ".join(cells))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
+    parser.add_argument("--width", type=int, default=768, help="width of the attention and block tables")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--sizes", default="", help="model sizes for tables 2-3 (default: T,S,B on CUDA, T on CPU)")
+    parser.add_argument("--json", default="bench.json", help="where to write the tables")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    batch = args.batch or (8 if gpu else 1)
+    frames = [16, 32] if args.quick else [4, 8, 16, 32]
+    patches = [64, 256] if args.quick else [64, 256, 1024]
+    repeats = 2 if args.quick else 5
+    sizes = args.sizes.split(",") if args.sizes else (["T", "S", "B"] if gpu else ["T"])
+    shapes = [(16, 32), (8, 16)]  # the paper's clip (16 frames of 32x32x4) and the CPU demo's (8 of 16x16x4)
+    print(f"device: {torch.cuda.get_device_name(device) if gpu else 'cpu'}, "
+          f"{'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}")
+    tables = {
+        "attention": attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
+        "block": block_table(device, frames, patches, args.width, args.heads, batch, repeats),
+        "throughput": throughput_table(device, shapes if not args.quick else shapes[1:], sizes, batch, repeats),
+        "sampling": sampling_table(device, sizes, shapes[1], 5 if args.quick else 25, 1 if args.quick else 2),
+    }
+    show("1a. attention alone, forward + backward: full / (spatial + temporal)", tables["attention"],
+         ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"])
+    show("1b. whole block, forward + backward: full-attention block / spatial-temporal block", tables["block"],
+         ["F", "P", "full_s", "factorized_s", "ratio", "flop_ratio", "full_mib", "factorized_mib"])
+    show("2. training step (forward, backward, AdamW)", tables["throughput"],
+         ["size", "frames", "latent", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib"])
+    show("3. sampling one window, DDIM with guidance (3 model passes per step)", tables["sampling"],
+         ["size", "frames", "steps", "passes_per_step", "seconds_per_video_second", "peak_mib"])
+    with open(args.json, "w") as f:
+        json.dump({"device": str(device), "batch": batch, "width": args.width, **tables}, f, indent=1)
+    return tables
+
+
+if __name__ == "__main__":
+    main()
