@@ -11,9 +11,17 @@ exist; this file writes the formulas out so a student sees what the numbers mean
                      per clip with the clip mean removed, averaged over clips.
 """
 
+import argparse
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -104,3 +112,139 @@ def mouth_darkness(frames, boxes):
         patch = frame[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
         out[i] = 1 - patch.mean() / 255 if patch.size else 0.0
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The probe: a measuring instrument for the synthetic world (never a training loss)
+
+
+class Probe(nn.Module):
+    """Reads a synthetic face: frames (B, 3, 64, 64) in [-1, 1] -> readings (B, 5): mouth openness, blink and head
+    pose (dx, dy, roll, each scaled to about unit range). Its 128-d penultimate features stand in for Inception's
+    in the synthetic world (synthetic FID / FVD), its readings for expression coefficients (synthetic E-FID)."""
+
+    POSE_SCALE = (0.03, 0.02, 5.0)  # data.motion_track's pose scales
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for width in (32, 64, 128, 128):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
+            c = width
+        self.convs = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 16, 128), nn.SiLU())
+        self.head = nn.Linear(128, 5)
+
+    def features(self, frames):
+        return self.convs(F.interpolate(frames, size=64, mode="bilinear", antialias=True, align_corners=False)
+                          if frames.shape[-1] != 64 else frames)
+
+    def forward(self, frames):
+        return self.head(self.features(frames))
+
+    @staticmethod
+    def targets(openness, blink, pose):
+        """Ground truth (B,), (B,), (B, 3) -> the readings the probe learns (B, 5)."""
+        return torch.cat([openness[:, None], blink[:, None], pose / torch.tensor(Probe.POSE_SCALE)], dim=1)
+
+
+def train_probe(train_pool, val_pool, steps=1500, seed=0):
+    """Fit the probe to ground-truth frames (frame pools from train.build_frame_pool), with light blur and noise
+    so that it also reads VAE-decoded frames. Returns (probe, validation r of openness)."""
+    torch.manual_seed(seed)
+    probe = Probe()
+    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3)
+    frames = train_pool["frames"][:, 0]
+    target = Probe.targets(train_pool["openness"][:, 0], train_pool["blink"][:, 0], train_pool["pose"][:, 0])
+    for step in tqdm(range(steps), desc="probe", unit="step"):
+        idx = torch.randint(0, len(frames), (64,))
+        x = frames[idx].float() / 127.5 - 1
+        if step % 2:  # half the batches blurred like a decoder's output
+            x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        x = x + 0.03 * torch.randn_like(x)
+        loss = (probe(x) - target[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe.eval()
+    with torch.no_grad():
+        got = probe(val_pool["frames"][:, 0].float() / 127.5 - 1)[:, 0].numpy()
+    return probe, float(np.corrcoef(got, val_pool["openness"][:, 0].numpy())[0, 1])
+
+
+def load_probe(path):
+    probe = Probe()
+    probe.load_state_dict(torch.load(path, weights_only=True))
+    return probe.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lip sync of a checkpoint on held-out identities and speech
+
+
+@torch.no_grad()
+def sync_eval(ckpt, probe, clips=16, steps=10, seed=0, device="cpu"):
+    """Generate one window for each of `clips` test clips (held-out identities and sentences), with its own audio
+    and with another clip's audio, and read the mouth with the probe and with the pixel check.
+
+    Returns the per-clip lip-sync r of generated frames, of the same frames with mismatched audio, and of real
+    frames (the ceiling), plus the probe-free darkness check on generated frames."""
+    import sample
+    model, vae, diffusion_cfg = sample.load_model(ckpt, device)
+    F_ = model.cfg.frames
+    videos = data.SyntheticVideos("test", clips, 4.0, vae.config.resolution, seed)
+    dataset = data.ClipDataset(videos, frames=F_, motion=0, seed=seed)
+    per_video = len(dataset) // clips
+    items = [dataset[i * per_video + per_video // 2] for i in range(clips)]
+    to_uint8 = lambda t: ((t.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()  # noqa: E731
+    read = lambda frames: probe(data.to_tensor(frames))[:, 0].numpy()  # noqa: E731
+    truth, real, matched, mismatched, dark = [], [], [], [], []
+    for i, item in enumerate(tqdm(items, desc="sync eval", unit="clip")):
+        ref = to_uint8(item["ref"][None])[0]
+        gen = sample.generate(model, vae, diffusion_cfg, ref, item["mel"], steps=steps, seed=seed, device=device)
+        other = sample.generate(model, vae, diffusion_cfg, ref, items[(i + 1) % clips]["mel"], steps=steps,
+                                seed=seed, device=device)
+        truth.append(item["openness"].numpy())
+        real.append(read(to_uint8(item["frames"])))
+        matched.append(read(gen))
+        mismatched.append(read(other))
+        dark.append(mouth_darkness(gen, item["mouth_box"].numpy()))
+    return {"sync": per_clip_sync(matched, truth), "sync_mismatched": per_clip_sync(mismatched, truth),
+            "sync_real": per_clip_sync(real, truth), "darkness_sync": per_clip_sync(dark, truth),
+            "clips": clips, "frames": F_, "steps": steps}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="metrics.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="train the synthetic-world probe (mouth, blink, pose reader)")
+    p.add_argument("--out", type=Path, default=Path("checkpoints/probe.pt"))
+    p.add_argument("--videos", type=int, default=300, help="training videos (8 frames each)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
+    p = sub.add_parser("sync", help="lip sync of a checkpoint on held-out identities and speech")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--probe", type=Path, default=Path("checkpoints/probe.pt"))
+    p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps per window")
+    args = parser.parse_args(argv)
+    if args.command == "probe":
+        import train
+        args.cache.mkdir(parents=True, exist_ok=True)
+        pools = {}
+        for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
+            path = args.cache / f"frames_{split}.pt"
+            if not path.exists():
+                train.build_frame_pool(data.SyntheticVideos(split, n, 1.0, 64), path)
+            pools[split] = data.ClipPool(path).data
+        probe, r = train_probe(pools["train"], pools["val"], args.steps)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        data.atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
+        print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
+        return r
+    result = sync_eval(args.ckpt, load_probe(args.probe), args.clips, args.steps)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -66,17 +66,15 @@ def load_image(path, size):
 
 
 @torch.no_grad()
-def generate(model, vae, diffusion_cfg, image, wav, steps=25, sampler="ddim", audio_scale=2.0, ref_scale=1.5,
+def generate(model, vae, diffusion_cfg, image, mel, steps=25, sampler="ddim", audio_scale=2.0, ref_scale=1.5,
              seed=0, device="cpu"):
-    """Animate a portrait uint8 (H, W, 3) with 16 kHz speech (T,). Returns frames uint8 (N, H, W, 3), N =
-    ceil(T / 640), at the model's resolution."""
+    """Animate a portrait uint8 (H, W, 3) with per-frame mel windows (N, 20, 80) (data.audio_features).
+    Returns frames uint8 (N, H, W, 3) at the model's resolution."""
     cfg = model.cfg
     F_, M = cfg.frames, cfg.motion
-    n = math.ceil(len(wav) / data.SAMPLES_PER_FRAME)
-    if n < 1:
-        raise data.DataError("the audio is shorter than one video frame (40 ms)")
+    n = len(mel)
     windows = math.ceil(n / F_)
-    mel = data.audio_features(wav, windows * F_).to(device)  # past the end: the clamped last window
+    mel = torch.cat([mel, mel[-1:].expand(windows * F_ - n, -1, -1)]).to(device)  # the last window: repeat
     diffusion = Diffusion(schedule=diffusion_cfg["schedule"])
     prediction = diffusion_cfg["prediction"]
     scale = vae.latent_scale
@@ -147,7 +145,8 @@ def main(argv=None):
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    frames = generate(model, vae, diffusion_cfg, image, wav, args.steps, args.sampler, args.audio_scale,
+    mel = data.audio_features(wav, math.ceil(len(wav) / data.SAMPLES_PER_FRAME))
+    frames = generate(model, vae, diffusion_cfg, image, mel, args.steps, args.sampler, args.audio_scale,
                       args.ref_scale, args.seed, args.device)
     if args.size and args.size != frames.shape[1]:
         frames = np.stack([np.asarray(Image.fromarray(f).resize((args.size, args.size), Image.BICUBIC))

@@ -248,6 +248,12 @@ def videos_for(cfg, split, n_synthetic, seconds, resolution):
     return data.VideoFolder(cfg.data, split)
 
 
+def build_frame_pool(videos, path, seed=0):
+    """FRAMES_PER_VIDEO frames of every video, with their ground truth, cached as a ClipPool of 1-frame clips."""
+    clips = data.ClipDataset(videos, frames=1, motion=0, seed=seed)
+    return data.ClipPool.build(clips, min(len(videos) * FRAMES_PER_VIDEO, len(clips)), path)
+
+
 class VAEStage:
     """Reconstruction of single frames (vae.vae_loss); evaluation: PSNR on held-out identities or videos."""
 
@@ -260,9 +266,8 @@ class VAEStage:
     def pool(self, split, n_videos):
         path = Path(self.cfg.cache) / f"frames_{split}.pt"
         if rank() == 0 and not path.exists():
-            clips = data.ClipDataset(videos_for(self.cfg, split, n_videos, SYNTH_SECONDS, self.cfg.resolution),
-                                     frames=1, motion=0, seed=self.cfg.seed)
-            data.ClipPool.build(clips, min(len(clips.videos) * FRAMES_PER_VIDEO, len(clips)), path)
+            build_frame_pool(videos_for(self.cfg, split, n_videos, SYNTH_SECONDS, self.cfg.resolution), path,
+                             self.cfg.seed)
         barrier()
         return data.ClipPool(path).data
 
