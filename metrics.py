@@ -182,35 +182,42 @@ def load_probe(path):
 
 
 @torch.no_grad()
-def sync_eval(ckpt, probe, clips=16, steps=10, seed=0, device="cpu"):
-    """Generate one window for each of `clips` test clips (held-out identities and sentences), with its own audio
-    and with another clip's audio, and read the mouth with the probe and with the pixel check.
+def lip_sync(model, vae, diffusion_cfg, probe, refs, mels, openness, steps=10, seed=0, device="cpu"):
+    """Generate one window per clip from its reference uint8 (N, H, W, 3) and mel windows (N, F, 20, 80), once with
+    its own audio and once with the next clip's, and correlate the probe's openness with the true openness (N, F).
+    Returns (sync, sync with mismatched audio, generated frames (N, F, H, W, 3))."""
+    import sample  # here, not at the top: sample.py imports train.py, which imports this file
+    read = lambda frames: probe(data.to_tensor(frames))[:, 0].numpy()  # noqa: E731
+    matched, mismatched, videos = [], [], []
+    for i in tqdm(range(len(refs)), desc="lip sync", unit="clip", leave=False):
+        gen = sample.generate(model, vae, diffusion_cfg, refs[i], mels[i], steps=steps, seed=seed, device=device)
+        other = sample.generate(model, vae, diffusion_cfg, refs[i], mels[(i + 1) % len(refs)], steps=steps,
+                                seed=seed, device=device)
+        matched.append(read(gen))
+        mismatched.append(read(other))
+        videos.append(gen)
+    return per_clip_sync(matched, openness), per_clip_sync(mismatched, openness), np.stack(videos)
 
-    Returns the per-clip lip-sync r of generated frames, of the same frames with mismatched audio, and of real
-    frames (the ceiling), plus the probe-free darkness check on generated frames."""
-    import sample
+
+@torch.no_grad()
+def sync_eval(ckpt, probe, clips=16, steps=10, seed=0, device="cpu"):
+    """Lip sync of a checkpoint on `clips` test clips (held-out identities and sentences): generated frames with
+    their own audio and with another clip's, real frames (the ceiling), and the probe-free darkness check."""
+    import sample  # see lip_sync
     model, vae, diffusion_cfg = sample.load_model(ckpt, device)
-    F_ = model.cfg.frames
     videos = data.SyntheticVideos("test", clips, 4.0, vae.config.resolution, seed)
-    dataset = data.ClipDataset(videos, frames=F_, motion=0, seed=seed)
+    dataset = data.ClipDataset(videos, frames=model.cfg.frames, motion=0, seed=seed)
     per_video = len(dataset) // clips
     items = [dataset[i * per_video + per_video // 2] for i in range(clips)]
     to_uint8 = lambda t: ((t.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()  # noqa: E731
-    read = lambda frames: probe(data.to_tensor(frames))[:, 0].numpy()  # noqa: E731
-    truth, real, matched, mismatched, dark = [], [], [], [], []
-    for i, item in enumerate(tqdm(items, desc="sync eval", unit="clip")):
-        ref = to_uint8(item["ref"][None])[0]
-        gen = sample.generate(model, vae, diffusion_cfg, ref, item["mel"], steps=steps, seed=seed, device=device)
-        other = sample.generate(model, vae, diffusion_cfg, ref, items[(i + 1) % clips]["mel"], steps=steps,
-                                seed=seed, device=device)
-        truth.append(item["openness"].numpy())
-        real.append(read(to_uint8(item["frames"])))
-        matched.append(read(gen))
-        mismatched.append(read(other))
-        dark.append(mouth_darkness(gen, item["mouth_box"].numpy()))
-    return {"sync": per_clip_sync(matched, truth), "sync_mismatched": per_clip_sync(mismatched, truth),
-            "sync_real": per_clip_sync(real, truth), "darkness_sync": per_clip_sync(dark, truth),
-            "clips": clips, "frames": F_, "steps": steps}
+    truth = np.stack([item["openness"].numpy() for item in items])
+    sync, mismatched, generated = lip_sync(model, vae, diffusion_cfg, probe,
+                                           np.stack([to_uint8(item["ref"][None])[0] for item in items]),
+                                           torch.stack([item["mel"] for item in items]), truth, steps, seed, device)
+    real = [probe(item["frames"])[:, 0].numpy() for item in items]
+    dark = [mouth_darkness(g, item["mouth_box"].numpy()) for g, item in zip(generated, items)]
+    return {"sync": sync, "sync_mismatched": mismatched, "sync_real": per_clip_sync(real, truth),
+            "darkness_sync": per_clip_sync(dark, truth), "clips": clips, "frames": model.cfg.frames, "steps": steps}
 
 
 def main(argv=None):

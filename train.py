@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import metrics
 from letstalk import SIZES, LetsTalk, config_for
 from vae import VAE, VAEConfig, load_vae, psnr, vae_loss, vae_state
 
@@ -360,6 +361,10 @@ class DiffusionStage:
         self.ema = LetsTalk(mcfg).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.diffusion = Diffusion(schedule=cfg.schedule)
+        # with ground truth and a probe (metrics.py probe), evaluations also measure lip sync
+        probe_path = Path(__file__).resolve().parent / "checkpoints" / "probe.pt"
+        synthetic = cfg.data == "synthetic" and self.resolution == 64
+        self.probe = metrics.load_probe(probe_path) if synthetic and probe_path.exists() else None
         self.train_pool = self.pool("train", cfg.clips)
         self.val_pool = self.pool("val", max(16, cfg.clips // 20))
         self.net = self.model
@@ -430,7 +435,7 @@ class DiffusionStage:
         (per clip: reference | generated frames, then the real frames below)."""
         g = torch.Generator().manual_seed(1234)
         n = min(8, len(self.val_pool["latents"]))
-        idx = list(range(n))
+        idx = np.linspace(0, len(self.val_pool["latents"]) - 1, n).round().astype(int).tolist()  # across videos
         x0, ref, mel, motion, _ = self.conditions(self.val_pool, idx, train=False)
         t = torch.randint(0, self.diffusion.steps, (n,), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
@@ -446,13 +451,20 @@ class DiffusionStage:
         for i in range(k):
             gen = self.vae.decode(z[i] / self.vae.latent_scale)
             real = self.vae.decode(x0[i] / self.vae.latent_scale)
-            refimg = self.val_pool["ref_image"][i].float().to(self.device) / 127.5 - 1
+            refimg = self.val_pool["ref_image"][idx[i]].float().to(self.device) / 127.5 - 1
             rows += [torch.cat([refimg, *gen], dim=2), torch.cat([torch.zeros_like(refimg), *real], dim=2)]
         grid = ((torch.cat(rows, dim=1).permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
         path = Path(out) / "samples" / f"step{step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         data.atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-        return {"val_loss": val_loss.item()}
+        result = {"val_loss": val_loss.item()}
+        if self.probe is not None:  # lip sync of the EMA model on 8 held-out clips (metrics.py)
+            refs = self.val_pool["ref_image"][idx].permute(0, 2, 3, 1).numpy()
+            diffusion_cfg = {"schedule": self.cfg.schedule, "prediction": self.cfg.prediction}
+            result["val_sync"], result["val_sync_mismatched"], _ = metrics.lip_sync(
+                self.ema, self.vae, diffusion_cfg, self.probe, refs, self.val_pool["mel"][idx].float(),
+                self.val_pool["openness"][idx].numpy(), device=self.device)
+        return result
 
     def before_save(self):
         pass
@@ -627,7 +639,8 @@ def main(argv=None):
         if not (out / "ckpt.pt").exists():
             fail(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
         saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
-        cfg = TrainConfig(**{**saved, "steps": args.steps or saved["steps"]})
+        moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
+        cfg = TrainConfig(**{**saved, **moved, "steps": args.steps or saved["steps"]})  # the folder may have moved
     else:
         cfg = resolve(args)
         if (out / "ckpt.pt").exists():
