@@ -35,7 +35,7 @@ def load_model(path, device):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise data.DataError(f"{path}: no such checkpoint") from None
+        raise data.DataError(f"{path}: no such checkpoint (train one with `python train.py`, then pass --ckpt)") from None
     except Exception as e:  # not a torch file, or one that would need to run code to load
         raise data.DataError(f"{path}: not a letstalk checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "ema", "vae", "diffusion"} <= ckpt.keys():
