@@ -852,6 +852,8 @@ def main(argv=None):
     p.add_argument("--split", choices=list(SPLITS), default="train",
                    help="identities and sentences of this split (they never overlap across splits)")
     p.add_argument("--seed", type=int, default=0, help="world seed; the same seed gives the same videos")
+    p.add_argument("--still", action="store_true", help="also write each video's first frame as still.png (a "
+                   "portrait for sample.py)")
     p = sub.add_parser("prepare", help="convert real talking-head videos (HDTF, CelebV-HQ...)",
                        description="Convert every video under RAW (any fps, resolution and container, with sound) "
                        "to 25 fps, a square crop resized to --size, and 16 kHz mono audio. Corrupt or silent files "
@@ -871,8 +873,11 @@ def main(argv=None):
                 raise DataError("--videos must be >= 1 and --seconds at least one frame (0.04)")
             args.out.mkdir(parents=True, exist_ok=True)
             for i in tqdm(range(args.videos), desc="synth", unit="video"):
-                save_video(args.out / f"{args.split}_{i:05d}", synth_video(args.split, i, args.seconds, args.size,
-                                                                           args.seed))
+                folder, video = args.out / f"{args.split}_{i:05d}", synth_video(args.split, i, args.seconds,
+                                                                                args.size, args.seed)
+                save_video(folder, video)
+                if args.still:
+                    atomic_write(folder / "still.png", lambda tmp: Image.fromarray(video.frames[0]).save(tmp, "PNG"))
             print(f"wrote {args.videos} videos to {args.out}")
         else:
             boxes = None

@@ -25,17 +25,19 @@ from tqdm import tqdm
 import data
 from letstalk import LetsTalk, LetsTalkConfig
 from train import Diffusion
-from vae import VAE, VAEConfig
+from vae import VAE, VAEConfig, psnr
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "letstalk-tiny.pt"
 
 
 def load_model(path, device):
-    """The EMA denoiser, the VAE and the diffusion settings of a checkpoint written by train.py."""
+    """The EMA denoiser, the VAE, the diffusion settings and the domain statistics (None for a run's checkpoint)
+    of a checkpoint written by train.py (a run's ckpt.pt, or its `--export`)."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise data.DataError(f"{path}: no such checkpoint (train one with `python train.py`, then pass --ckpt)") from None
+        raise data.DataError(f"{path}: no such checkpoint (train one with `python train.py`, then pass --ckpt)"
+                             ) from None
     except Exception as e:  # not a torch file, or one that would need to run code to load
         raise data.DataError(f"{path}: not a letstalk checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "ema", "vae", "diffusion"} <= ckpt.keys():
@@ -44,7 +46,25 @@ def load_model(path, device):
     model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
     vae = VAE(VAEConfig(**ckpt["vae"]["config"])).to(device).eval()
     vae.load_state_dict({k: v.float() for k, v in ckpt["vae"]["weights"].items()})
-    return model, vae, ckpt["diffusion"]
+    return model, vae, ckpt["diffusion"], ckpt.get("domain")
+
+
+DOMAIN_MARGIN_DB = 3.0  # held-out synthetic faces reconstruct up to ~2 dB below the worst training frame measured
+
+
+@torch.no_grad()
+def out_of_domain(vae, image, domain):
+    """A warning line when the VAE reconstructs the portrait uint8 (H, W, 3) clearly worse than every training frame
+    measured at export (then the model has never seen anything like it), else None."""
+    if not domain:
+        return None
+    x = data.to_tensor(image)[None].to(vae.latent_scale.device)
+    got = psnr(vae.decode(vae.encode(x)), x).item()
+    if got >= domain["vae_min_psnr"] - DOMAIN_MARGIN_DB:
+        return None
+    return (f"note: this portrait is unlike the checkpoint's training faces (VAE reconstruction {got:.1f} dB, worst "
+            f"in training {domain['vae_min_psnr']:.1f} dB). The shipped checkpoint is a demo trained on a synthetic "
+            "world; for real faces train on real video (README, 'Real data').")
 
 
 def load_image(path, size):
@@ -66,48 +86,59 @@ def load_image(path, size):
 
 
 @torch.no_grad()
-def generate(model, vae, diffusion_cfg, image, mel, steps=25, sampler="ddim", audio_scale=2.0, ref_scale=1.5,
-             seed=0, device="cpu"):
-    """Animate a portrait uint8 (H, W, 3) with per-frame mel windows (N, 20, 80) (data.audio_features).
-    Returns frames uint8 (N, H, W, 3) at the model's resolution."""
+def generate(model, vae, diffusion_cfg, images, mels, steps=25, sampler="ddim", audio_scale=2.0, ref_scale=1.0,
+             seed=0, device="cpu", progress=True):
+    """Animate portraits uint8 (B, H, W, 3), each with its per-frame mel windows (B, N, 20, 80)
+    (data.audio_features). Returns frames uint8 (B, N, H, W, 3) at the model's resolution.
+
+    A guidance scale of 1 needs no pass of its own: with both at 1 the model runs once per step, with audio
+    guidance only (the default) twice, with both three times.
+    """
     cfg = model.cfg
     F_, M = cfg.frames, cfg.motion
-    n = len(mel)
+    B, n = mels.shape[:2]
     windows = math.ceil(n / F_)
-    mel = torch.cat([mel, mel[-1:].expand(windows * F_ - n, -1, -1)]).to(device)  # the last window: repeat
+    mels = torch.cat([mels, mels[:, -1:].expand(-1, windows * F_ - n, -1, -1)], dim=1).to(device)  # repeat the end
     diffusion = Diffusion(schedule=diffusion_cfg["schedule"])
     prediction = diffusion_cfg["prediction"]
     scale = vae.latent_scale
-    ref = vae.encode(data.to_tensor(image)[None].to(device)) * scale  # (1, C, h, w)
+    ref = vae.encode(data.to_tensor(images).to(device)) * scale  # (B, C, h, w)
     generator = torch.Generator().manual_seed(seed)
-    shape = (1, F_, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    motion = torch.zeros(1, M, *shape[2:], device=device) if M else None
-    yes, no = torch.tensor([False], device=device), torch.tensor([True], device=device)
+    shape = (B, F_, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    motion = torch.zeros(B, M, *shape[2:], device=device) if M else None
+    # the passes this guidance needs, each a batch of B: (drop the portrait, drop the audio)
+    passes = {"both": (False, False)}
+    if audio_scale != 1 or ref_scale != 1:
+        passes["ref"] = (False, True)
+    if ref_scale != 1:
+        passes["none"] = (True, True)
+    k = len(passes)
+    flags = lambda i: torch.tensor([p[i] for p in passes.values()], device=device).repeat_interleave(B)  # noqa: E731
+    drop_ref, drop_audio = flags(0), flags(1)
     frames = []
-    for w in tqdm(range(windows), desc="windows", unit="window", disable=windows == 1):
-        m = mel[None, w * F_:(w + 1) * F_]
-        drop_motion = (no if w == 0 else yes).repeat(3) if M else None
+    for w in tqdm(range(windows), desc="windows", unit="window", disable=not progress or windows == 1):
+        m = mels[:, w * F_:(w + 1) * F_]
+        drop_motion = torch.full((k * B,), w == 0, device=device) if M else None  # window 0 has no history
 
         def denoise(x, t):
-            # one batch of three: no condition | portrait only | portrait and audio
-            out = model(x.repeat(3, 1, 1, 1, 1), t.repeat(3), ref.repeat(3, 1, 1, 1), m.repeat(3, 1, 1, 1),
-                        None if motion is None else motion.repeat(3, 1, 1, 1, 1),
-                        drop_ref=torch.cat([no, yes, yes]), drop_audio=torch.cat([no, no, yes]),
-                        drop_motion=drop_motion)
-            x0_eps = [diffusion.split(x, t, o[None], prediction) for o in out]
-            eps = [e for _, e in x0_eps]
-            eps = eps[0] + ref_scale * (eps[1] - eps[0]) + audio_scale * (eps[2] - eps[1])
-            ab = diffusion.alphas_cumprod[t[0]].item()
-            return (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab), eps
+            out = model(x.repeat(k, 1, 1, 1, 1), t.repeat(k), ref.repeat(k, 1, 1, 1), m.repeat(k, 1, 1, 1),
+                        None if motion is None else motion.repeat(k, 1, 1, 1, 1),
+                        drop_ref=drop_ref, drop_audio=drop_audio, drop_motion=drop_motion)
+            e = {name: diffusion.split(x, t, o, prediction)[1] for name, o in zip(passes, out.chunk(k))}
+            # eps(none) + s_ref (eps(ref) - eps(none)) + s_audio (eps(both) - eps(ref)), with the unused terms left out
+            eps = e["both"] if k == 1 else e["ref"] + audio_scale * (e["both"] - e["ref"])
+            if "none" in e:
+                eps = eps + (ref_scale - 1) * (e["ref"] - e["none"])
+            return diffusion.split(x, t, eps, "eps")[0], eps
 
         z = diffusion.sample(denoise, shape, steps=diffusion.steps if sampler == "ddpm" else steps,
                              eta=1.0 if sampler == "ddpm" else 0.0, generator=generator, device=device,
-                             progress=True)
+                             progress=progress)
         if M:
             motion = z[:, -M:]
-        frames.append(vae.decode(z[0] / scale))
-    video = torch.cat(frames)[:n]
-    return ((video.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+        frames.append(torch.stack([vae.decode(clip / scale) for clip in z]))  # (B, F, 3, H, W)
+    video = torch.cat(frames, dim=1)[:, :n]
+    return ((video.permute(0, 1, 3, 4, 2) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
 
 
 def contact_sheet(reference, frames, columns=8):
@@ -127,7 +158,8 @@ def main(argv=None):
     parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                         help="ddim (fast, deterministic) or ddpm (all 1000 ancestral steps)")
     parser.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
-    parser.add_argument("--ref-scale", type=float, default=1.5, help="classifier-free guidance on the portrait")
+    parser.add_argument("--ref-scale", type=float, default=1.0, help="classifier-free guidance on the portrait (1: "
+                        "none, which saves a model pass per step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=256, help="frame size of the written video (upscaled from the "
                         "model's resolution; 0 keeps the model's)")
@@ -137,7 +169,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_{args.audio.stem}.mp4")
     try:
-        model, vae, diffusion_cfg = load_model(args.ckpt, args.device)
+        model, vae, diffusion_cfg, domain = load_model(args.ckpt, args.device)
         image = load_image(args.image, vae.config.resolution)
         wav = data.load_audio(args.audio)
         if len(wav) < data.SAMPLES_PER_FRAME:
@@ -145,9 +177,12 @@ def main(argv=None):
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    warning = out_of_domain(vae, image, domain)
+    if warning:
+        print(warning, file=sys.stderr)
     mel = data.audio_features(wav, math.ceil(len(wav) / data.SAMPLES_PER_FRAME))
-    frames = generate(model, vae, diffusion_cfg, image, mel, args.steps, args.sampler, args.audio_scale,
-                      args.ref_scale, args.seed, args.device)
+    frames = generate(model, vae, diffusion_cfg, image[None], mel[None], args.steps, args.sampler, args.audio_scale,
+                      args.ref_scale, args.seed, args.device)[0]
     if args.size and args.size != frames.shape[1]:
         frames = np.stack([np.asarray(Image.fromarray(f).resize((args.size, args.size), Image.BICUBIC))
                            for f in frames])

@@ -106,12 +106,18 @@ class Diffusion:
         times = torch.linspace(self.steps - 1, 0, steps).round().long().tolist()
         for i, t in enumerate(tqdm(times, desc="denoise", leave=False, disable=not progress)):
             x0, eps = denoise(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
-            ab = self.alphas_cumprod[t].item()
-            ab_prev = self.alphas_cumprod[times[i + 1]].item() if i + 1 < len(times) else 1.0
-            sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
             noise = torch.randn(shape, generator=generator, device="cpu").to(device)
-            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * noise
+            x = self.ddim_step(x0, eps, t, times[i + 1] if i + 1 < len(times) else -1, eta, noise)
         return x
+
+    def ddim_step(self, x0, eps, t, t_prev, eta, noise):
+        """One reverse step from timestep t to t_prev (-1: the clean end, alpha_bar = 1), given the model's
+        (x0, eps) at x_t, all (B, ...): x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma noise,
+        sigma = eta sqrt((1 - ab_prev) / (1 - ab) (1 - ab / ab_prev))."""
+        ab = self.alphas_cumprod[t].item()
+        ab_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        return math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +139,7 @@ class TrainConfig:
     accum: int = 1
     lr: float = 0.0
     warmup: int = 100
+    cooldown: int = 0
     grad_clip: float = 1.0
     eval_every: int = 250
     save_minutes: float = 10.0
@@ -172,6 +179,8 @@ HELP = {
     "accum": "gradient accumulation: micro-batches per optimizer step",
     "lr": "peak learning rate (default: 5e-4 VAE, 3e-4 diffusion size T, 1e-4 as the official code for S/B/L)",
     "warmup": "steps of linear learning-rate warm-up",
+    "cooldown": "steps of linear learning-rate decay to 0 before --steps (0: none); a cooled-down model samples "
+                "cleaner images. Set --steps to a step you will reach",
     "grad_clip": "clip the global gradient norm to this",
     "eval_every": "steps between evaluations (and, for diffusion, a sample grid PNG)",
     "save_minutes": "minutes between checkpoints (one is always written at the end)",
@@ -374,7 +383,7 @@ class DiffusionStage:
             self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def pool(self, split, n):
-        path = Path(self.cfg.cache) / f"clips_{split}_{self.cfg.frames}f{self.cfg.motion}m.pt"
+        path = Path(self.cfg.cache) / f"clips_{split}_{n}x{self.cfg.frames}f{self.cfg.motion}m.pt"
         if rank() == 0 and not path.exists():
             n_videos = max(4, n // 8) if self.cfg.data == "synthetic" else None
             clips = data.ClipDataset(videos_for(self.cfg, split, n_videos, CLIP_SECONDS, self.resolution),
@@ -480,6 +489,31 @@ class DiffusionStage:
         self.ema.load_state_dict(ckpt["ema"])
 
 
+@torch.no_grad()
+def export(run_ckpt, dst, frames=512):
+    """Write the part of a diffusion run's checkpoint that sample.py needs: the EMA weights, the VAE and the
+    diffusion settings, in fp16 (sampling casts back to float32; half the bytes), plus `domain`: the VAE's worst
+    PSNR on `frames` training frames, so sample.py can tell when a portrait is unlike anything trained on."""
+    ckpt = torch.load(run_ckpt, map_location="cpu", weights_only=True)
+    if ckpt.get("stage") != "diffusion":
+        raise data.DataError(f"{run_ckpt}: not a diffusion run's checkpoint")
+    cfg = TrainConfig(**ckpt["train_config"])
+    vae = VAE(VAEConfig(**ckpt["vae"]["config"])).eval()
+    vae.load_state_dict(ckpt["vae"]["weights"])
+    videos = videos_for(cfg, "train", 32, CLIP_SECONDS, vae.config.resolution)
+    n = min(len(videos), 32)
+    x = torch.cat([data.to_tensor(videos[i].frames[:math.ceil(frames / n)]) for i in range(n)])
+    worst = min(psnr(vae.decode(vae.encode(chunk)), chunk).min().item() for chunk in x.split(64))
+    half = lambda weights: {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}  # noqa: E731
+    out = {"stage": "export", "step": ckpt["step"], "train_config": ckpt["train_config"],
+           "model": {"config": ckpt["model"]["config"]}, "ema": half(ckpt["ema"]),
+           "vae": {"config": ckpt["vae"]["config"], "weights": half(ckpt["vae"]["weights"])},
+           "diffusion": ckpt["diffusion"], "domain": {"vae_min_psnr": worst}}
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write(dst, lambda tmp: torch.save(out, tmp))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -514,7 +548,8 @@ def train(cfg, resume=False, max_minutes=None):
         torch.set_rng_state(ckpt["rng"])
     if rank() > 0:  # other ranks draw other noise
         torch.manual_seed(cfg.seed * 1000 + rank() + step)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup)  # noqa: E731  (linear warm-up, then constant)
+    def lr_at(s):  # linear warm-up, constant, then (with --cooldown) a linear decay to 0 at cfg.steps
+        return cfg.lr * min(1.0, (s + 1) / cfg.warmup, (cfg.steps - s) / cfg.cooldown if cfg.cooldown else 1.0)
     is_main = rank() == 0
 
     start, last_save = time.time(), time.time()
@@ -614,20 +649,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
                                      __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
-                        "its settings come from its checkpoint (--steps and --max-minutes may change)")
+                        "its settings come from its checkpoint (--steps, --cooldown and --max-minutes may change)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly with a checkpoint after this "
                         "much training time")
     choices = {"stage": ["vae", "diffusion"], "size": list(SIZES), "prediction": ["eps", "v", "x0"],
                "schedule": ["linear", "cosine"], "ref_fusion": ["symbiotic", "siamese", "direct"],
                "audio_fusion": ["symbiotic", "siamese", "direct"], "factor": [4, 8]}
     for f in fields(TrainConfig):
-        flag, help_text = "--" + f.name.replace("_", "-"), f"{HELP[f.name]} (default: {f.default!r})"
+        flag, help_text = "--" + f.name.replace("_", "-"), HELP[f.name]
+        if "default" not in help_text:
+            help_text += f" (default: {f.default!r})"
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=help_text)
+    parser.add_argument("--export", type=Path, metavar="PATH", help="write the sampling part of --out's checkpoint "
+                        "(EMA weights, VAE, fp16) to PATH for sample.py, and exit")
     args = parser.parse_args(argv)
 
+    if args.export:
+        try:
+            export(Path(args.out or "runs/diffusion") / "ckpt.pt", args.export)
+        except (FileNotFoundError, data.DataError) as e:
+            fail(f"--export: {e} (pass the run folder with --out)")
+        print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
+        return None
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and args.device != "cpu"
         if cuda:
@@ -640,7 +686,8 @@ def main(argv=None):
             fail(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
         saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
         moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
-        cfg = TrainConfig(**{**saved, **moved, "steps": args.steps or saved["steps"]})  # the folder may have moved
+        changed = {k: getattr(args, k) for k in ("steps", "cooldown") if getattr(args, k) is not None}
+        cfg = TrainConfig(**{**saved, **moved, **changed})  # the folder may have moved
     else:
         cfg = resolve(args)
         if (out / "ckpt.pt").exists():

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny checkpoints trained by our own train.py, once per test session."""
 
+import wave
+
+import numpy as np
 import pytest
 
 import train
@@ -26,3 +29,38 @@ def diffusion_ckpt(vae_ckpt):
     out = vae_ckpt.parent.parent / "diffusion"
     train.main(diffusion_args(out, vae_ckpt, "--steps", "2"))
     return out / "ckpt.pt"
+
+
+# WAV writers independent of data.py, for tests of every encoding
+
+
+def write_pcm(path, x, rate, bits):
+    """Reference writer for integer PCM (stdlib wave): x float (T, channels) in [-0.99, 0.99], full scale 2^(bits-1)."""
+    if bits == 8:
+        raw = np.round(x * 128 + 128).astype(np.uint8).tobytes()
+    elif bits == 24:
+        q = np.round(x * 2 ** 23).astype("<i4").reshape(-1, 1).view(np.uint8)[:, :3]
+        raw = q.tobytes()
+    else:
+        raw = np.round(x * 2 ** (bits - 1)).astype(f"<i{bits // 8}").tobytes()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(x.shape[1])
+        w.setsampwidth(bits // 8)
+        w.setframerate(rate)
+        w.writeframes(raw)
+
+
+def write_float(path, x, rate, extensible=False):
+    """Reference writer for IEEE-float WAV (format 3, or WAVE_FORMAT_EXTENSIBLE wrapping it)."""
+    raw = x.astype("<f4").tobytes()
+    ch = x.shape[1]
+    common = ch.to_bytes(2, "little") + rate.to_bytes(4, "little") + (rate * 4 * ch).to_bytes(4, "little")
+    common += (4 * ch).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    if extensible:
+        guid = (3).to_bytes(2, "little") + bytes.fromhex("000000001000800000aa00389b71")
+        fmt = (0xFFFE).to_bytes(2, "little") + common + (22).to_bytes(2, "little") + (32).to_bytes(2, "little")
+        fmt += (0).to_bytes(4, "little") + guid
+    else:
+        fmt = (3).to_bytes(2, "little") + common
+    body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(raw).to_bytes(4, "little") + raw
+    path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from conftest import write_float, write_pcm
 
 
 def pearson(a, b):
@@ -20,38 +21,6 @@ def pearson(a, b):
 # Audio
 
 
-def _write_pcm(path, x, rate, bits):
-    """Reference writer for integer PCM (stdlib wave): x float (T, channels) in [-0.99, 0.99], full scale 2^(bits-1)."""
-    if bits == 8:
-        raw = np.round(x * 128 + 128).astype(np.uint8).tobytes()
-    elif bits == 24:
-        q = np.round(x * 2 ** 23).astype("<i4").reshape(-1, 1).view(np.uint8)[:, :3]
-        raw = q.tobytes()
-    else:
-        raw = np.round(x * 2 ** (bits - 1)).astype(f"<i{bits // 8}").tobytes()
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(x.shape[1])
-        w.setsampwidth(bits // 8)
-        w.setframerate(rate)
-        w.writeframes(raw)
-
-
-def _write_float(path, x, rate, extensible=False):
-    """Reference writer for IEEE-float WAV (format 3, or WAVE_FORMAT_EXTENSIBLE wrapping it)."""
-    raw = x.astype("<f4").tobytes()
-    ch = x.shape[1]
-    common = ch.to_bytes(2, "little") + rate.to_bytes(4, "little") + (rate * 4 * ch).to_bytes(4, "little")
-    common += (4 * ch).to_bytes(2, "little") + (32).to_bytes(2, "little")
-    if extensible:
-        guid = (3).to_bytes(2, "little") + bytes.fromhex("000000001000800000aa00389b71")
-        fmt = (0xFFFE).to_bytes(2, "little") + common + (22).to_bytes(2, "little") + (32).to_bytes(2, "little")
-        fmt += (0).to_bytes(4, "little") + guid
-    else:
-        fmt = (3).to_bytes(2, "little") + common
-    body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(raw).to_bytes(4, "little") + raw
-    path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
-
-
 @pytest.mark.parametrize("bits", [8, 16, 24, 32, "float", "extensible"])
 @pytest.mark.parametrize("channels", [1, 2])
 def test_wav_encodings_load_to_the_same_waveform(tmp_path, bits, channels):
@@ -59,10 +28,10 @@ def test_wav_encodings_load_to_the_same_waveform(tmp_path, bits, channels):
     x = np.clip(rng.normal(0, 0.3, (4000, channels)), -0.99, 0.99)
     path = tmp_path / "a.wav"
     if isinstance(bits, int):
-        _write_pcm(path, x, 16000, bits)
+        write_pcm(path, x, 16000, bits)
         step = max(1 / 2 ** (bits - 1), 1e-7)  # 32-bit PCM is finer than the float32 we return
     else:
-        _write_float(path, x, 16000, extensible=bits == "extensible")
+        write_float(path, x, 16000, extensible=bits == "extensible")
         step = 1e-6
     got, rate = data.read_wav(path)
     assert rate == 16000 and got.shape == x.shape
@@ -73,7 +42,7 @@ def test_wav_encodings_load_to_the_same_waveform(tmp_path, bits, channels):
 
 def test_load_audio_resamples_to_16k(tmp_path):
     t = np.arange(44100) / 44100
-    _write_pcm(tmp_path / "a.wav", np.stack([0.5 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100, 16)
+    write_pcm(tmp_path / "a.wav", np.stack([0.5 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100, 16)
     got = data.load_audio(tmp_path / "a.wav")
     assert len(got) == 16000
     want = 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
@@ -89,7 +58,7 @@ def test_resample_removes_what_the_new_rate_cannot_hold():
 
 
 def test_truncated_or_garbage_wav_raises_a_clear_error(tmp_path):
-    _write_pcm(tmp_path / "ok.wav", np.zeros((1000, 1)), 16000, 16)
+    write_pcm(tmp_path / "ok.wav", np.zeros((1000, 1)), 16000, 16)
     (tmp_path / "cut.wav").write_bytes((tmp_path / "ok.wav").read_bytes()[:1000])
     (tmp_path / "junk.wav").write_bytes(np.random.default_rng(0).bytes(500))
     (tmp_path / "empty.wav").write_bytes(b"")

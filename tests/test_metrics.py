@@ -1,8 +1,11 @@
 """Tests of metrics.py against closed forms and independent implementations."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import metrics
@@ -98,7 +101,77 @@ def test_probe_learns_to_read_the_mouth(tmp_path):
     assert probe.features(torch.zeros(2, 3, 32, 32)).shape == (2, 128)  # any frame size is resized to 64
 
 
-def test_sync_eval_reports_every_figure(tmp_path, diffusion_ckpt):
-    result = metrics.sync_eval(diffusion_ckpt, metrics.Probe().eval(), clips=2, steps=1)
+def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys):
+    """The whole evaluation on the tiny test checkpoint: every figure present and in its range, JSON and sheet."""
+    torch.save(metrics.Probe().state_dict(), tmp_path / "probe.pt")
+    result = metrics.main(["eval", "--ckpt", str(diffusion_ckpt), "--probe", str(tmp_path / "probe.pt"), "--videos",
+                           "2", "--seconds", "0.4", "--steps", "1", "--json", str(tmp_path / "r.json"),
+                           "--sheet", str(tmp_path / "sheet.png")])
     for key in ("sync", "sync_mismatched", "sync_real", "darkness_sync"):
-        assert np.isfinite(result[key]) and -1 <= result[key] <= 1
+        assert -1 <= result[key] <= 1
+    for key in ("fid_probe", "fvd_probe", "efid_probe", "fid_probe_floor", "blob_fraction", "motion_silent",
+                "identity_skin_ratio", "blink_rate_ratio", "head_motion_ratio"):
+        assert np.isfinite(result[key]) and result[key] >= 0
+    assert 0 < result["ssim"] <= 1 and result["frames"] == 10
+    out = capsys.readouterr().out
+    assert "NOT comparable" in out and "| generated |" in out and "floor" in out
+    assert json.loads((tmp_path / "r.json").read_text())["sync"] == result["sync"]
+    assert Image.open(tmp_path / "sheet.png").size == (2 * 9 * 32, 2 * 6 * 32)
+
+
+def test_identity_and_blob_measures_on_real_frames():
+    """On real videos the identity ratios are near 0 and no pixel is off the palette; another person's frames
+    give ratios near 1 or more and many off-palette pixels."""
+    videos = [data.synth_video("test", i, 0.4, 64) for i in range(4)]
+    frames, ids = np.stack([v.frames for v in videos]), [v.meta["identity"] for v in videos]
+    own = metrics.identity_ratio(frames, ids)
+    assert max(own) < 0.05
+    swapped = np.roll(frames, 1, axis=0)
+    assert min(metrics.identity_ratio(swapped, ids)) > 0.5
+    assert metrics.off_palette(frames, frames).max() < 4  # within the palette's quantisation
+    assert (metrics.off_palette(swapped, frames) > 30).mean() > 0.05
+
+
+def test_standard_extractors_load_from_files(tmp_path):
+    """Inception (torchvision's and pytorch-fid's class counts) and TorchScript I3D / expression networks, saved
+    randomly initialised in the expected formats and loaded back: no network needed."""
+    from torchvision.models import inception_v3
+    frames = torch.rand(2, 3, 64, 64) * 2 - 1
+    for classes in (1000, 1008):
+        torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=classes).state_dict(),
+                   tmp_path / "inception.pth")
+        assert metrics.load_inception(tmp_path / "inception.pth")(frames).shape == (2, 2048)
+
+    class I3D(torch.nn.Module):  # the call signature of the common i3d_torchscript.pt
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            return x.mean(dim=(2, 3, 4)).repeat(1, 134)[:, :400]
+    torch.jit.script(I3D()).save(str(tmp_path / "i3d.pt"))
+    i3d = metrics.load_torchscript(tmp_path / "i3d.pt", "--i3d", metrics.I3D_HELP)
+    assert metrics.i3d_features(i3d, torch.rand(3, 16, 3, 32, 32)).shape == (3, 400)
+    with pytest.raises(data.DataError, match="--i3d"):
+        metrics.load_torchscript(tmp_path / "inception.pth", "--i3d", metrics.I3D_HELP)
+    with pytest.raises(data.DataError, match="pytorch-fid"):
+        metrics.load_inception(tmp_path / "missing.pth")
+
+
+def test_missing_extractor_file_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        metrics.main(["eval", "--inception", str(tmp_path / "none.pth")])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeypatch, capsys):
+    """Five fusion settings, each trained (a few tiny steps) and evaluated; a second call reuses every result."""
+    from conftest import diffusion_args
+    recipe = diffusion_args(tmp_path / "unused", vae_ckpt, "--steps", "2")[2:]  # the tiny run, minus --out
+    monkeypatch.setattr(metrics, "ABLATION_RECIPE", recipe)
+    probe = metrics.Probe().eval()
+    kwargs = dict(videos=2, seconds=0.4, steps=1)
+    results = metrics.ablation(tmp_path / "abl", 1.0, probe, **kwargs)
+    assert list(results) == metrics.ABLATION and len({r["fid_probe"] for r in results.values()}) == 5
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/eval.json"))
+    assert len(stamps) == 5
+    again = metrics.ablation(tmp_path / "abl", 1.0, probe, **kwargs)
+    assert again == results and sorted(p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/eval.json")) == stamps
+    assert metrics.ablation_table(results).count("\n") == 6

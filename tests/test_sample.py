@@ -1,14 +1,19 @@
 """Tests of sample.py: inputs of every kind, the written video, and clean failures."""
 
 import math
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
 import sample
+from conftest import write_float, write_pcm
+
+ASSETS = Path(sample.__file__).resolve().parent / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +28,8 @@ def inputs(tmp_path_factory):
 def test_sample_writes_a_video_as_long_as_the_audio(tmp_path, inputs, diffusion_ckpt, capsys):
     out = tmp_path / "out.mp4"
     sample.main([str(inputs / "face.png"), str(inputs / "speech.wav"), "--ckpt", str(diffusion_ckpt), "-o", str(out),
-                 "--steps", "2", "--size", "64", "--frames", str(tmp_path / "frames"), "--grid", str(tmp_path / "g.png")])
+                 "--steps", "2", "--size", "64", "--frames", str(tmp_path / "frames"),
+                 "--grid", str(tmp_path / "g.png")])
     n = math.ceil(7000 / 640)
     with av.open(str(out)) as c:
         v, (a,) = c.streams.video[0], c.streams.audio
@@ -67,3 +73,54 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, inputs, diffusion
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("encoding, rate, channels", [(8, 16000, 1), (16, 16000, 1), (24, 16000, 1), (32, 16000, 1),
+                                                       ("float", 16000, 1), (16, 44100, 2), (24, 48000, 2)])
+def test_every_wav_encoding_animates_its_whole_length(tmp_path, inputs, diffusion_ckpt, encoding, rate, channels):
+    t = np.arange(int(0.3 * rate)) / rate
+    x = np.stack([0.5 * np.sin(2 * np.pi * 220 * t) * (t > 0.1)] * channels, axis=1)
+    path = tmp_path / "a.wav"
+    if encoding == "float":
+        write_float(path, x, rate)
+    else:
+        write_pcm(path, x, rate, encoding)
+    out = tmp_path / "out.mp4"
+    sample.main([str(inputs / "face.png"), str(path), "--ckpt", str(diffusion_ckpt), "-o", str(out), "--steps", "1",
+                 "--size", "0"])
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == math.ceil(0.3 * 25)
+
+
+def test_shipped_demo_runs_without_arguments(tmp_path, capsys):
+    """The default checkpoint and assets: one video stream and one audio stream of the same duration."""
+    out = tmp_path / "demo.mp4"
+    sample.main([str(ASSETS / "face.png"), str(ASSETS / "speech.wav"), "-o", str(out), "--steps", "2"])
+    assert "note:" not in capsys.readouterr().err  # the demo portrait is in the checkpoint's domain
+    with av.open(str(out)) as c:
+        (v,), (a,) = c.streams.video, c.streams.audio
+        assert v.codec_context.width == 256 and float(v.duration * v.time_base) == pytest.approx(
+            float(a.duration * a.time_base), abs=0.03)
+
+
+def test_a_real_photo_gets_the_domain_note(tmp_path, capsys):
+    rng = np.random.default_rng(0)  # a photo-like texture nothing in the synthetic world looks like
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    model, vae, _, domain = sample.load_model(sample.DEFAULT_CKPT, "cpu")
+    assert sample.out_of_domain(vae, sample.load_image(tmp_path / "photo.png", 64), domain).startswith("note:")
+    assert sample.out_of_domain(vae, sample.load_image(ASSETS / "face.png", 64), domain) is None
+
+
+def test_no_jump_at_window_borders():
+    """Three windows of the shipped size-T model: the frame-to-frame change across a window border is within 1.5x
+    of the change inside windows (the motion frames carry the previous window over)."""
+    model, vae, diffusion_cfg, _ = sample.load_model(sample.DEFAULT_CKPT, "cpu")
+    F_ = model.cfg.frames
+    videos = [data.synth_video("test", i, 3 * F_ / 25, 64) for i in range(3)]
+    mels = torch.stack([data.audio_features(v.wav, 3 * F_) for v in videos])
+    frames = sample.generate(model, vae, diffusion_cfg, np.stack([v.frames[0] for v in videos]), mels, steps=10,
+                             progress=False).astype(np.float32)
+    change = np.abs(np.diff(frames, axis=1)).mean(axis=(0, 2, 3, 4))  # (3F - 1,): frame i -> i + 1
+    border = np.zeros(len(change), bool)
+    border[[F_ - 1, 2 * F_ - 1]] = True
+    assert change[border].mean() <= 1.5 * change[~border].mean(), (change[border], change[~border].mean())
