@@ -10,7 +10,8 @@ Tables (also written as JSON, --json):
   1b whole blocks: a full-attention block vs our spatial-temporal block, beside the ratio of their FLOP counts
      (projections and MLP cost the same in both, so the block saves far less than attention alone);
   2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size;
-  3  sampling speed: seconds of compute per second of video, DDIM with guidance (3 model passes per step).
+  3  sampling speed: seconds of compute per second of video (and its inverse, x real time), DDIM with audio
+     guidance (2 model passes per step), per model size and for the shipped checkpoint.
 Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-").
 """
 
@@ -25,7 +26,7 @@ from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
 from letstalk import Block, LetsTalk, config_for, forward_gflops
-from train import Diffusion
+from vae import VAE, VAEConfig
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, FLOP/s
 
@@ -57,6 +58,7 @@ def forward_flops(module, *inputs):
 
 
 def autocast(device):
+    """bf16 autocast on CUDA; a disabled context (fp32) on a CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -160,33 +162,30 @@ def throughput_table(device, shapes, sizes, batch, repeats):
 
 
 def sampling_table(device, sizes, shape, steps, repeats):
-    """Table 3: DDIM sampling of one window with guidance (3 passes per step: none, portrait, portrait + audio)."""
-    rows = []
+    """Table 3: sample.generate for one window, DDIM with audio guidance (2 model passes per step), with random
+    weights per size (and a random VAE for the portrait and the decoding), plus the shipped checkpoint on a CPU."""
+    import sample  # here: sample.py pulls in train.py and metrics.py, which the other tables do not need
     frames, latent = shape
-    diffusion = Diffusion()
-    for size in sizes:
-        model = LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval()
-        s = latent
-        ref, mel = torch.randn(3, 4, s, s, device=device), torch.randn(3, frames, 20, 80, device=device)
-        motion = torch.randn(3, 2, 4, s, s, device=device)
-        drop_ref = torch.tensor([True, False, False], device=device)  # none | portrait | portrait + audio
-        drop_audio = torch.tensor([True, True, False], device=device)
-
-        @torch.no_grad()
-        def window():
-            def denoise(x, t):
-                with autocast(device):
-                    out = model(x.repeat(3, 1, 1, 1, 1), t.repeat(3), ref, mel, motion, drop_ref=drop_ref,
-                                drop_audio=drop_audio).float()
-                return diffusion.split(x, t, out[:1] + 1.5 * (out[1:2] - out[:1]) + 2.0 * (out[2:] - out[1:2]), "eps")
-            diffusion.sample(denoise, (1, frames, 4, s, s), steps=steps, device=device)
-        seconds, memory = measure(window, device, repeats)
-        rows.append({"size": size, "frames": frames, "latent": s, "steps": steps, "passes_per_step": 3,
-                     "seconds_per_video_second": seconds / (frames / 25), "peak_mib": memory})
+    factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
+    models = [(size, LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval(),
+               VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval()) for size in sizes]
+    if device.type == "cpu" and sample.DEFAULT_CKPT.exists():
+        models.append(("shipped", *sample.load_model(sample.DEFAULT_CKPT, device)[:2]))
+    rows = []
+    for name, model, vae in models:
+        F_, res = model.cfg.frames, vae.config.resolution
+        image, mel = torch.zeros(1, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(1, F_, 20, 80)
+        seconds, memory = measure(lambda: sample.generate(model, vae, {"schedule": "linear", "prediction": "eps"},
+                                                          image, mel, steps=steps, progress=False, device=device),
+                                  device, repeats)
+        rows.append({"model": name, "frames": F_, "resolution": res, "steps": steps, "passes_per_step": 2,
+                     "seconds_per_video_second": seconds / (F_ / 25), "realtime_x": F_ / 25 / seconds,
+                     "peak_mib": memory})
     return rows
 
 
 def show(title, rows, columns):
+    """Print a table: the title, then `columns` of each row dict (floats to 3 digits, None as "-")."""
     print(f"\n{title}")
     print(" | ".join(f"{c:>10}" for c in columns))
     for row in rows:
@@ -198,6 +197,7 @@ def show(title, rows, columns):
 
 
 def main(argv=None):
+    """`python bench.py`: measure and print tables 1a-3, write them as JSON, return them (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,8 +232,9 @@ def main(argv=None):
          ["F", "P", "full_s", "factorized_s", "ratio", "flop_ratio", "full_mib", "factorized_mib"])
     show("2. training step (forward, backward, AdamW)", tables["throughput"],
          ["size", "frames", "latent", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib"])
-    show("3. sampling one window, DDIM with guidance (3 model passes per step)", tables["sampling"],
-         ["size", "frames", "steps", "passes_per_step", "seconds_per_video_second", "peak_mib"])
+    show("3. sampling one window, DDIM with audio guidance", tables["sampling"],
+         ["model", "frames", "resolution", "steps", "passes_per_step", "seconds_per_video_second", "realtime_x",
+          "peak_mib"])
     with open(args.json, "w") as f:
         json.dump({"device": str(device), "batch": batch, "width": args.width, **tables}, f, indent=1)
     return tables

@@ -637,14 +637,15 @@ class VideoFolder:
         if not folders:
             raise DataError(f"{root}: no prepared videos (expected {root}/<name>/meta.json; "
                             f"see `python data.py synth --help` and `python data.py prepare --help`)")
-        self.folders = {"all": folders, "train": [f for i, f in enumerate(folders) if i % 20 != 19],
-                        "val": folders[19::20] or folders[-1:]}[split]
+        val = folders[19::20] or folders[-1:]  # fewer than 20 videos: the last one is held out
+        self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [json.loads((p / "meta.json").read_text()) for p in self.folders]
 
     def __len__(self):
         return len(self.folders)
 
     def num_frames(self, i):
+        """Frame count of video i, from its meta.json (nothing is decoded)."""
         return self.meta[i]["num_frames"]
 
     def __getitem__(self, i):
@@ -662,6 +663,7 @@ class SyntheticVideos:
         return self.n
 
     def num_frames(self, i):
+        """Frame count of video i: seconds * 25, the same for every video (nothing is rendered)."""
         return int(round(self.seconds * FPS))
 
     def __getitem__(self, i):
@@ -818,6 +820,8 @@ class ClipPool(Dataset):
 
     @classmethod
     def build(cls, dataset, n, path):
+        """Stack n items evenly spread over `dataset` (frames, ref, motion as uint8 (n, ..., 3, H, W)), save them
+        atomically to `path`, and return the loaded ClipPool."""
         picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)
         items = [dataset[int(i)] for i in tqdm(picks, desc="cache clips", unit="clip")]
         data = {k: torch.stack([it[k] for it in items]) for k in items[0]}
@@ -838,6 +842,8 @@ class ClipPool(Dataset):
 
 
 def main(argv=None):
+    """`python data.py synth|prepare`: write synthetic videos or convert real ones to the on-disk layout
+    (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(
         prog="data.py", description="Make LetsTalk training data in the on-disk layout "
         "ROOT/<video>/{video.mp4, audio.wav, meta.json}: synthetic talking faces, or real videos converted.")

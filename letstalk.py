@@ -46,6 +46,12 @@ FUSIONS = ("symbiotic", "siamese", "direct")
 
 @dataclass
 class LetsTalkConfig:
+    """Shape of a LetsTalk model: `depth` blocks of width D with `heads` heads and an MLP of mlp_ratio * D; latents
+    of latent_channels x latent_size x latent_size cut into patch x patch patches; F `frames` per window and M
+    `motion` frames before it; per frame a mel_window x n_mels mel window, encoded to K = audio_tokens tokens by
+    audio_layers transformer layers; the fusion scheme of the portrait and of the audio (one of FUSIONS); and
+    "factorized" or "full" attention."""
+
     depth: int = 6
     width: int = 128
     heads: int = 4
@@ -97,6 +103,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t):
+        """t (B,) -> (B, D), in the dtype of the MLP's weights."""
         return self.mlp(sincos_1d(self.frequencies, t).to(self.mlp[0].weight.dtype))
 
 
@@ -117,6 +124,7 @@ class Attention(nn.Module):
         self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
 
     def forward(self, x, context=None):
+        """x (N, Lq, D), context (N, Lk, D) or None (self-attention) -> (N, Lq, D)."""
         context = x if context is None else context
         q = rearrange(self.q(x), "n l (h d) -> n h l d", h=self.heads)
         k, v = rearrange(self.kv(context), "n l (two h d) -> two n h l d", two=2, h=self.heads)
@@ -125,6 +133,7 @@ class Attention(nn.Module):
 
 
 def mlp(width, ratio):
+    """The transformer MLP: Linear to width * ratio, tanh-GELU, Linear back. (..., D) -> (..., D)."""
     return nn.Sequential(nn.Linear(width, int(width * ratio)), nn.GELU(approximate="tanh"),
                          nn.Linear(int(width * ratio), width))
 
@@ -150,6 +159,7 @@ class ConditionBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
     def forward(self, h, c):
+        """h (N, L, D) condition tokens, c (N, D) timestep embedding -> (N, L, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
         h = h + gate1 * self.attn(modulate(self.norm1(h), shift1, scale1))
         return h + gate2 * self.mlp(modulate(self.norm2(h), shift2, scale2))
@@ -164,6 +174,7 @@ class SiameseTower(nn.Module):
         self.blocks = nn.ModuleList(ConditionBlock(cfg) for _ in range(cfg.depth))
 
     def forward(self, h, c):
+        """h (N, L, D), c (N, D) timestep embedding -> a list of depth hidden states (N, L, D), one per block."""
         states = []
         for block in self.blocks:
             h = block(h, c)
@@ -191,6 +202,7 @@ class AudioEncoder(nn.Module):
         self.tokens = cfg.audio_tokens
 
     def forward(self, mel):
+        """mel (B, F, mel_window, n_mels) -> audio tokens (B, F, K, D)."""
         B = mel.shape[0]
         h = self.conv(rearrange(mel, "b f t m -> (b f) m t"))  # each frame's window on its own
         h = rearrange(h, "n d t -> n t d") + self.pos
@@ -269,6 +281,8 @@ class Block(nn.Module):
         return h[:, :P], (None if symbiotic is None else h[:, P:])
 
     def forward(self, x, c, motion=None, symbiotic=None, contexts=None, guides=None):
+        """x (B*F, P, D), c (B, D), motion (B, M, P, D), symbiotic (B*F, S, D), contexts {name: (B*F, L, D)},
+        guides (B*F, G, D) (each optional, see the methods above) -> (x, motion, symbiotic), updated."""
         if not self.full:
             x, motion = self.temporal(x, motion, c.shape[0])
         x = self.direct(x, contexts or {})
@@ -286,6 +300,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.width, cfg.patch ** 2 * cfg.latent_channels)
 
     def forward(self, x, c):
+        """x (B*F, P, D), c (B, D) -> (B*F, P, p*p*C)."""
         shift, scale = repeat(self.ada(c), "b (two d) -> two (b f) 1 d", two=2, f=x.shape[0] // c.shape[0])
         return self.linear(modulate(self.norm(x), shift, scale))
 
@@ -334,6 +349,8 @@ class LetsTalk(nn.Module):
         self.initialize()
 
     def initialize(self):
+        """Xavier-uniform linear weights and zero biases, N(0, 0.02) for the timestep MLP, and zeros for the last
+        layer of every residual branch and of the final layer (adaLN-Zero): a new model predicts zero."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -369,6 +386,8 @@ class LetsTalk(nn.Module):
         return torch.where(mask.view(-1, *[1] * (tokens.dim() - 1)), null.to(tokens.dtype), tokens)
 
     def forward(self, x, t, ref, mel, motion=None, drop_ref=None, drop_audio=None, drop_motion=None):
+        """x (B, F, C, h, w), t (B,), ref (B, C, h, w), mel (B, F, 20, 80), motion (B, M, C, h, w), drop_* (B,)
+        -> the prediction (B, F, C, h, w) (the noise, or v or x0 if trained so); see the class docstring."""
         cfg = self.cfg
         B, F_ = x.shape[:2]
         c = self.t_embed(t)
@@ -439,6 +458,7 @@ def forward_gflops(cfg, batch=1):
 
 
 def main(argv=None):
+    """`python letstalk.py`: print parameters and GFLOPs of every fusion choice at one size (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="letstalk.py", description="Parameters and forward GFLOPs of a LetsTalk "
                                      "model for a 16-frame 256x256 clip (32x32x4 latents), for every fusion choice.")
     parser.add_argument("--size", choices=list(SIZES), default="B")

@@ -46,6 +46,7 @@ class RunningStats:
         self.outer += f.T @ f
 
     def mean_cov(self):
+        """Of every feature seen so far: (mean (dim,), covariance (dim, dim)), float64."""
         mean = self.sum / self.n
         return mean, (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
 
@@ -138,10 +139,12 @@ class Probe(nn.Module):
         self.head = nn.Linear(128, 5)
 
     def features(self, frames):
+        """frames (B, 3, H, W) in [-1, 1], resized to 64x64 if needed -> penultimate features (B, 128)."""
         return self.convs(F.interpolate(frames, size=64, mode="bilinear", antialias=True, align_corners=False)
-                          if frames.shape[-1] != 64 else frames)
+                          if frames.shape[-2:] != (64, 64) else frames)
 
     def forward(self, frames):
+        """frames (B, 3, H, W) in [-1, 1] -> readings (B, 5): openness, blink, pose (dx, dy, roll) / POSE_SCALE."""
         return self.head(self.features(frames))
 
     @staticmethod
@@ -175,6 +178,7 @@ def train_probe(train_pool, val_pool, steps=1500, seed=0):
 
 
 def load_probe(path):
+    """The Probe whose weights `python metrics.py probe` saved at `path`, in eval mode."""
     probe = Probe()
     probe.load_state_dict(torch.load(path, weights_only=True))
     return probe.eval()
@@ -205,6 +209,7 @@ def load_inception(path):
 
     @torch.no_grad()
     def features(frames):
+        """frames (B, 3, H, W) in [-1, 1], resized to 299x299 -> pool features (B, 2048)."""
         x = F.interpolate(frames, size=(299, 299), mode="bilinear", align_corners=False)
         return net(x if classes == 1008 else ((x + 1) / 2 - mean) / std)
     return features
@@ -554,6 +559,8 @@ def ablation(root, budget_min, probe, **eval_args):
 
 
 def main(argv=None):
+    """`python metrics.py probe|eval|ablation`: train the probe, evaluate a checkpoint, or run the fusion ablation
+    (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="metrics.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -571,6 +578,7 @@ def main(argv=None):
     evaluation.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
     evaluation.add_argument("--split", choices=["test", "val"], default="test",
                             help="held-out identities and sentences to evaluate on")
+    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     evaluation.add_argument("--data", choices=["synthetic"], default="synthetic",
                             help="the synthetic world (its ground truth is what lip sync and diversity need)")
     p = sub.add_parser("eval", parents=[evaluation], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -607,7 +615,7 @@ def main(argv=None):
             raise data.DataError(f"--probe {args.probe}: no such file (train one: `python metrics.py probe`)")
         probe = load_probe(args.probe)
         shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
-                      split=args.split)
+                      split=args.split, device=args.device)
         if args.command == "ablation":
             results = ablation(args.out, args.budget_min, probe, **shared)
             print(ablation_table(results))

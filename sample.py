@@ -8,8 +8,9 @@ first is conditioned on the last M frames of the previous one (motion frames, th
 there is no jump at window borders; the first window starts from the learned "no history" tokens.
 
 Classifier-free guidance with separate scales: the model is run without any condition, with the portrait only, and
-with both, and the three noise predictions are combined as
+with both, and the noise predictions are combined as
     eps = eps(none) + s_ref (eps(ref) - eps(none)) + s_audio (eps(ref, audio) - eps(ref)).
+A scale of 1 cancels its term, so the default (s_ref = 1, s_audio = 2) needs two passes per step, not three.
 """
 
 import argparse
@@ -121,9 +122,10 @@ def generate(model, vae, diffusion_cfg, images, mels, steps=25, sampler="ddim", 
         drop_motion = torch.full((k * B,), w == 0, device=device) if M else None  # window 0 has no history
 
         def denoise(x, t):
-            out = model(x.repeat(k, 1, 1, 1, 1), t.repeat(k), ref.repeat(k, 1, 1, 1), m.repeat(k, 1, 1, 1),
-                        None if motion is None else motion.repeat(k, 1, 1, 1, 1),
-                        drop_ref=drop_ref, drop_audio=drop_audio, drop_motion=drop_motion)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+                out = model(x.repeat(k, 1, 1, 1, 1), t.repeat(k), ref.repeat(k, 1, 1, 1), m.repeat(k, 1, 1, 1),
+                            None if motion is None else motion.repeat(k, 1, 1, 1, 1),
+                            drop_ref=drop_ref, drop_audio=drop_audio, drop_motion=drop_motion).float()
             e = {name: diffusion.split(x, t, o, prediction)[1] for name, o in zip(passes, out.chunk(k))}
             # eps(none) + s_ref (eps(ref) - eps(none)) + s_audio (eps(both) - eps(ref)), with the unused terms left out
             eps = e["both"] if k == 1 else e["ref"] + audio_scale * (e["both"] - e["ref"])
@@ -148,6 +150,7 @@ def contact_sheet(reference, frames, columns=8):
 
 
 def main(argv=None):
+    """`python sample.py IMAGE AUDIO`: animate a portrait with speech into an .mp4 (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("image", type=Path, help="portrait: any image PIL opens, centre-cropped to a square")
@@ -169,6 +172,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_{args.audio.stem}.mp4")
     try:
+        if args.size % 2:
+            raise data.DataError(f"--size {args.size}: H.264 needs an even frame size")
         model, vae, diffusion_cfg, domain = load_model(args.ckpt, args.device)
         image = load_image(args.image, vae.config.resolution)
         wav = data.load_audio(args.audio)

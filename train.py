@@ -217,19 +217,23 @@ CLIP_SECONDS = 4.0  # and the diffusion pool
 
 
 def rank():
+    """This process's rank under torchrun; 0 when not distributed."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world():
+    """The number of processes under torchrun; 1 when not distributed."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier():
+    """Wait for every rank (nothing to wait for when not distributed)."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def mean_across_ranks(value):
+    """The mean of a float over all ranks (all-reduced); the value itself when not distributed."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -252,7 +256,17 @@ def batch_indices(step, batch_size, n, seed):
 # Stage 1: the VAE
 
 
+def distributed(model, device):
+    """The model wrapped in DistributedDataParallel under torchrun (it averages the gradients across ranks in
+    backward), else the model itself."""
+    if not dist.is_initialized():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def videos_for(cfg, split, n_synthetic, seconds, resolution):
+    """The videos of `split`: n_synthetic SyntheticVideos of `seconds` at `resolution` for --data synthetic,
+    else a VideoFolder of cfg.data (n_synthetic, seconds and resolution unused)."""
     if cfg.data == "synthetic":
         return data.SyntheticVideos(split, n_synthetic, seconds, resolution, cfg.seed)
     return data.VideoFolder(cfg.data, split)
@@ -272,8 +286,11 @@ class VAEStage:
         self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.width)).to(device)
         self.train_frames = self.pool("train", cfg.videos)["frames"][:, 0]  # uint8 (N, 3, H, W)
         self.val_frames = self.pool("val", max(8, cfg.videos // 10))["frames"][:, 0].to(device).float() / 127.5 - 1
+        self.net = distributed(self.model, device)
 
     def pool(self, split, n_videos):
+        """The 1-frame ClipPool of a split as a dict (frames uint8 (N, 1, 3, H, W), ...), built by rank 0 on
+        first use and cached in cfg.cache."""
         path = Path(self.cfg.cache) / f"frames_{split}.pt"
         if rank() == 0 and not path.exists():
             build_frame_pool(videos_for(self.cfg, split, n_videos, SYNTH_SECONDS, self.cfg.resolution), path,
@@ -285,11 +302,13 @@ class VAEStage:
         return len(self.train_frames)
 
     def loss(self, indices):
+        """vae_loss on the training frames at `indices` (a list of pool indices) -> (scalar loss, logs dict)."""
         x = self.train_frames[indices].to(self.device).float() / 127.5 - 1
-        return vae_loss(self.model, x)
+        return vae_loss(self.net, x, self.model.config.kl_weight)
 
     @torch.no_grad()
     def evaluate(self, step, out):
+        """Mean PSNR of the eval-mode VAE on the held-out frames -> {"val_psnr": float}."""
         self.model.eval()
         scores = torch.cat([psnr(self.model.decode(self.model.encode(x)), x) for x in self.val_frames.split(64)])
         self.model.train()
@@ -305,12 +324,15 @@ class VAEStage:
         self.model.train()
 
     def state(self):
+        """The stage's part of a checkpoint: {"vae": vae_state}."""
         return {"vae": vae_state(self.model)}
 
     def load(self, ckpt):
+        """Restore the VAE weights from a checkpoint written by save_checkpoint."""
         self.model.load_state_dict(ckpt["vae"]["weights"])
 
     def after_step(self, step):
+        """Nothing to do after an optimizer step (the VAE keeps no EMA)."""
         pass
 
 
@@ -376,13 +398,11 @@ class DiffusionStage:
         self.probe = metrics.load_probe(probe_path) if synthetic and probe_path.exists() else None
         self.train_pool = self.pool("train", cfg.clips)
         self.val_pool = self.pool("val", max(16, cfg.clips // 20))
-        self.net = self.model
-        if cfg.compile:
-            self.net = torch.compile(self.net)
-        if dist.is_initialized():
-            self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = distributed(torch.compile(self.model) if cfg.compile else self.model, device)
 
     def pool(self, split, n):
+        """The encoded clips of a split (encode_pool's dict: latents (N, F, C, h, w), ref, motion, mel, ...), built
+        by rank 0 on first use and cached in cfg.cache."""
         path = Path(self.cfg.cache) / f"clips_{split}_{n}x{self.cfg.frames}f{self.cfg.motion}m.pt"
         if rank() == 0 and not path.exists():
             n_videos = max(4, n // 8) if self.cfg.data == "synthetic" else None
@@ -416,6 +436,8 @@ class DiffusionStage:
         return x0, ref, mel, motion, drops
 
     def loss(self, indices):
+        """L_simple (Eq. 3) on the training clips at `indices`, with random t, noise and condition drops; optional
+        mouth and min-SNR weights -> (scalar loss, {})."""
         cfg = self.cfg
         x0, ref, mel, motion, drops = self.conditions(self.train_pool, indices, train=True)
         t = torch.randint(0, self.diffusion.steps, (len(indices),), device=self.device)
@@ -476,15 +498,18 @@ class DiffusionStage:
         return result
 
     def before_save(self):
+        """Nothing to measure before a checkpoint."""
         pass
 
     def state(self):
+        """The stage's part of a checkpoint: model config and weights, EMA weights, the VAE, diffusion settings."""
         return {"model": {"config": asdict(self.model.cfg), "weights": self.model.state_dict()},
                 "ema": self.ema.state_dict(), "vae": vae_state(self.vae),
                 "diffusion": {"steps": self.diffusion.steps, "schedule": self.cfg.schedule,
                               "prediction": self.cfg.prediction}}
 
     def load(self, ckpt):
+        """Restore the model and EMA weights from a checkpoint written by save_checkpoint."""
         self.model.load_state_dict(ckpt["model"]["weights"])
         self.ema.load_state_dict(ckpt["ema"])
 
@@ -522,7 +547,8 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
     """Write the run's state atomically: a plain dict of tensors and numbers (loads with weights_only=True)."""
     stage.before_save()
     ckpt = {"stage": cfg.stage, "step": step, "elapsed": elapsed, "train_config": asdict(cfg), **stage.state(),
-            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
@@ -546,6 +572,8 @@ def train(cfg, resume=False, max_minutes=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and device.type == "cuda":  # the noise drawn on the GPU continues exactly too
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
     if rank() > 0:  # other ranks draw other noise
         torch.manual_seed(cfg.seed * 1000 + rank() + step)
     def lr_at(s):  # linear warm-up, constant, then (with --cooldown) a linear decay to 0 at cfg.steps
@@ -611,6 +639,7 @@ def train(cfg, resume=False, max_minutes=None):
 
 
 def fail(message):
+    """Print `error: message` to stderr and exit with status 2 (a usage error)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -646,6 +675,7 @@ def resolve(args):
 
 
 def main(argv=None):
+    """`python train.py`: train a stage, --resume a run or --export it for sample.py (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
                                      __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "

@@ -29,6 +29,9 @@ import data
 
 @dataclass
 class VAEConfig:
+    """Shape and loss weight of a VAE: frame resolution, downsampling factor, latent channels, base width, KL weight
+    (each field is commented below)."""
+
     resolution: int = 256  # frame size the VAE is trained at, and the whole pipeline works at
     factor: int = 8  # spatial downsampling: 8 is the paper's 256x256 -> 32x32; 4 the CPU demo's 64x64 -> 16x16
     latent_channels: int = 4  # as Stable Diffusion's VAE
@@ -52,6 +55,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
+        """x (B, cin, H, W) -> (B, cout, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
         return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
@@ -99,6 +103,14 @@ class VAE(nn.Module):
         mean, logvar = self.moments(x)
         return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
 
+    def forward(self, x):
+        """The training pass, (B, 3, H, W) -> (reconstruction (B, 3, H, W), mean, logvar (B, 4, h, w) each): z is
+        sampled from q(z|x) by the reparameterisation trick and decoded unclamped. (A forward pass, so that
+        DistributedDataParallel sees it and averages the gradients across GPUs.)"""
+        mean, logvar = self.moments(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        return self.decoder(z), mean, logvar
+
     def decode(self, z):
         """(B, 4, h, w) -> (B, 3, H, W). Clamped to [-1, 1] in eval mode; unclamped when training, so pixels that
         overshoot still get a gradient back."""
@@ -111,18 +123,17 @@ def kl_divergence(mean, logvar):
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
 
 
-def vae_loss(vae, x):
-    """The VAE objective on frames x (B, 3, H, W) in [-1, 1]:
+def vae_loss(vae, x, kl_weight):
+    """The VAE objective on frames x (B, 3, H, W) in [-1, 1], for a VAE (or its DistributedDataParallel wrapper):
 
         L = mean|x - x'| + mean (x - x')^2 + kl_weight * KL(q(z|x) || N(0, I)),   x' = decode(z), z ~ q(z|x)
 
     L1 keeps edges sharp, MSE punishes large errors (it is what PSNR measures). Returns (loss, logs dict).
     """
-    mean, logvar = vae.moments(x)
-    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-    err = vae.decoder(z) - x
+    reconstruction, mean, logvar = vae(x)
+    err = reconstruction - x
     l1, mse, kl = err.abs().mean(), err.pow(2).mean(), kl_divergence(mean, logvar)
-    return l1 + mse + vae.config.kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
 
 def psnr(x, y):
@@ -152,6 +163,7 @@ def vae_state(vae):
 
 
 def main(argv=None):
+    """`python vae.py`: reconstruct one image through a trained VAE and print the PSNR (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="vae.py", description="Reconstruct an image through a trained VAE: "
                                      "writes original | reconstruction side by side and prints the PSNR.")
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `python train.py --stage vae`")

@@ -18,6 +18,7 @@ def test_quick_bench_produces_every_table(tmp_path, capsys):
     # the factorized block adds temporal projections, so it saves FLOPs only once F * P is large
     assert max(tables["block"], key=lambda r: r["F"] * r["P"])["flop_ratio"] > 1
     assert tables["throughput"][0]["clips_s"] > 0 and tables["sampling"][0]["seconds_per_video_second"] > 0
+    assert [r["model"] for r in tables["sampling"]] == ["T", "shipped"]  # random weights, then the demo checkpoint
     text = capsys.readouterr().out
     for title in ("1a.", "1b.", "2.", "3."):
         assert title in text

@@ -335,3 +335,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_video_folder_splits_never_overlap(tmp_path):
+    """Every 20th video is held out for validation; a folder of fewer than 20 holds out its last one."""
+    data.main(["synth", str(tmp_path), "--videos", "3", "--seconds", "0.2", "--size", "32"])
+    train_set, val_set = data.VideoFolder(tmp_path, "train"), data.VideoFolder(tmp_path, "val")
+    assert len(val_set) == 1 and len(train_set) == 2
+    assert not set(train_set.folders) & set(val_set.folders)
+    assert set(train_set.folders) | set(val_set.folders) == set(data.VideoFolder(tmp_path).folders)

@@ -102,6 +102,18 @@ def test_ddp_two_processes_stay_in_sync(tmp_path, vae_ckpt):
     assert '"rank_param_spread": 0.0' in final[0]  # rank 1 holds exactly rank 0's parameters
 
 
+def test_ddp_vae_stage_stays_in_sync(tmp_path):
+    """The VAE stage under torchrun too: ranks see different frames, DDP averages their gradients."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train.__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+           train.__file__, "--stage", "vae", "--out", str(tmp_path / "vae"), "--videos", "2", "--resolution", "32",
+           "--width", "8", "--batch-size", "4", "--steps", "3", "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = [line for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines() if '"final"' in line]
+    assert '"rank_param_spread": 0.0' in final[0]
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, vae_ckpt, monkeypatch):
     out = tmp_path / "run"
     train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))

@@ -52,7 +52,7 @@ def test_vae_overfits_one_small_batch():
         before = psnr(model.decode(model.encode(x)), x).mean().item()
     model.train()
     for _ in range(150):
-        loss, _ = vae_loss(model, x)
+        loss, _ = vae_loss(model, x, model.config.kl_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
