@@ -288,7 +288,7 @@ def frechet(real, fake):
     return frechet_distance(*stats[0], *stats[1])
 
 
-def clip_windows(x, length=8, stride=4):
+def clip_windows(x, length=8, stride=2):
     """Overlapping windows over time: (N, T, ...) -> (N * K, length, ...)."""
     starts = range(0, x.shape[1] - length + 1, stride)
     return np.concatenate([x[:, s:s + length] for s in starts])
@@ -356,7 +356,7 @@ def eval_videos(n, seconds, resolution, split, seed):
 
 
 @torch.no_grad()
-def evaluate(ckpt, probe, videos=16, seconds=3.0, steps=10, audio_scale=2.0, split="test", seed=0, inception=None,
+def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, split="test", seed=0, inception=None,
              i3d=None, expression=None, speech=(), sheet=None, device="cpu"):
     """Evaluate a checkpoint on `videos` synthetic videos of `split` (held-out identities and sentences): each is
     animated from one of its frames with its own audio, with mismatched audio (the same recording shifted by half
@@ -451,12 +451,20 @@ def _decode_uint8(vae, frames, device):
     return ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
 
 
+def trim_silence(wav):
+    """Cut the leading and trailing silence (video frames 40 dB below the loudest) of a 16 kHz waveform: every
+    recording starts and ends quiet, and those shared edges alone would correlate mismatched pairs."""
+    n = len(wav) // data.SAMPLES_PER_FRAME
+    loud = np.flatnonzero(data.frame_loudness(wav, n) > data.frame_loudness(wav, n).max() - 40)
+    return wav[loud[0] * data.SAMPLES_PER_FRAME:(loud[-1] + 1) * data.SAMPLES_PER_FRAME]
+
+
 @torch.no_grad()
 def unseen_speech(model, vae, diffusion_cfg, probe, refs, speech, steps, audio_scale, seed, device):
     """Speech the model never heard (WAV files; e.g. another TTS engine): the probe's openness on the generated
     frames against the speech's loudness envelope in dB, per file; mismatched: the envelope of the next file."""
     import sample  # see lip_sync
-    wavs = [data.load_audio(p) for p in speech]
+    wavs = [trim_silence(data.load_audio(p)) for p in speech]
     T = min(len(w) for w in wavs) // data.SAMPLES_PER_FRAME
     mels = torch.stack([data.audio_features(w, T) for w in wavs])
     loud = np.stack([data.frame_loudness(w, T) for w in wavs])
@@ -536,7 +544,7 @@ ABLATION_RECIPE = ["--size", "T", "--clips", "4000", "--prediction", "v", "--mou
                    "--eval-every", "1000000"]  # the demo's recipe; no evaluations inside the budget
 
 
-def ablation(root, budget_min, probe, **eval_args):
+def ablation(root, budget_min, probe, cache=None, **eval_args):
     """Train size T once per fusion setting for the same budget (resuming an interrupted run), evaluate each once
     (cached in its eval.json) and return {(portrait, audio): result}."""
     import train
@@ -550,7 +558,8 @@ def ablation(root, budget_min, probe, **eval_args):
             spent = torch.load(ckpt, weights_only=True)["elapsed"] / 60 if ckpt.exists() else 0.0
             if spent < budget_min:
                 args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--ref-fusion", ref,
-                                                           "--audio-fusion", audio, "--cache", str(root / "cache")]
+                                                           "--audio-fusion", audio, "--cache",
+                                                           str(cache or root / "cache")]
                 train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), *args])
             result = evaluate(ckpt, probe, **eval_args)
             data.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
@@ -571,14 +580,16 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
     evaluation = argparse.ArgumentParser(add_help=False)  # the options eval and ablation share
-    evaluation.add_argument("--probe", type=Path, default=Path("checkpoints/probe.pt"))
-    evaluation.add_argument("--videos", type=int, default=16, help="test videos generated")
+    evaluation.add_argument("--probe", type=Path, default=Path("checkpoints/probe.pt"),
+                            help="the synthetic-world probe (`python metrics.py probe` trains one)")
+    evaluation.add_argument("--videos", type=int, default=12, help="test videos generated")
     evaluation.add_argument("--seconds", type=float, default=3.0, help="length of each test video")
     evaluation.add_argument("--steps", type=int, default=10, help="DDIM steps per window")
     evaluation.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
     evaluation.add_argument("--split", choices=["test", "val"], default="test",
                             help="held-out identities and sentences to evaluate on")
-    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                            help="where the models run")
     evaluation.add_argument("--data", choices=["synthetic"], default="synthetic",
                             help="the synthetic world (its ground truth is what lip sync and diversity need)")
     p = sub.add_parser("eval", parents=[evaluation], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -592,9 +603,15 @@ def main(argv=None):
     p.add_argument("--sheet", type=Path, help="write a contact sheet PNG: reference | real; generated; other audio")
     p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/<ckpt>_<split>.json)")
     p = sub.add_parser("ablation", parents=[evaluation], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget")
+                       help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
+                       description="Train size T (the demo's recipe: " + " ".join(ABLATION_RECIPE) + ") once per "
+                       "fusion setting (each portrait scheme with direct audio, each audio scheme with symbiotic "
+                       "portrait) for the same budget and seed, then evaluate each. Interrupted runs resume; "
+                       "finished ones are read from their eval.json.")
     p.add_argument("--budget-min", type=float, default=15.0, help="training minutes per fusion setting")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per setting, resumable")
+    p.add_argument("--cache", type=Path, help="where the shared clip pool lives (default: OUT/cache); a run folder "
+                   "trained with the same recipe, e.g. runs/demo, lends its pool")
     args = parser.parse_args(argv)
     try:
         if args.command == "probe":
@@ -617,7 +634,7 @@ def main(argv=None):
         shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
                       split=args.split, device=args.device)
         if args.command == "ablation":
-            results = ablation(args.out, args.budget_min, probe, **shared)
+            results = ablation(args.out, args.budget_min, probe, cache=args.cache, **shared)
             print(ablation_table(results))
             return results
         for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
