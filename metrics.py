@@ -385,11 +385,11 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, spl
                                                       ("mismatched", gen["mismatched"]), ("silent", gen["silent"]))}
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     clip = lambda x: clip_windows(x).reshape(-1, 8 * 5)  # noqa: E731
-    for name, get, dim in (("fid", lambda d, k: flat(feats[k]), 128), ("fvd", lambda d, k: clip(reads[k]), 40),
-                           ("efid", lambda d, k: flat(reads[k][..., :2]), 2)):
-        result[f"{name}_probe"] = frechet(get(None, "real"), get(None, "fake"))
-        result[f"{name}_probe_floor"] = frechet(get(None, "real"), get(None, "other"))
-        result[f"{name}_probe_dim"] = dim
+    for name, get in (("fid", lambda k: flat(feats[k])), ("fvd", lambda k: clip(reads[k])),
+                      ("efid", lambda k: flat(reads[k][..., :2]))):
+        result[f"{name}_probe"] = frechet(get("real"), get("fake"))
+        result[f"{name}_probe_floor"] = frechet(get("real"), get("other"))
+        result[f"{name}_probe_dim"] = get("real").shape[1]
     result["fid_probe_samples"], result["fvd_probe_samples"] = N * T, len(clip(reads["real"]))
     to01 = lambda v: torch.from_numpy(v).flatten(0, 1).permute(0, 3, 1, 2).double() / 255  # noqa: E731
     result["ssim"] = ssim(to01(real), to01(fake)).mean().item()
