@@ -127,38 +127,39 @@ def block_table(device, frames, patches, width, heads, batch, repeats):
 
 def throughput_table(device, shapes, sizes, batch, repeats):
     """Table 2: a full training step (forward, backward, AdamW) on random latents."""
-    rows = []
-    for size in sizes:
-        for frames, latent in shapes:
-            cfg = config_for(size, frames=frames, latent_size=latent)
-            model = LetsTalk(cfg).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-            s = latent
-            x = torch.randn(batch, frames, 4, s, s, device=device)
-            args = (torch.randint(0, 1000, (batch,), device=device), torch.randn(batch, 4, s, s, device=device),
-                    torch.randn(batch, frames, 20, 80, device=device), torch.randn(batch, 2, 4, s, s, device=device))
+    rows = [throughput_row(device, size, frames, latent, batch, repeats) for size in sizes for frames, latent in shapes]
+    return [row for row in rows if row is not None]
 
-            def step():
-                with autocast(device):
-                    loss = (model(x, *args).float() - x).pow(2).mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            try:
-                seconds, memory = measure(step, device, repeats)
-            except torch.OutOfMemoryError:
-                continue
-            step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
-            row = {"size": size, "frames": frames, "latent": s, "batch": batch, "step_s": seconds,
-                   "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
-                   "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory}
-            if device.type == "cuda":
-                name = torch.cuda.get_device_name(device)
-                peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-                row["mfu"] = step_flops / seconds / peak if peak else None
-            rows.append(row)
-            del model, opt
-    return rows
+
+def throughput_row(device, size, frames, latent, batch, repeats):
+    """One row of table 2 (None if it does not fit in memory); the model is freed on return, before the next."""
+    cfg = config_for(size, frames=frames, latent_size=latent)
+    model = LetsTalk(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    s = latent
+    x = torch.randn(batch, frames, 4, s, s, device=device)
+    args = (torch.randint(0, 1000, (batch,), device=device), torch.randn(batch, 4, s, s, device=device),
+            torch.randn(batch, frames, 20, 80, device=device), torch.randn(batch, 2, 4, s, s, device=device))
+
+    def step():
+        with autocast(device):
+            loss = (model(x, *args).float() - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    try:
+        seconds, memory = measure(step, device, repeats)
+    except torch.OutOfMemoryError:
+        return None
+    step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
+    row = {"size": size, "frames": frames, "latent": s, "batch": batch, "step_s": seconds,
+           "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
+           "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        row["mfu"] = step_flops / seconds / peak if peak else None
+    return row
 
 
 def sampling_table(device, sizes, shape, steps, repeats):

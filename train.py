@@ -160,6 +160,7 @@ class TrainConfig:
     schedule: str = "linear"
     min_snr_gamma: float = 0.0
     mouth_weight: float = 1.0
+    blink_repeat: int = 1
     drop_audio: float = 0.1
     drop_ref: float = 0.1
     drop_motion: float = 0.3
@@ -199,6 +200,8 @@ HELP = {
     "schedule": "noise schedule: linear (DDPM, the official code) or cosine",
     "min_snr_gamma": "0: off (plain Eq. 3); 5 is the usual value",
     "mouth_weight": "loss weight inside the mouth box (synthetic) or lower face (real data); 1: off",
+    "blink_repeat": "synthetic data: clips with a blink appear this many times per epoch, since a small model "
+                    "under-produces rare blinks; 1: off",
     "drop_audio": "probability of dropping the audio (classifier-free guidance), independent of the reference",
     "drop_ref": "probability of dropping the reference (classifier-free guidance)",
     "drop_motion": "probability of dropping the motion frames, so the model also learns to start a video",
@@ -398,6 +401,14 @@ class DiffusionStage:
         self.probe = metrics.load_probe(probe_path) if synthetic and probe_path.exists() else None
         self.train_pool = self.pool("train", cfg.clips)
         self.val_pool = self.pool("val", max(16, cfg.clips // 20))
+        # One epoch's pool items: every clip once, plus (--blink-repeat) the clips with a blink again. Blinks are rare
+        # and audio-independent, and a small model all but stops producing such events; repeating them rebalances.
+        self.order = torch.arange(len(self.train_pool["latents"]))
+        if cfg.blink_repeat > 1:
+            if "blink" not in self.train_pool:
+                raise data.DataError("--blink-repeat needs blink ground truth, which only synthetic data has")
+            blinks = self.order[(self.train_pool["blink"] > 0.5).any(1)]
+            self.order = torch.cat([self.order, blinks.repeat(cfg.blink_repeat - 1)])
         self.net = distributed(torch.compile(self.model) if cfg.compile else self.model, device)
 
     def pool(self, split, n):
@@ -413,7 +424,7 @@ class DiffusionStage:
         return torch.load(path, weights_only=True)
 
     def __len__(self):
-        return len(self.train_pool["latents"])
+        return len(self.order)
 
     def conditions(self, pool, indices, train):
         """Inputs of the model for pool items: (x0, ref, mel, motion, drop masks)."""
@@ -436,9 +447,10 @@ class DiffusionStage:
         return x0, ref, mel, motion, drops
 
     def loss(self, indices):
-        """L_simple (Eq. 3) on the training clips at `indices`, with random t, noise and condition drops; optional
-        mouth and min-SNR weights -> (scalar loss, {})."""
+        """L_simple (Eq. 3) on the clips at epoch positions `indices` (self.order maps them to pool items), with
+        random t, noise and condition drops; optional mouth and min-SNR weights -> (scalar loss, {})."""
         cfg = self.cfg
+        indices = self.order[indices]
         x0, ref, mel, motion, drops = self.conditions(self.train_pool, indices, train=True)
         t = torch.randint(0, self.diffusion.steps, (len(indices),), device=self.device)
         noise = torch.randn_like(x0)
@@ -679,7 +691,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
                                      __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
-                        "its settings come from its checkpoint (--steps, --cooldown and --max-minutes may change)")
+                        "its settings come from its checkpoint (--steps, --cooldown, --blink-repeat and --max-minutes "
+                        "may change)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly with a checkpoint after this "
                         "much training time")
     choices = {"stage": ["vae", "diffusion"], "size": list(SIZES), "prediction": ["eps", "v", "x0"],
@@ -716,7 +729,7 @@ def main(argv=None):
             fail(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
         saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
         moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
-        changed = {k: getattr(args, k) for k in ("steps", "cooldown") if getattr(args, k) is not None}
+        changed = {k: getattr(args, k) for k in ("steps", "cooldown", "blink_repeat") if getattr(args, k) is not None}
         cfg = TrainConfig(**{**saved, **moved, **changed})  # the folder may have moved
     else:
         cfg = resolve(args)

@@ -171,6 +171,17 @@ def test_region_weights_cover_the_mouth_box():
     assert lower_face[:4].eq(1).all() and lower_face[5:7, 2:6].eq(3).all()
 
 
+def test_blink_repeat_adds_the_clips_with_a_blink_to_each_epoch(tmp_path, vae_ckpt, monkeypatch):
+    stages, loss = [], train.DiffusionStage.loss
+    monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, i: stages.append(self) or loss(self, i))
+    train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--clips", "32", "--steps", "1", "--blink-repeat", "3"))
+    stage = stages[0]
+    blinks = (stage.train_pool["blink"] > 0.5).any(1)
+    assert 0 < blinks.sum() < 32
+    assert torch.equal(torch.bincount(stage.order, minlength=32), torch.where(blinks, 3, 1))
+    assert len(stage) == 32 + 2 * blinks.sum()
+
+
 def test_cache_is_reused(tmp_path, vae_ckpt):
     cache = vae_ckpt.parent.parent / "cache"
     train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--steps", "1"))
