@@ -213,14 +213,16 @@ def test_synth_cli_writes_playable_videos_that_read_back(tmp_path, capsys):
     in_memory = data.ClipDataset(data.SyntheticVideos("train", 4, 3.0, 64), frames=16, motion=2)
     assert len(from_disk) == len(in_memory) == 4 * (75 - 15 - 2)
     psnr = lambda x, y: 10 * math.log10(4 / (x - y).pow(2).mean())  # noqa: E731  (images in [-1, 1])
+    chroma_only = lambda x: data.to_tensor(np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(  # noqa: E731
+        format="yuv420p").to_ndarray(format="rgb24") for f in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+                                                     .numpy()]))
     for i in (0, 100, len(in_memory) - 1):
         a, b = from_disk[i], in_memory[i]
-        # equal within video-compression error: H.264 at 4:2:0 loses about as much as 4:2:0 chroma alone
-        chroma_only = data.to_tensor(np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(
-            format="yuv420p").to_ndarray(format="rgb24") for f in ((b["frames"] + 1) * 127.5).round().byte()
-                                                   .permute(0, 2, 3, 1).numpy()]))
-        assert psnr(a["frames"], b["frames"]) > min(30, psnr(chroma_only, b["frames"]) - 2.5)
-        assert (a["ref"] - b["ref"]).abs().mean() < 0.03 and (a["motion"] - b["motion"]).abs().mean() < 0.03
+        # equal within video-compression error: H.264 at 4:2:0 loses about as much as 4:2:0 chroma alone (the
+        # encoder is not bit-exact from run to run, so an absolute bound would be flaky)
+        for key in ("frames", "ref", "motion"):
+            x, y = a[key].view(-1, *a[key].shape[-3:]), b[key].view(-1, *b[key].shape[-3:])
+            assert psnr(x, y) > min(30, psnr(chroma_only(y), y) - 2.5), key
         assert torch.allclose(a["mel"], b["mel"], atol=0.05)  # 16-bit WAV quantisation only
         for key in data.GROUND_TRUTH:
             assert torch.equal(a[key], b[key])
