@@ -1,17 +1,21 @@
 """Speed and memory: what Eq. 4 saves, training throughput, sampling speed. Ratios on any device; absolute times
 only mean something on the device that measured them (say which).
 
-  python bench.py --quick              # a few minutes on a CPU
-  python bench.py --device cuda        # the full tables on a GPU (bf16 autocast)
+  python bench.py --quick                          # a few minutes on a CPU
+  python bench.py --device cuda                    # the full tables on a GPU (bf16 autocast, eager and compiled)
+  python bench.py --device cuda --tables sampling  # one table again
 
 Tables (also written as JSON, --json):
   1a attention alone: full attention over F*P tokens vs spatial (P per frame) + temporal (F per position), beside
      Eq. 4's prediction (F*P)^2 / (F*P^2 + P*F^2) = F*P / (F + P);
   1b whole blocks: a full-attention block vs our spatial-temporal block, beside the ratio of their FLOP counts
      (projections and MLP cost the same in both, so the block saves far less than attention alone);
-  2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size;
+  1c temporal attention alone at its short lengths (F + 2 motion frames): SDPA's default kernel against each kernel
+     forced (CUDA) and a plain batched-matmul softmax, the candidates for making short sequences cheaper;
+  2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled;
   3  sampling speed: seconds of compute per second of video (and its inverse, x real time), DDIM with audio
-     guidance (2 model passes per step), per model size and for the shipped checkpoint.
+     guidance (2 model passes per step), per model size and batch, and for the shipped checkpoint. On CUDA at the
+     paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64).
 Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-").
 """
 
@@ -19,12 +23,15 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 from letstalk import Block, LetsTalk, config_for, forward_gflops
 from vae import VAE, VAEConfig
 
@@ -125,17 +132,63 @@ def block_table(device, frames, patches, width, heads, batch, repeats):
     return rows
 
 
-def throughput_table(device, shapes, sizes, batch, repeats):
-    """Table 2: a full training step (forward, backward, AdamW) on random latents."""
-    rows = [throughput_row(device, size, frames, latent, batch, repeats) for size in sizes for frames, latent in shapes]
+def matmul_attention(q, k, v):
+    """softmax(Q K^T / sqrt(d)) V as two batched matrix products: (N, h, L, d) -> (N, h, L, d)."""
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+def forced_sdpa(backend):
+    """scaled_dot_product_attention restricted to one of its kernels (it raises if that kernel cannot run)."""
+    def attend(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return attend
+
+
+def temporal_kernel_table(device, frames, motion, patches, width, heads, batch, repeats):
+    """Table 1c: forward + backward of temporal attention alone, batch * P sequences of F + motion frames, with
+    SDPA's own choice of kernel, each SDPA kernel forced (CUDA only: a CPU has one fused kernel and the math one)
+    and matmul_attention. speedup = default time / this kernel's time (above 1: faster than the default)."""
+    kernels = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention}
+    if device.type == "cuda":
+        kernels.update({name: forced_sdpa(backend) for name, backend in (
+            ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH))})
+    rows = []
+    for F_ in frames:
+        L = F_ + motion
+        qkv = [torch.randn(batch * patches, heads, L, width // heads, device=device, requires_grad=True)
+               for _ in range(3)]
+        times = {}
+        for name, attend in kernels.items():
+            def step():
+                with autocast(device):
+                    attend(*qkv).float().sum().backward()
+            try:
+                times[name], memory = measure(step, device, repeats)
+            except RuntimeError:  # this forced kernel does not take these shapes or dtype
+                continue
+            rows.append({"L": L, "sequences": batch * patches, "kernel": name, "seconds": times[name],
+                         "speedup": times["sdpa"] / times[name], "peak_mib": memory})
+    return rows
+
+
+def throughput_table(device, shapes, sizes, batch, repeats, compile_shape=None):
+    """Table 2: a full training step (forward, backward, AdamW) on random latents, per size and shape, plus the
+    same step torch.compile'd at compile_shape (None: no compiled rows)."""
+    runs = [(size, shape, False) for size in sizes for shape in shapes]
+    runs += [(size, compile_shape, True) for size in sizes] if compile_shape else []
+    rows = [throughput_row(device, size, frames, latent, batch, repeats, compiled)
+            for size, (frames, latent), compiled in runs]
     return [row for row in rows if row is not None]
 
 
-def throughput_row(device, size, frames, latent, batch, repeats):
+def throughput_row(device, size, frames, latent, batch, repeats, compiled=False):
     """One row of table 2 (None if it does not fit in memory); the model is freed on return, before the next."""
     cfg = config_for(size, frames=frames, latent_size=latent)
     model = LetsTalk(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    net = compiled_model(model) if compiled else model
     s = latent
     x = torch.randn(batch, frames, 4, s, s, device=device)
     args = (torch.randint(0, 1000, (batch,), device=device), torch.randn(batch, 4, s, s, device=device),
@@ -143,7 +196,7 @@ def throughput_row(device, size, frames, latent, batch, repeats):
 
     def step():
         with autocast(device):
-            loss = (model(x, *args).float() - x).pow(2).mean()
+            loss = (net(x, *args).float() - x).pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -152,7 +205,7 @@ def throughput_row(device, size, frames, latent, batch, repeats):
     except torch.OutOfMemoryError:
         return None
     step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
-    row = {"size": size, "frames": frames, "latent": s, "batch": batch, "step_s": seconds,
+    row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "step_s": seconds,
            "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
            "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory}
     if device.type == "cuda":
@@ -162,26 +215,47 @@ def throughput_row(device, size, frames, latent, batch, repeats):
     return row
 
 
-def sampling_table(device, sizes, shape, steps, repeats):
+def compiled_model(model):
+    """torch.compile(model) with a fresh compile cache (each measured model compiles on its own, in the warm-up run
+    of measure) and static shapes (a second batch size recompiles rather than falling back to dynamic shapes)."""
+    torch._dynamo.reset()
+    return torch.compile(model, dynamic=False)
+
+
+def sampling_table(device, sizes, shape, batches, steps, repeats, compiled=False):
     """Table 3: sample.generate for one window, DDIM with audio guidance (2 model passes per step), with random
-    weights per size (and a random VAE for the portrait and the decoding), plus the shipped checkpoint on a CPU."""
+    weights per size (and a random VAE for the portrait and the decoding) at each batch size, eager and (compiled)
+    torch.compile'd, plus the shipped checkpoint on a CPU."""
     import sample  # here: sample.py pulls in train.py and metrics.py, which the other tables do not need
     frames, latent = shape
     factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
-    models = [(size, LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval(),
-               VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval()) for size in sizes]
+
+    def random_weights(size):
+        return (LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval(),
+                VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval())
+    models = [(size, random_weights) for size in sizes]
     if device.type == "cpu" and sample.DEFAULT_CKPT.exists():
-        models.append(("shipped", *sample.load_model(sample.DEFAULT_CKPT, device)[:2]))
+        models.append(("shipped", lambda _: sample.load_model(sample.DEFAULT_CKPT, device)[:2]))
+    return [row for name, build in models
+            for row in sampling_rows(device, name, *build(name), batches, steps, repeats, compiled)]
+
+
+def sampling_rows(device, name, model, vae, batches, steps, repeats, compiled):
+    """Table 3's rows for one model, per batch size, eager then (compiled) compiled; the model is freed on return."""
+    import sample
+    F_, res = model.cfg.frames, vae.config.resolution
     rows = []
-    for name, model, vae in models:
-        F_, res = model.cfg.frames, vae.config.resolution
-        image, mel = torch.zeros(1, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(1, F_, 20, 80)
-        seconds, memory = measure(lambda: sample.generate(model, vae, {"schedule": "linear", "prediction": "eps"},
-                                                          image, mel, steps=steps, progress=False, device=device),
-                                  device, repeats)
-        rows.append({"model": name, "frames": F_, "resolution": res, "steps": steps, "passes_per_step": 2,
-                     "seconds_per_video_second": seconds / (F_ / 25), "realtime_x": F_ / 25 / seconds,
-                     "peak_mib": memory})
+    for batch in batches:
+        for use_compile in (False, True) if compiled else (False,):
+            net = compiled_model(model) if use_compile else model
+            image, mel = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(batch, F_, 20, 80)
+            seconds, memory = measure(lambda: sample.generate(net, vae, {"schedule": "linear", "prediction": "eps"},
+                                                              image, mel, steps=steps, progress=False, device=device),
+                                      device, repeats)
+            video_seconds = batch * F_ / 25
+            rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_, "resolution": res,
+                         "steps": steps, "passes_per_step": 2, "seconds_per_video_second": seconds / video_seconds,
+                         "realtime_x": video_seconds / seconds, "peak_mib": memory})
     return rows
 
 
@@ -197,49 +271,72 @@ def show(title, rows, columns):
         print(" | ".join(cells))
 
 
+TABLES = ("attention", "block", "temporal", "throughput", "sampling")
+
+
 def main(argv=None):
     """`python bench.py`: measure and print tables 1a-3, write them as JSON, return them (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
+    parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated")
     parser.add_argument("--width", type=int, default=768, help="width of the attention and block tables")
     parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=0, help="batch size (default: 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--batch", type=int, default=0, help="batch size; sampling also runs at batch 1 "
+                        "(default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--sizes", default="", help="model sizes for tables 2-3 (default: T,S,B on CUDA, T on CPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure tables 2-3 torch.compile'd (default: on CUDA; a CPU compiles for minutes)")
     parser.add_argument("--json", default="bench.json", help="where to write the tables")
     args = parser.parse_args(argv)
+    chosen = args.tables.split(",")
+    if not set(chosen) <= set(TABLES):
+        parser.error(f"--tables {args.tables}: choose from {','.join(TABLES)}")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
+    compiled = gpu if args.compile is None else args.compile
     batch = args.batch or (8 if gpu else 1)
     frames = [16, 32] if args.quick else [4, 8, 16, 32]
     patches = [64, 256] if args.quick else [64, 256, 1024]
     repeats = 2 if args.quick else 5
     sizes = args.sizes.split(",") if args.sizes else (["T", "S", "B"] if gpu else ["T"])
-    shapes = [(16, 32), (8, 16)]  # the paper's clip (16 frames of 32x32x4) and the CPU demo's (8 of 16x16x4)
+    paper, demo = (16, 32), (8, 16)  # the paper's clip (16 frames of 32x32x4 latents) and the CPU demo's (8 of 16x16x4)
+    shapes = [demo] if args.quick else [paper, demo]
     print(f"device: {torch.cuda.get_device_name(device) if gpu else 'cpu'}, "
           f"{'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}")
-    tables = {
-        "attention": attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
-        "block": block_table(device, frames, patches, args.width, args.heads, batch, repeats),
-        "throughput": throughput_table(device, shapes if not args.quick else shapes[1:], sizes, batch, repeats),
-        "sampling": sampling_table(device, sizes, shapes[1], 5 if args.quick else 25, 1 if args.quick else 2),
+    measure_table = {
+        "attention": lambda: attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
+        "block": lambda: block_table(device, frames, patches, args.width, args.heads, batch, repeats),
+        "temporal": lambda: temporal_kernel_table(device, [8, 16, 32], 2, 256, args.width, args.heads, batch,
+                                                  repeats),
+        "throughput": lambda: throughput_table(device, shapes, sizes, batch, repeats,
+                                               compile_shape=shapes[0] if compiled else None),
+        "sampling": lambda: sampling_table(device, sizes, paper if gpu else demo, sorted({1, batch}),
+                                           5 if args.quick else 25, 1 if args.quick else 2, compiled),
     }
-    show("1a. attention alone, forward + backward: full / (spatial + temporal)", tables["attention"],
-         ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"])
-    show("1b. whole block, forward + backward: full-attention block / spatial-temporal block", tables["block"],
-         ["F", "P", "full_s", "factorized_s", "ratio", "flop_ratio", "full_mib", "factorized_mib"])
-    show("2. training step (forward, backward, AdamW)", tables["throughput"],
-         ["size", "frames", "latent", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib"])
-    show("3. sampling one window, DDIM with audio guidance", tables["sampling"],
-         ["model", "frames", "resolution", "steps", "passes_per_step", "seconds_per_video_second", "realtime_x",
-          "peak_mib"])
-    with open(args.json, "w") as f:
-        json.dump({"device": str(device), "batch": batch, "width": args.width, **tables}, f, indent=1)
+    tables = {name: measure_table[name]() for name in TABLES if name in chosen}
+    columns = {
+        "attention": ("1a. attention alone, forward + backward: full / (spatial + temporal)",
+                      ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"]),
+        "block": ("1b. whole block, forward + backward: full-attention block / spatial-temporal block",
+                  ["F", "P", "full_s", "factorized_s", "ratio", "flop_ratio", "full_mib", "factorized_mib"]),
+        "temporal": ("1c. temporal attention alone, forward + backward: speedup over SDPA's default kernel",
+                     ["L", "sequences", "kernel", "seconds", "speedup", "peak_mib"]),
+        "throughput": ("2. training step (forward, backward, AdamW)",
+                       ["size", "frames", "latent", "compiled", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib"]),
+        "sampling": ("3. sampling one window, DDIM with audio guidance",
+                     ["model", "batch", "compiled", "frames", "resolution", "steps", "passes_per_step",
+                      "seconds_per_video_second", "realtime_x", "peak_mib"]),
+    }
+    for name, rows in tables.items():
+        show(columns[name][0], rows, columns[name][1])
+    result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "batch": batch, "width": args.width,
+              **tables}
+    data.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return tables
-
 
 if __name__ == "__main__":
     main()

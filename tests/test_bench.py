@@ -3,6 +3,10 @@
 import json
 import math
 
+import pytest
+import torch
+import torch.nn.functional as F
+
 import bench
 
 
@@ -19,6 +23,27 @@ def test_quick_bench_produces_every_table(tmp_path, capsys):
     assert max(tables["block"], key=lambda r: r["F"] * r["P"])["flop_ratio"] > 1
     assert tables["throughput"][0]["clips_s"] > 0 and tables["sampling"][0]["seconds_per_video_second"] > 0
     assert [r["model"] for r in tables["sampling"]] == ["T", "shipped"]  # random weights, then the demo checkpoint
+    assert not any(r["compiled"] for r in tables["throughput"] + tables["sampling"])  # a CPU compiles only if asked
+    # table 1c: each temporal length (F + 2 motion frames) once per kernel, timed against SDPA's own choice
+    expected = [(L, kernel) for L in (10, 18, 34) for kernel in ("sdpa", "matmul")]
+    assert [(r["L"], r["kernel"]) for r in tables["temporal"]] == expected
+    assert all(math.isfinite(r["speedup"]) and r["speedup"] > 0 for r in tables["temporal"])
+    assert all(r["speedup"] == 1 for r in tables["temporal"] if r["kernel"] == "sdpa")
     text = capsys.readouterr().out
-    for title in ("1a.", "1b.", "2.", "3."):
+    for title in ("1a.", "1b.", "1c.", "2.", "3."):
         assert title in text
+
+
+def test_matmul_attention_is_the_same_attention():
+    q, k, v = torch.randn(3, 6, 4, 18, 16).unbind(0)
+    assert torch.allclose(bench.matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_tables_can_be_chosen(tmp_path, capsys):
+    tables = bench.main(["--quick", "--tables", "temporal", "--width", "64", "--heads", "4", "--device", "cpu",
+                         "--json", str(tmp_path / "bench.json")])
+    assert list(tables) == ["temporal"] and "1a." not in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "bench.json").read_text())) == ["device", "batch", "width", "temporal"]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tables", "attention,speed"])
+    assert e.value.code == 2
