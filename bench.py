@@ -187,7 +187,7 @@ def throughput_row(device, size, frames, latent, batch, repeats, compiled=False)
     """One row of table 2 (None if it does not fit in memory); the model is freed on return, before the next."""
     cfg = config_for(size, frames=frames, latent_size=latent)
     model = LetsTalk(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.py
     net = compiled_model(model) if compiled else model
     s = latent
     x = torch.randn(batch, frames, 4, s, s, device=device)

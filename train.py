@@ -578,8 +578,8 @@ def train(cfg, resume=False, max_minutes=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     stage = (VAEStage if cfg.stage == "vae" else DiffusionStage)(cfg, device)
-    optimizer = torch.optim.AdamW(stage.model.parameters(), lr=cfg.lr, weight_decay=0.0,
-                                  fused=device.type == "cuda")
+    # fused: one kernel updates every parameter (CPU and CUDA alike); the default steps them one by one
+    optimizer = torch.optim.AdamW(stage.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
     step, elapsed = 0, 0.0
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)

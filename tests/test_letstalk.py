@@ -117,7 +117,7 @@ def test_training_with_condition_drops_changes_every_parameter(ref_fusion, audio
     torch.manual_seed(0)
     model = L.LetsTalk(tiny(ref_fusion=ref_fusion, audio_fusion=audio_fusion, depth=2))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     for step in range(4):
         batch = inputs(B=4, seed=step)
         drops = torch.tensor([True, False, True, False])  # forced drops reach the null embeddings
@@ -166,7 +166,7 @@ def _toy_batch(which, seed, B=8, frames=2, size=4):
 def test_each_fusion_scheme_carries_its_condition(which, scheme):
     torch.manual_seed(0)
     model = L.LetsTalk(L.config_for("T", latent_size=4, frames=2, depth=2, motion=0, **{f"{which}_fusion": scheme}))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     for step in range(300):
         b, eps = _toy_batch(which, step)
         loss = (model(**b) - eps).pow(2).mean()

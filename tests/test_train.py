@@ -52,7 +52,7 @@ def test_overfitting_one_synthetic_batch():
     frames = data.to_tensor(data.synth_video("train", 0, 0.5, 32).frames[:8])  # one clip of 8 frames
     latents = torch.nn.functional.avg_pool2d(frames, 4)[None].repeat(4, 1, 1, 1, 1) * 2  # 4x4 pooling as a VAE
     model = L.LetsTalk(L.config_for("T", latent_size=8, latent_channels=3, frames=8, motion=0))
-    d, opt = Diffusion(), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    d, opt = Diffusion(), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     ref, mel = latents[:, 0], torch.randn(4, 8, 20, 80)
     t_eval, noise_eval = torch.tensor([100, 300, 500, 700]), torch.randn(latents.shape, generator=torch.Generator())
 
