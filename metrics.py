@@ -177,6 +177,9 @@ def train_probe(train_pool, val_pool, steps=1500, seed=0):
     return probe, float(np.corrcoef(got, val_pool["openness"][:, 0].numpy())[0, 1])
 
 
+PROBE = Path(__file__).resolve().parent / "checkpoints" / "probe.pt"  # the shipped probe, whatever the working dir
+
+
 def load_probe(path):
     """The Probe whose weights `python metrics.py probe` saved at `path`, in eval mode."""
     probe = Probe()
@@ -575,12 +578,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="train the synthetic-world probe (mouth, blink, pose reader)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("checkpoints/probe.pt"))
+    p.add_argument("--out", type=Path, default=PROBE)
     p.add_argument("--videos", type=int, default=300, help="training videos (8 frames each)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
     evaluation = argparse.ArgumentParser(add_help=False)  # the options eval and ablation share
-    evaluation.add_argument("--probe", type=Path, default=Path("checkpoints/probe.pt"),
+    evaluation.add_argument("--probe", type=Path, default=PROBE,
                             help="the synthetic-world probe (`python metrics.py probe` trains one)")
     evaluation.add_argument("--videos", type=int, default=12, help="test videos generated")
     evaluation.add_argument("--seconds", type=float, default=3.0, help="length of each test video")

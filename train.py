@@ -397,9 +397,8 @@ class DiffusionStage:
         self.ema.load_state_dict(self.model.state_dict())
         self.diffusion = Diffusion(schedule=cfg.schedule)
         # with ground truth and a probe (metrics.py probe), evaluations also measure lip sync
-        probe_path = Path(__file__).resolve().parent / "checkpoints" / "probe.pt"
         synthetic = cfg.data == "synthetic" and self.resolution == 64
-        self.probe = metrics.load_probe(probe_path) if synthetic and probe_path.exists() else None
+        self.probe = metrics.load_probe(metrics.PROBE) if synthetic and metrics.PROBE.exists() else None
         self.train_pool = self.pool("train", cfg.clips)
         self.val_pool = self.pool("val", max(16, cfg.clips // 20))
         # One epoch's pool items: every clip once, plus (--blink-repeat) the clips with a blink again. Blinks are rare
