@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from letstalk import Block, LetsTalk, config_for, forward_gflops
+from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
 from vae import VAE, VAEConfig
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, FLOP/s
@@ -230,17 +230,18 @@ def sampling_table(device, sizes, shape, batches, steps, repeats, compiled=False
     frames, latent = shape
     factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
 
-    def random_weights(size):
+    def random_weights(size):  # (model, VAE, diffusion settings: the paper's epsilon target, linear schedule)
         return (LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval(),
-                VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval())
+                VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval(),
+                {"schedule": "linear", "prediction": "eps"})
     models = [(size, random_weights) for size in sizes]
     if device.type == "cpu" and sample.DEFAULT_CKPT.exists():
-        models.append(("shipped", lambda _: sample.load_model(sample.DEFAULT_CKPT, device)[:2]))
+        models.append(("shipped", lambda _: sample.load_model(sample.DEFAULT_CKPT, device)[:3]))
     return [row for name, build in models
             for row in sampling_rows(device, name, *build(name), batches, steps, repeats, compiled)]
 
 
-def sampling_rows(device, name, model, vae, batches, steps, repeats, compiled):
+def sampling_rows(device, name, model, vae, diffusion_cfg, batches, steps, repeats, compiled):
     """Table 3's rows for one model, per batch size, eager then (compiled) compiled; the model is freed on return."""
     import sample
     F_, res = model.cfg.frames, vae.config.resolution
@@ -249,9 +250,8 @@ def sampling_rows(device, name, model, vae, batches, steps, repeats, compiled):
         for use_compile in (False, True) if compiled else (False,):
             net = compiled_model(model) if use_compile else model
             image, mel = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(batch, F_, 20, 80)
-            seconds, memory = measure(lambda: sample.generate(net, vae, {"schedule": "linear", "prediction": "eps"},
-                                                              image, mel, steps=steps, progress=False, device=device),
-                                      device, repeats)
+            seconds, memory = measure(lambda: sample.generate(net, vae, diffusion_cfg, image, mel, steps=steps,
+                                                              progress=False, device=device), device, repeats)
             video_seconds = batch * F_ / 25
             rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_, "resolution": res,
                          "steps": steps, "passes_per_step": 2, "seconds_per_video_second": seconds / video_seconds,
@@ -276,24 +276,31 @@ TABLES = ("attention", "block", "temporal", "throughput", "sampling")
 
 def main(argv=None):
     """`python bench.py`: measure and print tables 1a-3, write them as JSON, return them (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to measure (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
-    parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated")
-    parser.add_argument("--width", type=int, default=768, help="width of the attention and block tables")
-    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated "
+                        f"(default: all, {','.join(TABLES)})")
+    parser.add_argument("--width", type=int, default=768, help="width of tables 1a-1c (default: 768, size B's)")
+    parser.add_argument("--heads", type=int, default=12, help="attention heads of tables 1a-1c (default: 12)")
     parser.add_argument("--batch", type=int, default=0, help="batch size; sampling also runs at batch 1 "
                         "(default: 8 on CUDA, 1 on CPU)")
-    parser.add_argument("--sizes", default="", help="model sizes for tables 2-3 (default: T,S,B on CUDA, T on CPU)")
+    parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
+                        "CUDA, T on CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure tables 2-3 torch.compile'd (default: on CUDA; a CPU compiles for minutes)")
-    parser.add_argument("--json", default="bench.json", help="where to write the tables")
+    parser.add_argument("--json", default="bench.json", help="where to write the tables (default: bench.json)")
     args = parser.parse_args(argv)
     chosen = args.tables.split(",")
     if not set(chosen) <= set(TABLES):
         parser.error(f"--tables {args.tables}: choose from {','.join(TABLES)}")
-    device = torch.device(args.device)
+    if args.sizes and not set(args.sizes.split(",")) <= set(SIZES):
+        parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
+    try:
+        device = data.check_device(args.device)
+    except data.DataError as e:
+        parser.error(str(e))
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True

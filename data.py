@@ -54,6 +54,21 @@ class DataError(ValueError):
     """A user-facing problem with an input file (unreadable, truncated, empty...). The CLIs exit with status 2."""
 
 
+def check_device(name):
+    """torch.device(name) if this machine has it, else a DataError that says what to pass instead."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: this machine has no CUDA GPU; pass --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Audio: WAV reading, resampling, log-mel spectrogram
 

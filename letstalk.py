@@ -150,7 +150,7 @@ def norm(width):
 
 class ConditionBlock(nn.Module):
     """Self-attention + MLP over condition tokens (N, L, D), both modulated by the timestep with adaLN-Zero.
-    The building block of the siamese towers (the backbone's spatial half, without time or fusion)."""
+    The building block of the siamese towers (the backbone's spatial half, without temporal attention or fusion)."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -319,17 +320,17 @@ def identity_regions(identities, size):
 
 def identity_ratio(videos, identities):
     """Colour distance of each generated video's background and skin to its own identity's colours, over the
-    distance to another person's (the next video's with another identity): (background ratio, skin ratio);
-    0 is perfect, 1 is no identity at all."""
+    distance to another person's (the next video's with another identity, or, when every video shows the same
+    person, the synthetic person after it): (background ratio, skin ratio); 0 is perfect, 1 is no identity at all."""
     bg_box, skin_box = identity_regions(identities, videos.shape[2])
     n = len(identities)
-    other_of = [next((j % n for j in range(i + 1, i + n) if identities[j % n]["id"] != identities[i]["id"]), i)
-                for i in range(n)]
+    others = [next((identities[j % n] for j in range(i + 1, i + n) if identities[j % n]["id"] != ident["id"]),
+                   asdict(data.identity(ident["id"] + 1))) for i, ident in enumerate(identities)]
     ratios = []
     for key, box in (("background", bg_box), ("skin", skin_box)):
         seen = _colour_at(videos, box)  # (N, T, 3)
         own = np.array([ident[key] for ident in identities], float)[:, None]
-        other = own[other_of]
+        other = np.array([ident[key] for ident in others], float)[:, None]
         ratios.append(float(np.linalg.norm(seen - own, axis=-1).mean() / np.linalg.norm(seen - other, axis=-1).mean()))
     return tuple(ratios)
 
@@ -520,7 +521,7 @@ def report(r):
         f"{r['mouth_motion_ratio']:.2f}x, head motion {r['head_motion_ratio']:.2f}x. Frame-to-frame change: real "
         f"{r['motion_real']:.4f}, generated {r['motion_speech']:.4f}, generated from silence {r['motion_silent']:.4f}.",
         f"Identity (colour distance to own / to another identity): background {r['identity_background_ratio']:.3f}, "
-        f"skin {r['identity_skin_ratio']:.3f}. Saturated blobs: {100 * r['blob_fraction']:.2f}% of pixels (colours "
+        f"skin {r['identity_skin_ratio']:.3f}. Off-palette pixels: {100 * r['blob_fraction']:.2f}% (colours "
         f"farther than {r['blob_threshold']:.1f} from every colour of the real video; 0.1% of the VAE's "
         "reconstructions are)."]
     if "unseen_sync" in r:
@@ -578,9 +579,10 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="train the synthetic-world probe (mouth, blink, pose reader)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=PROBE)
+    p.add_argument("--out", type=Path, default=PROBE, help="where to write it (the default replaces the shipped "
+                   "probe, which train.py's lip-sync logging and eval read)")
     p.add_argument("--videos", type=int, default=300, help="training videos (8 frames each)")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps of 64 frames")
     p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
     evaluation = argparse.ArgumentParser(add_help=False)  # the options eval and ablation share
     evaluation.add_argument("--probe", type=Path, default=PROBE,
@@ -634,6 +636,7 @@ def main(argv=None):
         if not args.probe.is_file():
             raise data.DataError(f"--probe {args.probe}: no such file (train one: `python metrics.py probe`)")
         probe = load_probe(args.probe)
+        data.check_device(args.device)
         shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
                       split=args.split, device=args.device)
         if args.command == "ablation":

@@ -163,17 +163,26 @@ def main(argv=None):
     parser.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
     parser.add_argument("--ref-scale", type=float, default=1.0, help="classifier-free guidance on the portrait (1: "
                         "none, which saves a model pass per step)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument("--size", type=int, default=256, help="frame size of the written video (upscaled from the "
                         "model's resolution; 0 keeps the model's)")
     parser.add_argument("--frames", type=Path, help="also write every frame as a PNG into this folder")
     parser.add_argument("--grid", type=Path, help="also write a contact sheet PNG: reference | frames")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models run")
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_{args.audio.stem}.mp4")
-    try:
-        if args.size % 2:
-            raise data.DataError(f"--size {args.size}: H.264 needs an even frame size")
+    try:  # every check that can fail runs before the generation, which takes a while
+        data.check_device(args.device)
+        if args.size < 0 or args.size % 2:
+            raise data.DataError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
+        if args.steps < 1:
+            raise data.DataError(f"--steps {args.steps}: take at least one denoising step")
+        for flag, path in (("--out", out), ("--grid", args.grid)):
+            if path and not path.resolve().parent.is_dir():
+                raise data.DataError(f"{flag} {path}: the folder {path.parent} does not exist")
+        if args.frames and args.frames.exists() and not args.frames.is_dir():
+            raise data.DataError(f"--frames {args.frames}: a file of that name exists; pass a folder")
         model, vae, diffusion_cfg, domain = load_model(args.ckpt, args.device)
         image = load_image(args.image, vae.config.resolution)
         wav = data.load_audio(args.audio)

@@ -211,6 +211,9 @@ HELP = {
 }
 
 
+# what --resume may change: when to stop, the learning-rate tail, the blink rebalancing, and where and how it runs
+# (under torchrun each rank's own GPU); every other setting would make it another run
+RESUMABLE = ("steps", "cooldown", "blink_repeat", "compile", "device")
 FRAMES_PER_VIDEO = 8  # frames taken from each synthetic video for the VAE pool: many identities, few frames each
 SYNTH_SECONDS = 1.0  # length of the synthetic videos the VAE pool is cut from
 CLIP_SECONDS = 4.0  # and the diffusion pool
@@ -661,7 +664,10 @@ def fail(message):
 def resolve(args):
     """A TrainConfig from the command line, with the device-dependent defaults filled in."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.startswith("cuda")
+    try:
+        gpu = data.check_device(device).type == "cuda"
+    except data.DataError as e:
+        fail(str(e))
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     cfg = TrainConfig(**given)
     cfg.device = device
@@ -694,8 +700,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
                                      __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
-                        "its settings come from its checkpoint (--steps, --cooldown, --blink-repeat, --compile and "
-                        "--max-minutes may change)")
+                        "its settings come from its checkpoint (--steps, --cooldown, --blink-repeat, --compile, "
+                        "--device and --max-minutes may change)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly with a checkpoint after this "
                         "much training time")
     choices = {"stage": ["vae", "diffusion"], "size": list(SIZES), "prediction": ["eps", "v", "x0"],
@@ -732,9 +738,18 @@ def main(argv=None):
             fail(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
         saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
         moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
-        changed = {k: getattr(args, k) for k in ("steps", "cooldown", "blink_repeat", "compile")
-                   if getattr(args, k) is not None}
+        given = {f.name for f in fields(TrainConfig) if getattr(args, f.name) is not None} - {"out"}
+        fixed = sorted(given - set(RESUMABLE) - ({"stage"} if args.stage == saved["stage"] else set()))
+        if fixed:
+            fail(f"{', '.join('--' + k.replace('_', '-') for k in fixed)}: a resumed run keeps its checkpoint's "
+                 f"settings; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} and --max-minutes "
+                 "may change")
+        changed = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
         cfg = TrainConfig(**{**saved, **moved, **changed})  # the folder may have moved
+        try:  # a run from a GPU machine may be continued on a CPU with --device cpu
+            data.check_device(cfg.device)
+        except data.DataError as e:
+            fail(f"{e} (the run was saved with --device {saved['device']})")
     else:
         cfg = resolve(args)
         if (out / "ckpt.pt").exists():

@@ -44,6 +44,7 @@ def test_tables_can_be_chosen(tmp_path, capsys):
                          "--json", str(tmp_path / "bench.json")])
     assert list(tables) == ["temporal"] and "1a." not in capsys.readouterr().out
     assert list(json.loads((tmp_path / "bench.json").read_text())) == ["device", "batch", "width", "temporal"]
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--tables", "attention,speed"])
-    assert e.value.code == 2
+    for wrong in (["--tables", "attention,speed"], ["--sizes", "T,XL"], ["--device", "tpu7"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(wrong)
+        assert e.value.code == 2

@@ -130,6 +130,8 @@ def test_identity_and_blob_measures_on_real_frames():
     assert min(metrics.identity_ratio(swapped, ids)) > 0.5
     assert metrics.off_palette(frames, frames).max() < 4  # within the palette's quantisation
     assert (metrics.off_palette(swapped, frames) > 30).mean() > 0.05
+    # videos that all show one person are still measured against another person, not against themselves
+    assert max(metrics.identity_ratio(frames[:1].repeat(2, axis=0), ids[:1] * 2)) < 0.05
 
 
 def test_standard_extractors_load_from_files(tmp_path):

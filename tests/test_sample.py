@@ -54,7 +54,9 @@ def test_images_of_every_mode_load(tmp_path, mode):
 
 
 @pytest.mark.parametrize("case", ["missing image", "bad image", "missing audio", "bad audio", "empty audio",
-                                  "short audio", "not our checkpoint", "missing checkpoint"])
+                                  "short audio", "not our checkpoint", "missing checkpoint", "no such device",
+                                  "no such GPU", "no output folder", "no grid folder", "frames is a file",
+                                  "zero steps", "negative size"])
 def test_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, inputs, diffusion_ckpt, vae_ckpt, capsys, case):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00")
@@ -65,10 +67,16 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, inputs, diffusion
     audio = {"missing audio": tmp_path / "none.wav", "bad audio": tmp_path / "bad.wav",
              "empty audio": tmp_path / "empty.wav", "short audio": tmp_path / "short.wav"}.get(case, audio)
     ckpt = {"not our checkpoint": vae_ckpt, "missing checkpoint": tmp_path / "none.pt"}.get(case, ckpt)
-    out = tmp_path / "out.mp4"
+    out = tmp_path / ("none/out.mp4" if case == "no output folder" else "out.mp4")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    # each is refused before the generation starts, not after it
+    extra = {"no such device": ["--device", "tpu7"], "no such GPU": ["--device", "cuda:99"],
+             "no grid folder": ["--grid", str(tmp_path / "none" / "g.png")],
+             "frames is a file": ["--frames", str(tmp_path / "notes.txt")], "zero steps": ["--steps", "0"],
+             "negative size": ["--size", "-2"]}.get(case, [])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        sample.main([str(image), str(audio), "--ckpt", str(ckpt), "-o", str(out), "--steps", "1"])
+        sample.main([str(image), str(audio), "--ckpt", str(ckpt), "-o", str(out), "--steps", "1", *extra])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1, err

@@ -144,7 +144,12 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
     cases = [(["--size", "B", "--device", "cpu", "--out", str(tmp_path / "b")], "needs a GPU"),
              (["--vae", str(tmp_path / "none.pt"), "--out", str(tmp_path / "v"), "--device", "cpu"], "--stage vae"),
              (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")], "not a folder"),
-             (["--resume", "--out", str(tmp_path / "nothing")], "nothing to resume")]
+             (["--resume", "--out", str(tmp_path / "nothing")], "nothing to resume"),
+             (["--device", "tpu7", "--out", str(tmp_path / "t")], "not a device"),
+             (["--resume", "--out", str(tmp_path / "run"), "--size", "S", "--lr", "1"], "--lr, --size: a resumed run"),
+             (["--resume", "--out", str(tmp_path / "run"), "--device", "tpu7"], "not a device")]
+    train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
+    capsys.readouterr()
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             train.main(argv)
