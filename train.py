@@ -738,11 +738,11 @@ def main(argv=None):
             fail(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
         saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
         moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
-        given = {f.name for f in fields(TrainConfig) if getattr(args, f.name) is not None} - {"out"}
-        fixed = sorted(given - set(RESUMABLE) - ({"stage"} if args.stage == saved["stage"] else set()))
-        if fixed:
-            fail(f"{', '.join('--' + k.replace('_', '-') for k in fixed)}: a resumed run keeps its checkpoint's "
-                 f"settings; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} and --max-minutes "
+        fixed = sorted(f.name for f in fields(TrainConfig) if f.name not in (*RESUMABLE, "out")
+                       and getattr(args, f.name) is not None and getattr(args, f.name) != saved[f.name])
+        if fixed:  # repeating a setting is fine; changing one would silently not happen
+            fail(f"{', '.join('--' + k.replace('_', '-') for k in fixed)}: a resumed run keeps the settings in its "
+                 f"checkpoint; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} and --max-minutes "
                  "may change")
         changed = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
         cfg = TrainConfig(**{**saved, **moved, **changed})  # the folder may have moved

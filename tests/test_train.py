@@ -146,7 +146,8 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
              (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")], "not a folder"),
              (["--resume", "--out", str(tmp_path / "nothing")], "nothing to resume"),
              (["--device", "tpu7", "--out", str(tmp_path / "t")], "not a device"),
-             (["--resume", "--out", str(tmp_path / "run"), "--size", "S", "--lr", "1"], "--lr, --size: a resumed run"),
+             (["--resume", "--out", str(tmp_path / "run"), "--size", "S", "--lr", "1", "--frames", "4"],
+              "--lr, --size: a resumed run"),  # --frames 4 is the run's own: repeating a setting is fine
              (["--resume", "--out", str(tmp_path / "run"), "--device", "tpu7"], "not a device")]
     train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
     capsys.readouterr()
