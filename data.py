@@ -165,7 +165,7 @@ def load_audio(path):
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'a folder, not an audio file' if path.is_dir() else 'no such file'}")
     with open(path, "rb") as f:
         is_wav = f.read(4) == b"RIFF"
     if is_wav:
@@ -887,6 +887,8 @@ def main(argv=None):
                    "centre square of each frame")
     args = parser.parse_args(argv)
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise DataError(f"{args.out}: a file of that name exists; pass a folder to write into")
         if args.size < 16 or args.size % 2:
             raise DataError(f"--size must be an even number >= 16, got {args.size}")
         if args.command == "synth":
@@ -905,8 +907,12 @@ def main(argv=None):
             if args.boxes is not None:
                 try:
                     boxes = {k: tuple(v) for k, v in json.loads(args.boxes.read_text()).items()}
-                except (OSError, ValueError, TypeError) as e:
+                except (OSError, ValueError, TypeError, AttributeError) as e:
                     raise DataError(f"{args.boxes}: cannot read crop boxes ({e})") from None
+                wrong = next((k for k, v in boxes.items()
+                              if len(v) != 4 or not all(isinstance(x, (int, float)) for x in v)), None)
+                if wrong is not None:
+                    raise DataError(f"{args.boxes}: the box of {wrong} is {list(boxes[wrong])}, not [x0, y0, x1, y1]")
             written, skipped, failed = prepare(args.raw, args.out, args.size, boxes)
             print(f"prepared {written}, already done {skipped}, skipped as unreadable or silent {failed}")
     except DataError as e:

@@ -207,9 +207,9 @@ def main(argv=None):
     if args.frames:
         args.frames.mkdir(parents=True, exist_ok=True)
         for i, f in enumerate(frames):
-            Image.fromarray(f).save(args.frames / f"{i:05d}.png")
+            data.atomic_write(args.frames / f"{i:05d}.png", lambda tmp: Image.fromarray(f).save(tmp))
     if args.grid:
-        Image.fromarray(contact_sheet(image, frames)).save(args.grid)
+        data.atomic_write(args.grid, lambda tmp: Image.fromarray(contact_sheet(image, frames)).save(tmp))
     print(f"wrote {out}: {len(frames)} frames, {len(frames) / data.FPS:.2f} s")
 
 

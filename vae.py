@@ -171,7 +171,10 @@ def main(argv=None):
                         "and resized to the resolution the VAE was trained at")
     parser.add_argument("--out", type=Path, help="output PNG (default: <image>_recon.png)")
     args = parser.parse_args(argv)
+    out = args.out or args.image.with_name(args.image.stem + "_recon.png")
     try:
+        if not out.resolve().parent.is_dir():
+            raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
         vae = load_vae(args.ckpt)
         try:
             img = Image.open(args.image).convert("RGB")
@@ -184,8 +187,7 @@ def main(argv=None):
     with torch.no_grad():
         y = vae.decode(vae.encode(x))
     both = ((torch.cat([x, y], dim=3)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    out = args.out or args.image.with_name(args.image.stem + "_recon.png")
-    Image.fromarray(both).save(out)
+    data.atomic_write(out, lambda tmp: Image.fromarray(both).save(tmp))
     print(f"PSNR {psnr(x, y).item():.2f} dB, wrote {out}")
 
 

@@ -69,6 +69,8 @@ def test_truncated_or_garbage_wav_raises_a_clear_error(tmp_path):
             data.read_wav(tmp_path / name)
     with pytest.raises(data.DataError, match="no such file"):
         data.load_audio(tmp_path / "missing.wav")
+    with pytest.raises(data.DataError, match="a folder, not an audio file"):
+        data.load_audio(tmp_path)
 
 
 def test_mel_of_a_pure_tone_peaks_in_the_right_bin():
@@ -329,9 +331,13 @@ def test_help_explains_each_command(argv, words, capsys):
     (["synth", "{tmp}/s", "--size", "63"], "--size must be an even number"),
     (["prepare", "{tmp}/nothing", "{tmp}/out"], "no video files"),
     (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/missing.json"], "cannot read crop boxes"),
+    (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/three.json"], "not [x0, y0, x1, y1]"),
+    (["synth", "{tmp}/a_file", "--videos", "1"], "a file of that name exists"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "nothing").mkdir()
+    (tmp_path / "three.json").write_text('{"clip": [10, 20, 200]}')
+    (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
         data.main([a.format(tmp=tmp_path) for a in argv])
     assert e.value.code == 2

@@ -96,7 +96,7 @@ def test_vae_cli_reconstructs_an_image(tmp_path, capsys):
     assert Image.open(tmp_path / "face_recon.png").size == (64, 32)  # original | reconstruction at 32x32
 
 
-@pytest.mark.parametrize("case", ["missing ckpt", "garbage ckpt", "bad image"])
+@pytest.mark.parametrize("case", ["missing ckpt", "garbage ckpt", "bad image", "no output folder"])
 def test_vae_cli_user_errors_exit_2(tmp_path, capsys, case):
     _train(tmp_path, "run", "--steps", "1")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -107,7 +107,8 @@ def test_vae_cli_user_errors_exit_2(tmp_path, capsys, case):
     image = tmp_path / ("junk.png" if case == "bad image" else "ok.png")
     capsys.readouterr()  # forget the training run's output
     with pytest.raises(SystemExit) as e:
-        vae_module.main(["--ckpt", str(ckpt), "--image", str(image)])
+        vae_module.main(["--ckpt", str(ckpt), "--image", str(image),
+                         *(["--out", str(tmp_path / "none" / "r.png")] if case == "no output folder" else [])])
     assert e.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
 
