@@ -11,7 +11,7 @@ import bench
 
 
 def test_quick_bench_produces_every_table(tmp_path, capsys):
-    tables = bench.main(["--quick", "--width", "64", "--heads", "4", "--device", "cpu",
+    tables = bench.main(["--quick", "--width", "32", "--heads", "2", "--device", "cpu",
                          "--json", str(tmp_path / "bench.json")])
     assert json.loads((tmp_path / "bench.json").read_text())["attention"] == tables["attention"]
     assert len(tables["attention"]) == 4 and len(tables["block"]) == 4

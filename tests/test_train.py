@@ -60,7 +60,7 @@ def test_overfitting_one_synthetic_batch():
         with torch.no_grad():
             return (model(d.q_sample(latents, t_eval, noise_eval), t_eval, ref, mel) - noise_eval).pow(2).mean()
     before = eval_loss()
-    for _ in range(120):
+    for _ in range(80):  # measured eval loss / before: 0.092 after 80 steps, 0.097 after 120 (the bound is 0.3)
         t, noise = torch.randint(0, 1000, (4,)), torch.randn_like(latents)
         loss = (model(d.q_sample(latents, t, noise), t, ref, mel) - noise).pow(2).mean()
         opt.zero_grad()
