@@ -276,15 +276,17 @@ TABLES = ("attention", "block", "temporal", "throughput", "sampling")
 
 def main(argv=None):
     """`python bench.py`: measure and print tables 1a-3, write them as JSON, return them (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser = data.Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to measure (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
     parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated "
                         f"(default: all, {','.join(TABLES)})")
-    parser.add_argument("--width", type=int, default=768, help="width of tables 1a-1c (default: 768, size B's)")
-    parser.add_argument("--heads", type=int, default=12, help="attention heads of tables 1a-1c (default: 12)")
-    parser.add_argument("--batch", type=int, default=0, help="batch size; sampling also runs at batch 1 "
+    parser.add_argument("--width", type=data.bounded(int, 1), default=768,
+                        help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
+    parser.add_argument("--heads", type=data.bounded(int, 1), default=12,
+                        help="attention heads of tables 1a-1c (default: 12)")
+    parser.add_argument("--batch", type=data.bounded(int, 1), help="batch size; sampling also runs at batch 1 "
                         "(default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
                         "CUDA, T on CPU)")
@@ -297,6 +299,8 @@ def main(argv=None):
         parser.error(f"--tables {args.tables}: choose from {','.join(TABLES)}")
     if args.sizes and not set(args.sizes.split(",")) <= set(SIZES):
         parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
+    if args.width % args.heads:
+        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     try:
         device = data.check_device(args.device)
     except data.DataError as e:

@@ -69,6 +69,41 @@ def check_device(name):
     return device
 
 
+def bounded(kind, low=None, high=None, above=None):
+    """An argparse `type` for a number of `kind` (int or float) in [low, high], or above `above` (exclusive).
+    A number out of range stops the command as it is parsed (exit 2, one line), before any slow work starts."""
+    rule = " and ".join(text for text, given in ((f"at least {low}", low), (f"above {above}", above),
+                                                  (f"at most {high}", high)) if given is not None)
+
+    def parse(text):
+        value = kind(text)  # a ValueError here makes argparse say "invalid int value"
+        if ((low is not None and value < low) or (above is not None and value <= above)
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
+        return value
+
+    parse.__name__ = kind.__name__  # how argparse names the type in its messages
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """The command-line parser of every script: a usage error (unknown option, bad number...) exits with status 2
+    and one line, like every other user error, instead of a usage dump."""
+
+    def error(self, message):
+        """Print `message` as one line that points to --help, and exit with status 2."""
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows each option's default, unless it has none or its help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Audio: WAV reading, resampling, log-mel spectrogram
 
@@ -859,7 +894,7 @@ class ClipPool(Dataset):
 def main(argv=None):
     """`python data.py synth|prepare`: write synthetic videos or convert real ones to the on-disk layout
     (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="data.py", description="Make LetsTalk training data in the on-disk layout "
         "ROOT/<video>/{video.mp4, audio.wav, meta.json}: synthetic talking faces, or real videos converted.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -867,8 +902,9 @@ def main(argv=None):
                        description="Render synthetic talking faces speaking espeak-ng sentences, with per-frame "
                        "ground truth (mouth openness, blink, head pose, mouth box) in meta.json.")
     p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--videos", type=int, default=8, help="number of videos (default 8)")
-    p.add_argument("--seconds", type=float, default=4.0, help="length of each video in seconds (default 4)")
+    p.add_argument("--videos", type=bounded(int, 1), default=8, help="number of videos (default 8)")
+    p.add_argument("--seconds", type=bounded(float, 1 / FPS), default=4.0, help="length of each video in seconds, "
+                   "at least one frame (default 4)")
     p.add_argument("--size", type=int, default=64, help="frame size in pixels, even (64 for CPU, 256 as the paper)")
     p.add_argument("--split", choices=list(SPLITS), default="train",
                    help="identities and sentences of this split (they never overlap across splits)")
@@ -892,8 +928,6 @@ def main(argv=None):
         if args.size < 16 or args.size % 2:
             raise DataError(f"--size must be an even number >= 16, got {args.size}")
         if args.command == "synth":
-            if args.videos < 1 or args.seconds * FPS < 1:
-                raise DataError("--videos must be >= 1 and --seconds at least one frame (0.04)")
             args.out.mkdir(parents=True, exist_ok=True)
             for i in tqdm(range(args.videos), desc="synth", unit="video"):
                 folder, video = args.out / f"{args.split}_{i:05d}", synth_video(args.split, i, args.seconds,

@@ -428,13 +428,13 @@ class LetsTalk(nn.Module):
 
 
 def count_parameters(model):
-    """Parameters per part: backbone (embeddings, blocks without fusion layers, final layer), audio encoder, and
-    fusion (cross-attention layers, siamese towers, null embeddings)."""
+    """Parameters per part: backbone (embeddings, blocks without fusion layers, final layer, the null motion
+    frame), audio encoder, and fusion (cross-attention layers, siamese towers, the null portrait and audio)."""
     parts = {"backbone": 0, "audio encoder": 0, "fusion": 0}
     for name, param in model.named_parameters():
         if name.startswith("audio_encoder"):
             parts["audio encoder"] += param.numel()
-        elif "cross_" in name or "tower" in name or name.startswith("null_"):
+        elif "cross_" in name or "tower" in name or name in ("null_ref", "null_audio"):
             parts["fusion"] += param.numel()
         else:
             parts["backbone"] += param.numel()
@@ -461,10 +461,15 @@ def main(argv=None):
     """`python letstalk.py`: print parameters and GFLOPs of every fusion choice at one size (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="letstalk.py", description="Parameters and forward GFLOPs of a LetsTalk "
                                      "model for a 16-frame 256x256 clip (32x32x4 latents), for every fusion choice.")
-    parser.add_argument("--size", choices=list(SIZES), default="B")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--latent-size", type=int, default=32, help="32 for 256x256 frames at VAE factor 8")
+    parser.add_argument("--size", choices=list(SIZES), default="B", help="model size (default: B)")
+    parser.add_argument("--frames", type=int, default=16, help="F, frames per clip (default: 16)")
+    parser.add_argument("--latent-size", type=int, default=32, help="h = w of the latents, even (default: 32, for "
+                        "256x256 frames at VAE factor 8)")
     args = parser.parse_args(argv)
+    if args.frames < 1:
+        parser.error(f"--frames {args.frames}: must be at least 1")
+    if args.latent_size < 2 or args.latent_size % 2:
+        parser.error(f"--latent-size {args.latent_size}: must be an even number (the model cuts 2x2 patches)")
     print(f"LetsTalk-{args.size}: {SIZES[args.size]}, {args.frames} frames of {args.latent_size}x{args.latent_size}"
           f"x4 latents, 2 motion frames")
     print(f"{'ref fusion':>10} {'audio fusion':>12} | {'backbone':>9} {'audio enc':>9} {'fusion':>9} {'total':>9} |"

@@ -11,7 +11,6 @@ exist; this file writes the formulas out so a student sees what the numbers mean
                      per clip with the clip mean removed, averaged over clips.
 """
 
-import argparse
 import json
 import sys
 import warnings
@@ -574,22 +573,23 @@ def ablation(root, budget_min, probe, cache=None, **eval_args):
 def main(argv=None):
     """`python metrics.py probe|eval|ablation`: train the probe, evaluate a checkpoint, or run the fusion ablation
     (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="metrics.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = data.Parser(prog="metrics.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="train the synthetic-world probe (mouth, blink, pose reader)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     p.add_argument("--out", type=Path, default=PROBE, help="where to write it (the default replaces the shipped "
                    "probe, which train.py's lip-sync logging and eval read)")
-    p.add_argument("--videos", type=int, default=300, help="training videos (8 frames each)")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps of 64 frames")
+    p.add_argument("--videos", type=data.bounded(int, 1), default=300, help="training videos (8 frames each)")
+    p.add_argument("--steps", type=data.bounded(int, 1), default=1500, help="optimizer steps of 64 frames")
     p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
-    evaluation = argparse.ArgumentParser(add_help=False)  # the options eval and ablation share
+    evaluation = data.Parser(add_help=False)  # the options eval and ablation share
     evaluation.add_argument("--probe", type=Path, default=PROBE,
                             help="the synthetic-world probe (`python metrics.py probe` trains one)")
-    evaluation.add_argument("--videos", type=int, default=12, help="test videos generated")
-    evaluation.add_argument("--seconds", type=float, default=3.0, help="length of each test video")
-    evaluation.add_argument("--steps", type=int, default=10, help="DDIM steps per window")
+    evaluation.add_argument("--videos", type=data.bounded(int, 1), default=12, help="test videos generated")
+    evaluation.add_argument("--seconds", type=data.bounded(float, (8 + 2) / data.FPS), default=3.0,
+                            help="length of each test video, at least two of FVD's 8-frame clips (stride 2)")
+    evaluation.add_argument("--steps", type=data.bounded(int, 1), default=10, help="DDIM steps per window")
     evaluation.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
     evaluation.add_argument("--split", choices=["test", "val"], default="test",
                             help="held-out identities and sentences to evaluate on")
@@ -597,9 +597,10 @@ def main(argv=None):
                             help="where the models run")
     evaluation.add_argument("--data", choices=["synthetic"], default="synthetic",
                             help="the synthetic world (its ground truth is what lip sync and diversity need)")
-    p = sub.add_parser("eval", parents=[evaluation], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("eval", parents=[evaluation], formatter_class=data.HelpFormatter,
                        help="FID / FVD / SSIM / E-FID, lip sync and diversity of a checkpoint")
-    p.add_argument("--ckpt", type=Path, default=Path("checkpoints/letstalk-tiny.pt"))
+    p.add_argument("--ckpt", type=Path, default=PROBE.parent / "letstalk-tiny.pt",
+                   help="checkpoint from train.py (default: the shipped demo)")
     p.add_argument("--inception", type=Path, help="Inception-v3 weights for the standard FID (see load_inception)")
     p.add_argument("--i3d", type=Path, help="I3D TorchScript for the standard FVD: " + I3D_HELP)
     p.add_argument("--expression", type=Path, help="expression extractor for the standard E-FID: " + EXPRESSION_HELP)
@@ -607,13 +608,14 @@ def main(argv=None):
                    "(e.g. assets/unseen/*.wav): lip sync against their loudness")
     p.add_argument("--sheet", type=Path, help="write a contact sheet PNG: reference | real; generated; other audio")
     p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/<ckpt>_<split>.json)")
-    p = sub.add_parser("ablation", parents=[evaluation], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("ablation", parents=[evaluation], formatter_class=data.HelpFormatter,
                        help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
                        description="Train size T (the demo's recipe: " + " ".join(ABLATION_RECIPE) + ") once per "
                        "fusion setting (each portrait scheme with direct audio, each audio scheme with symbiotic "
                        "portrait) for the same budget and seed, then evaluate each. Interrupted runs resume; "
                        "finished ones are read from their eval.json.")
-    p.add_argument("--budget-min", type=float, default=15.0, help="training minutes per fusion setting")
+    p.add_argument("--budget-min", type=data.bounded(float, above=0), default=15.0,
+                   help="training minutes per fusion setting")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per setting, resumable")
     p.add_argument("--cache", type=Path, help="where the shared clip pool lives (default: OUT/cache); a run folder "
                    "trained with the same recipe, e.g. runs/demo, lends its pool")

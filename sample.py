@@ -13,7 +13,6 @@ with both, and the noise predictions are combined as
 A scale of 1 cancels its term, so the default (s_ref = 1, s_audio = 2) needs two passes per step, not three.
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -135,7 +134,7 @@ def generate(model, vae, diffusion_cfg, images, mels, steps=25, sampler="ddim", 
 
         z = diffusion.sample(denoise, shape, steps=diffusion.steps if sampler == "ddpm" else steps,
                              eta=1.0 if sampler == "ddpm" else 0.0, generator=generator, device=device,
-                             progress=progress)
+                             progress=progress and windows == 1)  # one bar: steps, or windows when several
         if M:
             motion = z[:, -M:]
         frames.append(torch.stack([vae.decode(clip / scale) for clip in z]))  # (B, F, 3, H, W)
@@ -151,13 +150,13 @@ def contact_sheet(reference, frames, columns=8):
 
 def main(argv=None):
     """`python sample.py IMAGE AUDIO`: animate a portrait with speech into an .mp4 (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = data.Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=data.HelpFormatter)
     parser.add_argument("image", type=Path, help="portrait: any image PIL opens, centre-cropped to a square")
     parser.add_argument("audio", type=Path, help="speech: WAV of any common encoding, or any format FFmpeg reads")
     parser.add_argument("-o", "--out", type=Path, help="output .mp4 (default: <image>_<audio>.mp4 here)")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint from train.py")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=data.bounded(int, 1), default=25, help="DDIM steps")
     parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                         help="ddim (fast, deterministic) or ddpm (all 1000 ancestral steps)")
     parser.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
@@ -176,8 +175,6 @@ def main(argv=None):
         data.check_device(args.device)
         if args.size < 0 or args.size % 2:
             raise data.DataError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
-        if args.steps < 1:
-            raise data.DataError(f"--steps {args.steps}: take at least one denoising step")
         for flag, path in (("--out", out), ("--grid", args.grid)):
             if path and not path.resolve().parent.is_dir():
                 raise data.DataError(f"{flag} {path}: the folder {path.parent} does not exist")

@@ -126,8 +126,8 @@ class Diffusion:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; `python train.py --help` lists them with HELP below. Zeros and empty strings
-    mean "the default for this device and stage" (see resolve)."""
+    """Every setting of a run; `python train.py --help` lists them with HELP below, BOUNDS gives their ranges.
+    Zeros and empty strings mean "the default for this device and stage" (see resolve)."""
     stage: str = "diffusion"
     data: str = "synthetic"
     out: str = ""
@@ -209,6 +209,15 @@ HELP = {
     "compile": "torch.compile the model; --no-compile for eager (default: on CUDA, where it is faster once compiled, "
                "a minute or two in)",
 }
+
+
+# the range of every numeric setting; a number outside it stops the command line before any work starts
+BOUNDS = {"steps": dict(low=1), "batch_size": dict(low=1), "accum": dict(low=1), "lr": dict(above=0),
+          "warmup": dict(low=0), "cooldown": dict(low=0), "grad_clip": dict(above=0), "eval_every": dict(low=1),
+          "save_minutes": dict(above=0), "resolution": dict(low=16), "width": dict(low=4), "videos": dict(low=1),
+          "frames": dict(low=1), "motion": dict(low=0), "clips": dict(low=1), "min_snr_gamma": dict(low=0),
+          "mouth_weight": dict(low=0), "blink_repeat": dict(low=1), "drop_audio": dict(low=0, high=1),
+          "drop_ref": dict(low=0, high=1), "drop_motion": dict(low=0, high=1), "ema": dict(low=0, high=1)}
 
 
 # what --resume may change: when to stop, the learning-rate tail, the blink rebalancing, and where and how it runs
@@ -680,6 +689,11 @@ def resolve(args):
         cfg.resolution = cfg.resolution or (256 if gpu else 64)
         cfg.factor = cfg.factor or (8 if cfg.resolution >= 256 else 4)
         cfg.batch_size, cfg.lr = cfg.batch_size or 32, cfg.lr or 5e-4
+        if cfg.resolution % (2 * cfg.factor):
+            fail(f"--resolution {cfg.resolution}: must be a multiple of {2 * cfg.factor}, twice --factor (the "
+                 "diffusion model cuts the latents into 2x2 patches)")
+        if cfg.width % 4:
+            fail(f"--width {cfg.width}: must be a multiple of 4 (GroupNorm takes groups of 4 channels)")
         return cfg
     cfg.compile = gpu if args.compile is None else args.compile
     cfg.size = cfg.size or ("B" if gpu else "T")
@@ -697,13 +711,14 @@ def resolve(args):
 
 def main(argv=None):
     """`python train.py`: train a stage, --resume a run or --export it for sample.py (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
+    parser = data.Parser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" +
                                      __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
                         "its settings come from its checkpoint (--steps, --cooldown, --blink-repeat, --compile, "
                         "--device and --max-minutes may change)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly with a checkpoint after this "
-                        "much training time")
+    parser.add_argument("--max-minutes", type=data.bounded(float, 0), default=None,
+                        help="stop cleanly with a checkpoint after this much training time (0: set the run up, "
+                        "train no step)")
     choices = {"stage": ["vae", "diffusion"], "size": list(SIZES), "prediction": ["eps", "v", "x0"],
                "schedule": ["linear", "cosine"], "ref_fusion": ["symbiotic", "siamese", "direct"],
                "audio_fusion": ["symbiotic", "siamese", "direct"], "factor": [4, 8]}
@@ -714,7 +729,8 @@ def main(argv=None):
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=help_text)
+            kind = data.bounded(type(f.default), **BOUNDS[f.name]) if f.name in BOUNDS else type(f.default)
+            parser.add_argument(flag, type=kind, default=None, choices=choices.get(f.name), help=help_text)
     parser.add_argument("--export", type=Path, metavar="PATH", help="write the sampling part of --out's checkpoint "
                         "(EMA weights, VAE, fp16) to PATH for sample.py, and exit")
     args = parser.parse_args(argv)

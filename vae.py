@@ -13,7 +13,6 @@ Residual blocks with GroupNorm, no attention (the faces are small; convolutions 
 training is `python train.py --stage vae` (see train.py).
 """
 
-import argparse
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -164,7 +163,7 @@ def vae_state(vae):
 
 def main(argv=None):
     """`python vae.py`: reconstruct one image through a trained VAE and print the PSNR (argv=None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="vae.py", description="Reconstruct an image through a trained VAE: "
+    parser = data.Parser(prog="vae.py", description="Reconstruct an image through a trained VAE: "
                                      "writes original | reconstruction side by side and prints the PSNR.")
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `python train.py --stage vae`")
     parser.add_argument("--image", type=Path, required=True, help="any image PIL opens; centre-cropped to a square "

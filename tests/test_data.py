@@ -333,6 +333,9 @@ def test_help_explains_each_command(argv, words, capsys):
     (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/missing.json"], "cannot read crop boxes"),
     (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/three.json"], "not [x0, y0, x1, y1]"),
     (["synth", "{tmp}/a_file", "--videos", "1"], "a file of that name exists"),
+    (["synth", "{tmp}/s", "--videos", "0"], "--videos: 0: must be at least 1"),
+    (["synth", "{tmp}/s", "--seconds", "0.01"], "--seconds: 0.01: must be at least 0.04"),
+    (["synth", "{tmp}/s", "--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "nothing").mkdir()

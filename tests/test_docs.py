@@ -56,6 +56,7 @@ def test_every_command_parses(doc, script, argv, capsys):
         module.main([*sub, "--help"])
     assert e.value.code == 0
     help_text = capsys.readouterr().out
+    assert "(default: None)" not in help_text  # an option without a default says what happens instead
     for flag in (w.split("=")[0] for w in argv if w.startswith("--")):
         assert flag in help_text, f"{doc}: `{script}.py {' '.join(argv)}` uses {flag}, which --help does not list"
 

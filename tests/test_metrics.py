@@ -157,10 +157,18 @@ def test_standard_extractors_load_from_files(tmp_path):
         metrics.load_inception(tmp_path / "missing.pth")
 
 
-def test_missing_extractor_file_exits_2(tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--inception", "{tmp}/none.pth"], "no such file"),
+    (["eval", "--videos", "0"], "--videos: 0: must be at least 1"),
+    (["eval", "--seconds", "0.3"], "--seconds: 0.3: must be at least 0.4"),  # FVD needs two 8-frame clips
+    (["probe", "--steps", "0"], "--steps: 0: must be at least 1"),
+    (["ablation", "--budget-min", "0"], "--budget-min: 0: must be above 0"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        metrics.main(["eval", "--inception", str(tmp_path / "none.pth")])
-    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+        metrics.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeypatch, capsys):

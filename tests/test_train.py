@@ -148,7 +148,14 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
              (["--device", "tpu7", "--out", str(tmp_path / "t")], "not a device"),
              (["--resume", "--out", str(tmp_path / "run"), "--size", "S", "--lr", "1", "--frames", "4"],
               "--lr, --size: a resumed run"),  # --frames 4 is the run's own: repeating a setting is fine
-             (["--resume", "--out", str(tmp_path / "run"), "--device", "tpu7"], "not a device")]
+             (["--resume", "--out", str(tmp_path / "run"), "--device", "tpu7"], "not a device"),
+             # numbers out of range stop at the command line, not minutes later in the data or the first step
+             (["--batch-size", "0", "--out", str(tmp_path / "z")], "--batch-size: 0: must be at least 1"),
+             (["--drop-audio", "1.5", "--out", str(tmp_path / "z")], "must be at least 0 and at most 1"),
+             (["--lr", "0", "--out", str(tmp_path / "z")], "--lr: 0: must be above 0"),
+             (["--resume", "--out", str(tmp_path / "run"), "--steps", "-3"], "--steps: -3: must be at least 1"),
+             (["--stage", "vae", "--resolution", "60", "--out", str(tmp_path / "z")], "a multiple of 8"),
+             (["--stage", "vae", "--width", "6", "--out", str(tmp_path / "z")], "a multiple of 4")]
     train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
     capsys.readouterr()
     for argv, message in cases:
@@ -157,6 +164,7 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "z").exists()
 
 
 def test_help_lists_every_setting(capsys):
