@@ -81,7 +81,7 @@ def config_for(size, **overrides):
 
 def sincos_1d(dim, positions):
     """Fixed sin-cos embedding of positions (N,) -> (N, dim), as in the Transformer and MAE."""
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim // 2))
     angles = positions.double()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 

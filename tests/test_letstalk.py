@@ -53,6 +53,19 @@ def test_big_sizes_run_one_forward_pass(size):
     print(f"LetsTalk-{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
 
+def test_forward_makes_every_tensor_on_the_input_device():
+    # A GPU run fails if forward builds a tensor on the CPU (torch.arange without device=...). The meta device
+    # stands in for the GPU: a model moved there (outside any `with torch.device`) with inputs there raises on
+    # any CPU tensor it meets. Every fusion scheme, motion frames and condition drops, so each path runs.
+    meta = torch.device("meta")
+    for ref_fusion, audio_fusion in (("symbiotic", "direct"), ("siamese", "siamese"), ("direct", "symbiotic")):
+        model = L.LetsTalk(tiny(ref_fusion=ref_fusion, audio_fusion=audio_fusion)).to(meta)
+        x = {k: v.to(meta) for k, v in inputs().items()}
+        drop = torch.tensor([True, False], device=meta)
+        out = model(**x, drop_ref=drop, drop_audio=drop, drop_motion=drop)
+        assert out.device == meta and out.shape == x["x"].shape
+
+
 def _block_streams(cfg, B=2):
     torch.manual_seed(0)
     block = randomize(L.LetsTalk(cfg)).blocks[0]
@@ -139,7 +152,7 @@ def test_parameter_counts_of_the_fusion_schemes():
     def fusion_params(**kw):
         return L.count_parameters(L.LetsTalk(tiny(**kw)))["fusion"]
     P, D, K = (S // 2) ** 2, 128, 5
-    null = P * D + K * D + P * D  # null reference, audio and motion tokens
+    null = P * D + K * D  # null reference and audio tokens (the null motion frame is the backbone's)
     assert fusion_params(ref_fusion="symbiotic", audio_fusion="symbiotic") == null  # nothing beyond embeddings
     direct = fusion_params(ref_fusion="direct", audio_fusion="symbiotic") - null
     siamese = fusion_params(ref_fusion="siamese", audio_fusion="symbiotic") - null
