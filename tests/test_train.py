@@ -167,6 +167,17 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
     assert not (tmp_path / "z").exists()
 
 
+def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, monkeypatch):
+    # no GPU here: the device check reports one, and train() hands back the settings instead of training
+    monkeypatch.setattr(train.data, "check_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
+    for size, batch in (("S", 16), ("B", 8), ("L", 4)):
+        cfg = train.main(["--size", size, "--vae", str(vae_ckpt), "--out", str(tmp_path / size), "--device", "cuda"])
+        assert (cfg.frames, cfg.batch_size, cfg.lr, cfg.compile) == (16, batch, 1e-4, True)
+    cfg = train.main(["--stage", "vae", "--out", str(tmp_path / "vae"), "--device", "cuda"])
+    assert (cfg.resolution, cfg.factor) == (256, 8)
+
+
 def test_help_lists_every_setting(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
