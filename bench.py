@@ -35,7 +35,16 @@ import data
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
 from vae import VAE, VAEConfig
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, FLOP/s
+# dense bf16 tensor-core peaks (FLOP/s, NVIDIA's data sheets), the denominator of MFU. The first name contained
+# in torch.cuda.get_device_name wins, so the PCIe and NVL cards come before the SXM ones of the same chip.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "A100": 312e12}
+
+
+def gpu_peak(device):
+    """The dense bf16 peak (FLOP/s) of a CUDA device from PEAK_BF16, or None for a GPU not listed."""
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def measure(fn, device, repeats):
@@ -53,6 +62,12 @@ def measure(fn, device, repeats):
         times.append(time.perf_counter() - start)
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
     return statistics.median(times), memory
+
+
+def out_of_memory(what):
+    """Say which measurement did not fit (its row is left out of the table) and free what it left behind."""
+    print(f"skipped {what}: out of memory")
+    torch.cuda.empty_cache()
 
 
 def forward_flops(module, *inputs):
@@ -92,6 +107,7 @@ def attention_table(device, frames, patches, width, heads, batch, repeats):
                 t_full, m_full = measure(full, device, repeats)
                 t_fact, m_fact = measure(factorized, device, repeats)
             except torch.OutOfMemoryError:
+                out_of_memory(f"table 1a at F={F_}, P={P}")
                 continue
             rows.append({"F": F_, "P": P, "full_s": t_full, "factorized_s": t_fact, "ratio": t_full / t_fact,
                          "eq4": F_ * P / (F_ + P), "full_mib": m_full, "factorized_mib": m_fact})
@@ -120,6 +136,7 @@ def block_table(device, frames, patches, width, heads, batch, repeats):
                 try:
                     result[f"{kind}_s"], result[f"{kind}_mib"] = measure(step, device, repeats)
                 except torch.OutOfMemoryError:
+                    out_of_memory(f"table 1b at F={F_}, P={P}, {kind} attention")
                     break
                 with torch.device("meta"):
                     meta_block, meta_x = Block(cfg), torch.randn(batch * F_, P, width)
@@ -203,14 +220,14 @@ def throughput_row(device, size, frames, latent, batch, repeats, compiled=False)
     try:
         seconds, memory = measure(step, device, repeats)
     except torch.OutOfMemoryError:
+        out_of_memory(f"table 2, size {size} at {frames}x{latent}x{latent}x4{', compiled' if compiled else ''}")
         return None
     step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
     row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "step_s": seconds,
            "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
            "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory}
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        peak = gpu_peak(device)
         row["mfu"] = step_flops / seconds / peak if peak else None
     return row
 
@@ -316,7 +333,9 @@ def main(argv=None):
     sizes = args.sizes.split(",") if args.sizes else (["T", "S", "B"] if gpu else ["T"])
     paper, demo = (16, 32), (8, 16)  # the paper's clip (16 frames of 32x32x4 latents) and the CPU demo's (8 of 16x16x4)
     shapes = [demo] if args.quick else [paper, demo]
-    print(f"device: {torch.cuda.get_device_name(device) if gpu else 'cpu'}, "
+    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    peak = gpu_peak(device) if gpu else None
+    print(f"device: {name}{f' (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, the MFU denominator)' if peak else ''}, "
           f"{'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}")
     measure_table = {
         "attention": lambda: attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
@@ -344,7 +363,7 @@ def main(argv=None):
     }
     for name, rows in tables.items():
         show(columns[name][0], rows, columns[name][1])
-    result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "batch": batch, "width": args.width,
+    result = {"device": name, "peak_bf16_flop_s": peak, "batch": batch, "width": args.width,
               **tables}
     data.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return tables
