@@ -180,7 +180,7 @@ HELP = {
                   "size B and 4 for L, which fit an 80 GB GPU)",
     "accum": "gradient accumulation: micro-batches per optimizer step",
     "lr": "peak learning rate (default: 5e-4 VAE, 3e-4 diffusion size T, 1e-4 as the official code for S/B/L)",
-    "warmup": "steps of linear learning-rate warm-up",
+    "warmup": "steps of linear learning-rate warm-up (0: none)",
     "cooldown": "steps of linear learning-rate decay to 0 before --steps (0: none); a cooled-down model samples "
                 "cleaner images. Set --steps to a step you will reach",
     "grad_clip": "clip the global gradient norm to this",
@@ -604,7 +604,8 @@ def train(cfg, resume=False, max_minutes=None):
     if rank() > 0:  # other ranks draw other noise
         torch.manual_seed(cfg.seed * 1000 + rank() + step)
     def lr_at(s):  # linear warm-up, constant, then (with --cooldown) a linear decay to 0 at cfg.steps
-        return cfg.lr * min(1.0, (s + 1) / cfg.warmup, (cfg.steps - s) / cfg.cooldown if cfg.cooldown else 1.0)
+        return cfg.lr * min(1.0, (s + 1) / cfg.warmup if cfg.warmup else 1.0,
+                             (cfg.steps - s) / cfg.cooldown if cfg.cooldown else 1.0)
     is_main = rank() == 0
 
     start, last_save = time.time(), time.time()

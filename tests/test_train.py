@@ -1,5 +1,7 @@
 """Tests of train.py: the diffusion maths (Eq. 1-3), the diffusion stage, resume, DDP and failure handling."""
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -165,6 +167,12 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "z").exists()
+
+
+def test_warmup_0_starts_at_the_full_learning_rate(tmp_path, vae_ckpt):
+    train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1", "--warmup", "0", "--lr", "0.001"))
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["lr"] == 0.001 and math.isfinite(first["loss"])
 
 
 def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, monkeypatch):
