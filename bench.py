@@ -16,7 +16,8 @@ Tables (also written as JSON, --json):
   3  sampling speed: seconds of compute per second of video (and its inverse, x real time), DDIM with audio
      guidance (2 model passes per step), per model size and batch, and for the shipped checkpoint. On CUDA at the
      paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64).
-Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-").
+Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-"). Table 2 also
+counts the activations a training step saves for its backward (saved_mib), on any device.
 """
 
 import argparse
@@ -200,6 +201,22 @@ def throughput_table(device, shapes, sizes, batch, repeats, compile_shape=None):
     return [row for row in rows if row is not None]
 
 
+def saved_for_backward_mib(step, params):
+    """MiB of the tensors autograd keeps for the backward while step() runs, the weights themselves excluded (their
+    bf16 copies under autocast included): the activation memory of a training step, counted on any device, where
+    CUDA's peak_mib also holds weights, gradients, AdamW state and temporaries. Tensors are told apart by the
+    address of their storage, so several views of one count once."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        step()
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    return sum(n for address, n in storages.items() if address not in weights) / 2 ** 20
+
+
 def throughput_row(device, size, frames, latent, batch, repeats, compiled=False):
     """One row of table 2 (None if it does not fit in memory); the model is freed on return, before the next."""
     cfg = config_for(size, frames=frames, latent_size=latent)
@@ -225,7 +242,9 @@ def throughput_row(device, size, frames, latent, batch, repeats, compiled=False)
     step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
     row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "step_s": seconds,
            "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
-           "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory}
+           "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory,
+           # counted in an eager step (the hooks would only see what a compiled graph chooses to save)
+           "saved_mib": None if compiled else saved_for_backward_mib(step, model.parameters())}
     if device.type == "cuda":
         peak = gpu_peak(device)
         row["mfu"] = step_flops / seconds / peak if peak else None
@@ -356,7 +375,8 @@ def main(argv=None):
         "temporal": ("1c. temporal attention alone, forward + backward: speedup over SDPA's default kernel",
                      ["L", "sequences", "kernel", "seconds", "speedup", "peak_mib"]),
         "throughput": ("2. training step (forward, backward, AdamW)",
-                       ["size", "frames", "latent", "compiled", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib"]),
+                       ["size", "frames", "latent", "compiled", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib",
+                        "saved_mib"]),
         "sampling": ("3. sampling one window, DDIM with audio guidance",
                      ["model", "batch", "compiled", "frames", "resolution", "steps", "passes_per_step",
                       "seconds_per_video_second", "realtime_x", "peak_mib"]),

@@ -700,8 +700,8 @@ def resolve(args):
     cfg.compile = gpu if args.compile is None else args.compile
     cfg.size = cfg.size or ("B" if gpu else "T")
     cfg.frames = cfg.frames or (16 if gpu else 8)
-    # B and L at the paper's clip save about 4.6 and 12 GiB of bf16 activations per clip for the backward (counted
-    # on the CPU with saved-tensor hooks): batch 16 of B would not fit an 80 GB GPU beside the weights and AdamW
+    # B and L at the paper's clip keep about 4.6 and 12 GiB of bf16 activations per clip for the backward (bench.py's
+    # saved_mib, README): batch 16 of B would not fit an 80 GB GPU beside the weights and AdamW
     cfg.batch_size = cfg.batch_size or {"B": 8, "L": 4}.get(cfg.size, 16)
     cfg.lr = cfg.lr or (3e-4 if cfg.size == "T" else 1e-4)
     if cfg.size in ("B", "L") and not gpu:

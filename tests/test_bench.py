@@ -22,6 +22,7 @@ def test_quick_bench_produces_every_table(tmp_path, capsys):
     # the factorized block adds temporal projections, so it saves FLOPs only once F * P is large
     assert max(tables["block"], key=lambda r: r["F"] * r["P"])["flop_ratio"] > 1
     assert tables["throughput"][0]["clips_s"] > 0 and tables["sampling"][0]["seconds_per_video_second"] > 0
+    assert tables["throughput"][0]["saved_mib"] > 0
     assert [r["model"] for r in tables["sampling"]] == ["T", "shipped"]  # random weights, then the demo checkpoint
     assert not any(r["compiled"] for r in tables["throughput"] + tables["sampling"])  # a CPU compiles only if asked
     # table 1c: each temporal length (F + 2 motion frames) once per kernel, timed against SDPA's own choice
@@ -32,6 +33,15 @@ def test_quick_bench_produces_every_table(tmp_path, capsys):
     text = capsys.readouterr().out
     for title in ("1a.", "1b.", "1c.", "2.", "3."):
         assert title in text
+
+
+def test_saved_for_backward_counts_activations_not_weights():
+    # Linear keeps its input for the weight's gradient and GELU its input: 2 tensors of 1024 x 256 floats = 2 MiB;
+    # the weight it also keeps is a parameter, and the sum keeps nothing
+    layer = torch.nn.Linear(256, 256)
+    for rows, mib in ((1024, 2.0), (2048, 4.0)):
+        x = torch.randn(rows, 256)
+        assert bench.saved_for_backward_mib(lambda: F.gelu(layer(x)).sum().backward(), layer.parameters()) == mib
 
 
 def test_matmul_attention_is_the_same_attention():
