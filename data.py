@@ -87,8 +87,9 @@ def bounded(kind, low=None, high=None, above=None):
 
 
 class Parser(argparse.ArgumentParser):
-    """The command-line parser of every script: a usage error (unknown option, bad number...) exits with status 2
-    and one line, like every other user error, instead of a usage dump."""
+    """The command-line parser of every script but letstalk.py (the model file imports no data code): a usage error
+    (unknown option, bad number...) exits with status 2 and one line, like every other user error, instead of a
+    usage dump."""
 
     def error(self, message):
         """Print `message` as one line that points to --help, and exit with status 2."""
