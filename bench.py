@@ -32,8 +32,10 @@ from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
+from common import Parser, UserError, add_device, atomic_write, bounded, check_device
+from diffusion import Diffusion
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
+from sample import DEFAULT_CKPT, generate, load_model
 from vae import VAE, VAEConfig
 
 # dense bf16 tensor-core peaks (FLOP/s, NVIDIA's data sheets), the denominator of MFU. The first name contained
@@ -262,32 +264,29 @@ def sampling_table(device, sizes, shape, batches, steps, repeats, compiled=False
     """Table 3: sample.generate for one window, DDIM with audio guidance (2 model passes per step), with random
     weights per size (and a random VAE for the portrait and the decoding) at each batch size, eager and (compiled)
     torch.compile'd, plus the shipped checkpoint on a CPU."""
-    import sample  # here: sample.py pulls in train.py and metrics.py, which the other tables do not need
     frames, latent = shape
     factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
 
-    def random_weights(size):  # (model, VAE, diffusion settings: the paper's epsilon target, linear schedule)
+    def random_weights(size):  # (model, VAE, the paper's diffusion: epsilon target, linear schedule)
         return (LetsTalk(config_for(size, frames=frames, latent_size=latent)).to(device).eval(),
-                VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval(),
-                {"schedule": "linear", "prediction": "eps"})
+                VAE(VAEConfig(resolution=latent * factor, factor=factor)).to(device).eval(), Diffusion())
     models = [(size, random_weights) for size in sizes]
-    if device.type == "cpu" and sample.DEFAULT_CKPT.exists():
-        models.append(("shipped", lambda _: sample.load_model(sample.DEFAULT_CKPT, device)[:3]))
+    if device.type == "cpu" and DEFAULT_CKPT.exists():
+        models.append(("shipped", lambda _: load_model(DEFAULT_CKPT, device)[:3]))
     return [row for name, build in models
             for row in sampling_rows(device, name, *build(name), batches, steps, repeats, compiled)]
 
 
-def sampling_rows(device, name, model, vae, diffusion_cfg, batches, steps, repeats, compiled):
+def sampling_rows(device, name, model, vae, diffusion, batches, steps, repeats, compiled):
     """Table 3's rows for one model, per batch size, eager then (compiled) compiled; the model is freed on return."""
-    import sample
     F_, res = model.cfg.frames, vae.config.resolution
     rows = []
     for batch in batches:
         for use_compile in (False, True) if compiled else (False,):
             net = compiled_model(model) if use_compile else model
             image, mel = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(batch, F_, 20, 80)
-            seconds, memory = measure(lambda: sample.generate(net, vae, diffusion_cfg, image, mel, steps=steps,
-                                                              progress=False, device=device), device, repeats)
+            seconds, memory = measure(lambda: generate(net, vae, diffusion, image, mel, steps=steps, progress=False,
+                                                       device=device), device, repeats)
             video_seconds = batch * F_ / 25
             rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_, "resolution": res,
                          "steps": steps, "passes_per_step": 2, "seconds_per_video_second": seconds / video_seconds,
@@ -312,17 +311,16 @@ TABLES = ("attention", "block", "temporal", "throughput", "sampling")
 
 def main(argv=None):
     """`python bench.py`: measure and print tables 1a-3, write them as JSON, return them (argv=None: sys.argv)."""
-    parser = data.Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to measure (default: cuda if available, else cpu)")
+    parser = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    add_device(parser)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
     parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated "
                         f"(default: all, {','.join(TABLES)})")
-    parser.add_argument("--width", type=data.bounded(int, 1), default=768,
+    parser.add_argument("--width", type=bounded(int, 1), default=768,
                         help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
-    parser.add_argument("--heads", type=data.bounded(int, 1), default=12,
+    parser.add_argument("--heads", type=bounded(int, 1), default=12,
                         help="attention heads of tables 1a-1c (default: 12)")
-    parser.add_argument("--batch", type=data.bounded(int, 1), help="batch size; sampling also runs at batch 1 "
+    parser.add_argument("--batch", type=bounded(int, 1), help="batch size; sampling also runs at batch 1 "
                         "(default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
                         "CUDA, T on CPU)")
@@ -338,8 +336,8 @@ def main(argv=None):
     if args.width % args.heads:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     try:
-        device = data.check_device(args.device)
-    except data.DataError as e:
+        device = check_device(args.device)
+    except UserError as e:
         parser.error(str(e))
     gpu = device.type == "cuda"
     if gpu:
@@ -352,10 +350,10 @@ def main(argv=None):
     sizes = args.sizes.split(",") if args.sizes else (["T", "S", "B"] if gpu else ["T"])
     paper, demo = (16, 32), (8, 16)  # the paper's clip (16 frames of 32x32x4 latents) and the CPU demo's (8 of 16x16x4)
     shapes = [demo] if args.quick else [paper, demo]
-    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
     peak = gpu_peak(device) if gpu else None
-    print(f"device: {name}{f' (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, the MFU denominator)' if peak else ''}, "
-          f"{'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}")
+    peak_text = f" (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, the MFU denominator)" if peak else ""
+    print(f"device: {device_name}{peak_text}, {'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}")
     measure_table = {
         "attention": lambda: attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
         "block": lambda: block_table(device, frames, patches, args.width, args.heads, batch, repeats),
@@ -383,9 +381,8 @@ def main(argv=None):
     }
     for name, rows in tables.items():
         show(columns[name][0], rows, columns[name][1])
-    result = {"device": name, "peak_bf16_flop_s": peak, "batch": batch, "width": args.width,
-              **tables}
-    data.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    result = {"device": device_name, "peak_bf16_flop_s": peak, "batch": batch, "width": args.width, **tables}
+    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return tables
 
 if __name__ == "__main__":

@@ -138,6 +138,12 @@ def mlp(width, ratio):
                          nn.Linear(int(width * ratio), width))
 
 
+def modulation(ada, c, chunks, frames=1):
+    """adaLN parameters from the timestep embedding c (B, D): ada(c) is (B, chunks * D); it is repeated for each of
+    the `frames` frames of a clip and split into `chunks` tensors (B * frames, 1, D) that broadcast over tokens."""
+    return repeat(ada(c), "b d -> (b f) 1 d", f=frames).chunk(chunks, dim=-1)
+
+
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift, with shift and scale predicted from the timestep."""
     return x * (1 + scale) + shift
@@ -160,7 +166,7 @@ class ConditionBlock(nn.Module):
 
     def forward(self, h, c):
         """h (N, L, D) condition tokens, c (N, D) timestep embedding -> (N, L, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation(self.ada, c, 6)
         h = h + gate1 * self.attn(modulate(self.norm1(h), shift1, scale1))
         return h + gate2 * self.mlp(modulate(self.norm2(h), shift2, scale2))
 
@@ -267,7 +273,7 @@ class Block(nn.Module):
         """
         B, P = c.shape[0], x.shape[1]
         F_ = x.shape[0] // B
-        shift1, scale1, gate1, shift2, scale2, gate2 = repeat(self.ada(c), "b (six d) -> six (b f) 1 d", six=6, f=F_)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation(self.ada, c, 6, frames=F_)
         h = x if symbiotic is None else torch.cat([x, symbiotic], dim=1)
         q = modulate(self.norm1(h), shift1, scale1)
         kv = q if guides is None else torch.cat([q, self.norm1(guides)], dim=1)
@@ -301,7 +307,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         """x (B*F, P, D), c (B, D) -> (B*F, P, p*p*C)."""
-        shift, scale = repeat(self.ada(c), "b (two d) -> two (b f) 1 d", two=2, f=x.shape[0] // c.shape[0])
+        shift, scale = modulation(self.ada, c, 2, frames=x.shape[0] // c.shape[0])
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -388,8 +394,14 @@ class LetsTalk(nn.Module):
     def forward(self, x, t, ref, mel, motion=None, drop_ref=None, drop_audio=None, drop_motion=None):
         """x (B, F, C, h, w), t (B,), ref (B, C, h, w), mel (B, F, 20, 80), motion (B, M, C, h, w), drop_* (B,)
         -> the prediction (B, F, C, h, w) (the noise, or v or x0 if trained so); see the class docstring."""
+        # The paper's model (Fig. 2, the defaults): the portrait's patch tokens join every frame's tokens in spatial
+        # attention (symbiotic), each frame cross-attends to its own K audio tokens (direct), and the M motion
+        # frames join temporal attention only. The other fusion schemes swap in below, one condition at a time.
         cfg = self.cfg
         B, F_ = x.shape[:2]
+        if cfg.motion and (motion is None or motion.shape[1] != cfg.motion):
+            raise ValueError(f"this model takes {cfg.motion} motion frames (B, {cfg.motion}, C, h, w), got "
+                             f"{None if motion is None else tuple(motion.shape)}")
         c = self.t_embed(t)
 
         # the clip: patch tokens + 2D position + the frame's temporal position

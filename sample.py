@@ -19,34 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-import data
+from audio import FPS, SAMPLES_PER_FRAME, audio_features, load_audio
+from common import (HelpFormatter, Parser, UserError, add_device, bounded, check_device, load_checkpoint,
+                    load_image, save_png, to_tensor, to_uint8, user_errors)
+from data import write_mp4
+from diffusion import Diffusion
 from letstalk import LetsTalk, LetsTalkConfig
-from train import Diffusion
-from vae import VAE, VAEConfig, psnr
+from vae import psnr, vae_from_state
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "letstalk-tiny.pt"
 
 
 def load_model(path, device):
-    """The EMA denoiser, the VAE, the diffusion settings and the domain statistics (None for a run's checkpoint)
-    of a checkpoint written by train.py (a run's ckpt.pt, or its `--export`)."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise data.DataError(f"{path}: no such checkpoint (train one with `python train.py`, then pass --ckpt)"
-                             ) from None
-    except Exception as e:  # not a torch file, or one that would need to run code to load
-        raise data.DataError(f"{path}: not a letstalk checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "vae", "diffusion"} <= ckpt.keys():
-        raise data.DataError(f"{path}: not a letstalk diffusion checkpoint (train one with `python train.py`)")
-    model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"])).to(device).eval()
-    model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
-    vae = VAE(VAEConfig(**ckpt["vae"]["config"])).to(device).eval()
-    vae.load_state_dict({k: v.float() for k, v in ckpt["vae"]["weights"].items()})
-    return model, vae, ckpt["diffusion"], ckpt.get("domain")
+    """(the EMA denoiser, the VAE, the Diffusion, the domain statistics or None) of a checkpoint written by
+    train.py: a run's ckpt.pt, or its `--export`."""
+    ckpt = load_checkpoint(path, needs=("model", "ema", "vae", "diffusion"), what="a letstalk diffusion checkpoint",
+                           hint=" (train one with `python train.py`, then pass --ckpt)")
+    model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"]))
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), vae_from_state(ckpt["vae"], device), Diffusion(**ckpt["diffusion"]), \
+        ckpt.get("domain")
 
 
 DOMAIN_MARGIN_DB = 3.0  # held-out synthetic faces reconstruct up to ~2 dB below the worst training frame measured
@@ -58,7 +53,7 @@ def out_of_domain(vae, image, domain):
     measured at export (then the model has never seen anything like it), else None."""
     if not domain:
         return None
-    x = data.to_tensor(image)[None].to(vae.latent_scale.device)
+    x = to_tensor(image)[None].to(vae.latent_scale.device)
     got = psnr(vae.decode(vae.encode(x)), x).item()
     if got >= domain["vae_min_psnr"] - DOMAIN_MARGIN_DB:
         return None
@@ -67,29 +62,12 @@ def out_of_domain(vae, image, domain):
             "world; for real faces train on real video (README, 'Real data').")
 
 
-def load_image(path, size):
-    """Any image PIL opens (RGB, RGBA, grayscale, palette, 16-bit), centre square crop -> uint8 (size, size, 3)."""
-    try:
-        img = Image.open(path)
-        img.load()
-    except FileNotFoundError:
-        raise data.DataError(f"{path}: no such file") from None
-    except (OSError, UnidentifiedImageError) as e:
-        raise data.DataError(f"{path}: cannot read image ({e})") from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits first
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1e-9)).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent parts become white
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return data.square_image(img, size)
-
-
 @torch.no_grad()
-def generate(model, vae, diffusion_cfg, images, mels, steps=25, sampler="ddim", audio_scale=2.0, ref_scale=1.0,
+def generate(model, vae, diffusion, images, mels, steps=25, sampler="ddim", audio_scale=2.0, ref_scale=1.0,
              seed=0, device="cpu", progress=True):
     """Animate portraits uint8 (B, H, W, 3), each with its per-frame mel windows (B, N, 20, 80)
-    (data.audio_features). Returns frames uint8 (B, N, H, W, 3) at the model's resolution.
+    (audio.audio_features), with the model's Diffusion. Returns frames uint8 (B, N, H, W, 3) at the model's
+    resolution.
 
     A guidance scale of 1 needs no pass of its own: with both at 1 the model runs once per step, with audio
     guidance only (the default) twice, with both three times.
@@ -99,13 +77,11 @@ def generate(model, vae, diffusion_cfg, images, mels, steps=25, sampler="ddim", 
     B, n = mels.shape[:2]
     windows = math.ceil(n / F_)
     mels = torch.cat([mels, mels[:, -1:].expand(-1, windows * F_ - n, -1, -1)], dim=1).to(device)  # repeat the end
-    diffusion = Diffusion(schedule=diffusion_cfg["schedule"])
-    prediction = diffusion_cfg["prediction"]
     scale = vae.latent_scale
-    ref = vae.encode(data.to_tensor(images).to(device)) * scale  # (B, C, h, w)
+    ref = vae.encode(to_tensor(images).to(device)) * scale  # (B, C, h, w)
     generator = torch.Generator().manual_seed(seed)
     shape = (B, F_, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    motion = torch.zeros(B, M, *shape[2:], device=device) if M else None
+    history = torch.zeros(B, M, *shape[2:], device=device)  # the last M latents generated, across windows
     # the passes this guidance needs, each a batch of B: (drop the portrait, drop the audio)
     passes = {"both": (False, False)}
     if audio_scale != 1 or ref_scale != 1:
@@ -118,28 +94,29 @@ def generate(model, vae, diffusion_cfg, images, mels, steps=25, sampler="ddim", 
     frames = []
     for w in tqdm(range(windows), desc="windows", unit="window", disable=not progress or windows == 1):
         m = mels[:, w * F_:(w + 1) * F_]
+        motion = history.repeat(k, 1, 1, 1, 1) if M else None
         drop_motion = torch.full((k * B,), w == 0, device=device) if M else None  # window 0 has no history
 
         def denoise(x, t):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
                 out = model(x.repeat(k, 1, 1, 1, 1), t.repeat(k), ref.repeat(k, 1, 1, 1), m.repeat(k, 1, 1, 1),
-                            None if motion is None else motion.repeat(k, 1, 1, 1, 1),
-                            drop_ref=drop_ref, drop_audio=drop_audio, drop_motion=drop_motion).float()
-            e = {name: diffusion.split(x, t, o, prediction)[1] for name, o in zip(passes, out.chunk(k))}
+                            motion, drop_ref=drop_ref, drop_audio=drop_audio, drop_motion=drop_motion).float()
+            e = {name: diffusion.split(x, t, o)[1] for name, o in zip(passes, out.chunk(k))}
             # eps(none) + s_ref (eps(ref) - eps(none)) + s_audio (eps(both) - eps(ref)), with the unused terms left out
             eps = e["both"] if k == 1 else e["ref"] + audio_scale * (e["both"] - e["ref"])
             if "none" in e:
                 eps = eps + (ref_scale - 1) * (e["ref"] - e["none"])
-            return diffusion.split(x, t, eps, "eps")[0], eps
+            return diffusion.x0_from_eps(x, t, eps), eps
 
         z = diffusion.sample(denoise, shape, steps=diffusion.steps if sampler == "ddpm" else steps,
                              eta=1.0 if sampler == "ddpm" else 0.0, generator=generator, device=device,
                              progress=progress and windows == 1)  # one bar: steps, or windows when several
+        # the next window's motion frames: the last M latents so far (a first window shorter than M counts its
+        # first frame as having stood still before it)
         if M:
-            motion = z[:, -M:]
+            history = torch.cat([z[:, :1]] * M + [z] if w == 0 else [history, z], dim=1)[:, -M:]
         frames.append(torch.stack([vae.decode(clip / scale) for clip in z]))  # (B, F, 3, H, W)
-    video = torch.cat(frames, dim=1)[:, :n]
-    return ((video.permute(0, 1, 3, 4, 2) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+    return to_uint8(torch.cat(frames, dim=1)[:, :n])
 
 
 def contact_sheet(reference, frames, columns=8):
@@ -150,13 +127,12 @@ def contact_sheet(reference, frames, columns=8):
 
 def main(argv=None):
     """`python sample.py IMAGE AUDIO`: animate a portrait with speech into an .mp4 (argv=None: sys.argv)."""
-    parser = data.Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=data.HelpFormatter)
+    parser = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("image", type=Path, help="portrait: any image PIL opens, centre-cropped to a square")
     parser.add_argument("audio", type=Path, help="speech: WAV of any common encoding, or any format FFmpeg reads")
     parser.add_argument("-o", "--out", type=Path, help="output .mp4 (default: <image>_<audio>.mp4 here)")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint from train.py")
-    parser.add_argument("--steps", type=data.bounded(int, 1), default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=bounded(int, 1), default=25, help="DDIM steps")
     parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                         help="ddim (fast, deterministic) or ddpm (all 1000 ancestral steps)")
     parser.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
@@ -167,47 +143,43 @@ def main(argv=None):
                         "model's resolution; 0 keeps the model's)")
     parser.add_argument("--frames", type=Path, help="also write every frame as a PNG into this folder")
     parser.add_argument("--grid", type=Path, help="also write a contact sheet PNG: reference | frames")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the models run")
+    add_device(parser)
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_{args.audio.stem}.mp4")
-    try:  # every check that can fail runs before the generation, which takes a while
-        data.check_device(args.device)
+    with user_errors():  # every check that can fail runs before the generation, which takes a while
+        check_device(args.device)
         if args.size < 0 or args.size % 2:
-            raise data.DataError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
+            raise UserError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
         for flag, path in (("--out", out), ("--grid", args.grid)):
             if path and not path.resolve().parent.is_dir():
-                raise data.DataError(f"{flag} {path}: the folder {path.parent} does not exist")
+                raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
         if args.frames and args.frames.exists() and not args.frames.is_dir():
-            raise data.DataError(f"--frames {args.frames}: a file of that name exists; pass a folder")
-        model, vae, diffusion_cfg, domain = load_model(args.ckpt, args.device)
+            raise UserError(f"--frames {args.frames}: a file of that name exists; pass a folder")
+        model, vae, diffusion, domain = load_model(args.ckpt, args.device)
         image = load_image(args.image, vae.config.resolution)
-        wav = data.load_audio(args.audio)
-        if len(wav) < data.SAMPLES_PER_FRAME:
-            raise data.DataError(f"{args.audio}: the audio is shorter than one video frame (40 ms)")
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        wav = load_audio(args.audio)
+        if len(wav) < SAMPLES_PER_FRAME:
+            raise UserError(f"{args.audio}: the audio is shorter than one video frame (40 ms)")
     warning = out_of_domain(vae, image, domain)
     if warning:
         print(warning, file=sys.stderr)
-    mel = data.audio_features(wav, math.ceil(len(wav) / data.SAMPLES_PER_FRAME))
-    frames = generate(model, vae, diffusion_cfg, image[None], mel[None], args.steps, args.sampler, args.audio_scale,
+    mel = audio_features(wav, math.ceil(len(wav) / SAMPLES_PER_FRAME))
+    frames = generate(model, vae, diffusion, image[None], mel[None], args.steps, args.sampler, args.audio_scale,
                       args.ref_scale, args.seed, args.device)[0]
     if args.size and args.size != frames.shape[1]:
         frames = np.stack([np.asarray(Image.fromarray(f).resize((args.size, args.size), Image.BICUBIC))
                            for f in frames])
         image = np.asarray(Image.fromarray(image).resize((args.size, args.size), Image.BICUBIC))
-    padded = np.zeros(len(frames) * data.SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
+    padded = np.zeros(len(frames) * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
     padded[:len(wav)] = wav[:len(padded)]
-    data.write_mp4(out, frames, padded)
+    write_mp4(out, frames, padded)
     if args.frames:
         args.frames.mkdir(parents=True, exist_ok=True)
         for i, f in enumerate(frames):
-            data.atomic_write(args.frames / f"{i:05d}.png", lambda tmp: Image.fromarray(f).save(tmp))
+            save_png(args.frames / f"{i:05d}.png", f)
     if args.grid:
-        data.atomic_write(args.grid, lambda tmp: Image.fromarray(contact_sheet(image, frames)).save(tmp))
-    print(f"wrote {out}: {len(frames)} frames, {len(frames) / data.FPS:.2f} s")
+        save_png(args.grid, contact_sheet(image, frames))
+    print(f"wrote {out}: {len(frames)} frames, {len(frames) / FPS:.2f} s")
 
 
 if __name__ == "__main__":

@@ -14,16 +14,15 @@ training is `python train.py --stage vae` (see train.py).
 """
 
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
-import data
+from common import Parser, UserError, load_checkpoint, load_image, save_png, to_tensor, to_uint8, user_errors
 
 
 @dataclass
@@ -141,52 +140,43 @@ def psnr(x, y):
     return -10 * torch.log10(mse.clamp(min=1e-10))
 
 
-def load_vae(path, device="cpu"):
-    """Rebuild the VAE of a checkpoint written by `train.py --stage vae`, in eval mode."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file (train one with `python train.py --stage vae`)") from None
-    except Exception as e:  # not a torch file, or one that would need to run code to load
-        raise ValueError(f"{path}: not a letstalk checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "vae" not in ckpt:
-        raise ValueError(f"{path}: not a letstalk VAE checkpoint (no 'vae' entry)")
-    vae = VAE(VAEConfig(**ckpt["vae"]["config"])).to(device)
-    vae.load_state_dict(ckpt["vae"]["weights"])
-    return vae.eval()
-
-
 def vae_state(vae):
     """What a checkpoint holds of a VAE: plain dicts of numbers and tensors (loadable with weights_only=True)."""
     return {"config": asdict(vae.config), "weights": vae.state_dict()}
 
 
+def vae_from_state(state, device="cpu"):
+    """The inverse of vae_state: the VAE, in eval mode, on `device`."""
+    vae = VAE(VAEConfig(**state["config"]))
+    vae.load_state_dict(state["weights"])
+    return vae.to(device).eval()
+
+
+def load_vae(path, device="cpu"):
+    """The VAE of a checkpoint written by `train.py --stage vae` (or of any run that holds one), in eval mode."""
+    ckpt = load_checkpoint(path, needs=("vae",), what="a letstalk checkpoint with a VAE",
+                           hint=" (train one with `python train.py --stage vae`)")
+    return vae_from_state(ckpt["vae"], device)
+
+
 def main(argv=None):
     """`python vae.py`: reconstruct one image through a trained VAE and print the PSNR (argv=None: sys.argv)."""
-    parser = data.Parser(prog="vae.py", description="Reconstruct an image through a trained VAE: "
-                                     "writes original | reconstruction side by side and prints the PSNR.")
+    parser = Parser(prog="vae.py", description="Reconstruct an image through a trained VAE: writes original | "
+                    "reconstruction side by side and prints the PSNR.")
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `python train.py --stage vae`")
     parser.add_argument("--image", type=Path, required=True, help="any image PIL opens; centre-cropped to a square "
                         "and resized to the resolution the VAE was trained at")
-    parser.add_argument("--out", type=Path, help="output PNG (default: <image>_recon.png)")
+    parser.add_argument("--out", type=Path, help="output PNG (default: <image>_recon.png here)")
     args = parser.parse_args(argv)
-    out = args.out or args.image.with_name(args.image.stem + "_recon.png")
-    try:
+    out = args.out or Path(f"{args.image.stem}_recon.png")
+    with user_errors():
         if not out.resolve().parent.is_dir():
-            raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+            raise UserError(f"--out {out}: the folder {out.parent} does not exist")
         vae = load_vae(args.ckpt)
-        try:
-            img = Image.open(args.image).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"{args.image}: cannot read image ({e})") from None
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    x = data.to_tensor(data.square_image(img, vae.config.resolution))[None]
+        x = to_tensor(load_image(args.image, vae.config.resolution))[None]
     with torch.no_grad():
         y = vae.decode(vae.encode(x))
-    both = ((torch.cat([x, y], dim=3)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    data.atomic_write(out, lambda tmp: Image.fromarray(both).save(tmp))
+    save_png(out, np.concatenate([to_uint8(x[0]), to_uint8(y[0])], axis=1))
     print(f"PSNR {psnr(x, y).item():.2f} dB, wrote {out}")
 
 

@@ -2,6 +2,7 @@
 
 import wave
 
+import av
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ import train
 def vae_ckpt(tmp_path_factory):
     """A (barely trained) 32x32 VAE; its folder's parent also holds the cache of encoded clip pools."""
     root = tmp_path_factory.mktemp("train")
-    train.main(["--stage", "vae", "--out", str(root / "vae"), "--videos", "2", "--resolution", "32", "--width", "8",
+    train.main(["--stage", "vae", "--out", str(root / "vae"), "--videos", "2", "--resolution", "32", "--vae-width", "8",
                 "--batch-size", "4", "--steps", "2", "--device", "cpu"])
     return root / "vae" / "ckpt.pt"
 
@@ -64,3 +65,12 @@ def write_float(path, x, rate, extensible=False):
         fmt = (3).to_bytes(2, "little") + common
     body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(raw).to_bytes(4, "little") + raw
     path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
+
+
+def probe_video(path):
+    """What a player sees of a video file: frame count, fps, codecs, pixel format and frame size."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        return {"frames": v.frames, "fps": float(v.average_rate), "codec": v.codec_context.name,
+                "pix_fmt": v.codec_context.pix_fmt, "audio": [a.codec_context.name for a in c.streams.audio],
+                "size": (v.codec_context.width, v.codec_context.height)}

@@ -13,7 +13,9 @@ import bench
 def test_quick_bench_produces_every_table(tmp_path, capsys):
     tables = bench.main(["--quick", "--width", "32", "--heads", "2", "--device", "cpu",
                          "--json", str(tmp_path / "bench.json")])
-    assert json.loads((tmp_path / "bench.json").read_text())["attention"] == tables["attention"]
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["attention"] == tables["attention"]
+    assert written["device"] == "cpu"  # the device measured on, not the name of the last table
     assert len(tables["attention"]) == 4 and len(tables["block"]) == 4
     for row in tables["attention"]:
         assert math.isfinite(row["ratio"]) and row["eq4"] == row["F"] * row["P"] / (row["F"] + row["P"])

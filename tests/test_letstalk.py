@@ -211,3 +211,14 @@ def test_size_table_prints_every_fusion_choice(capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.split()[0] in L.FUSIONS]
     assert len(rows) == 9 and all(float(r.split()[-1]) > 0 for r in rows)
+
+
+def test_forward_refuses_motion_frames_of_the_wrong_length():
+    model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=2, motion=2,
+                                    audio_layers=1))
+    x, t, ref, mel = torch.randn(1, 2, 4, 4, 4), torch.zeros(1, dtype=torch.long), torch.randn(1, 4, 4, 4), \
+        torch.randn(1, 2, 20, 80)
+    assert model(x, t, ref, mel, torch.randn(1, 2, 4, 4, 4)).shape == x.shape
+    for motion in (torch.randn(1, 1, 4, 4, 4), None):  # one motion frame would broadcast silently onto two
+        with pytest.raises(ValueError, match="2 motion frames"):
+            model(x, t, ref, mel, motion)

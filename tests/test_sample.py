@@ -9,8 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import audio
+import common
+import letstalk as L
 import sample
+import world
+from diffusion import Diffusion
+from vae import VAE, VAEConfig
 from conftest import write_float, write_pcm
 
 ASSETS = Path(sample.__file__).resolve().parent / "assets"
@@ -19,9 +24,9 @@ ASSETS = Path(sample.__file__).resolve().parent / "assets"
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
-    video = data.synth_video("test", 0, 0.5, 48)
+    video = world.synth_video("test", 0, 0.5, 48)
     Image.fromarray(video.frames[0]).save(root / "face.png")
-    data.write_wav(root / "speech.wav", video.wav[:7000])  # 0.4375 s: 11 frames, 3 windows of 4
+    audio.write_wav(root / "speech.wav", video.wav[:7000])  # 0.4375 s: 11 frames, 3 windows of 4
     return root
 
 
@@ -43,13 +48,13 @@ def test_sample_writes_a_video_as_long_as_the_audio(tmp_path, inputs, diffusion_
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "CMYK"])
 def test_images_of_every_mode_load(tmp_path, mode):
-    rgb = Image.fromarray(data.synth_video("test", 1, 0.04, 64).frames[0]).resize((90, 60))
+    rgb = Image.fromarray(world.synth_video("test", 1, 0.04, 64).frames[0]).resize((90, 60))
     if mode == "I;16":  # 16-bit grey, as from a scientific camera
         img = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
     else:
         img = rgb.convert(mode)
     img.save(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"))
-    got = sample.load_image(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"), 32)
+    got = common.load_image(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"), 32)
     assert got.shape == (32, 32, 3) and got.dtype == np.uint8 and got.std() > 10
 
 
@@ -60,12 +65,12 @@ def test_images_of_every_mode_load(tmp_path, mode):
 def test_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, inputs, diffusion_ckpt, vae_ckpt, capsys, case):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00")
-    data.write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32))
-    data.write_wav(tmp_path / "short.wav", np.zeros(300, np.float32))
-    image, audio, ckpt = inputs / "face.png", inputs / "speech.wav", diffusion_ckpt
+    audio.write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32))
+    audio.write_wav(tmp_path / "short.wav", np.zeros(300, np.float32))
+    image, speech, ckpt = inputs / "face.png", inputs / "speech.wav", diffusion_ckpt
     image = {"missing image": tmp_path / "none.png", "bad image": tmp_path / "bad.png"}.get(case, image)
-    audio = {"missing audio": tmp_path / "none.wav", "bad audio": tmp_path / "bad.wav",
-             "empty audio": tmp_path / "empty.wav", "short audio": tmp_path / "short.wav"}.get(case, audio)
+    speech = {"missing audio": tmp_path / "none.wav", "bad audio": tmp_path / "bad.wav",
+              "empty audio": tmp_path / "empty.wav", "short audio": tmp_path / "short.wav"}.get(case, speech)
     ckpt = {"not our checkpoint": vae_ckpt, "missing checkpoint": tmp_path / "none.pt"}.get(case, ckpt)
     out = tmp_path / ("none/out.mp4" if case == "no output folder" else "out.mp4")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
@@ -76,7 +81,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, inputs, diffusion
              "negative size": ["--size", "-2"]}.get(case, [])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        sample.main([str(image), str(audio), "--ckpt", str(ckpt), "-o", str(out), "--steps", "1", *extra])
+        sample.main([str(image), str(speech), "--ckpt", str(ckpt), "-o", str(out), "--steps", "1", *extra])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1, err
@@ -115,20 +120,39 @@ def test_a_real_photo_gets_the_domain_note(tmp_path, capsys):
     rng = np.random.default_rng(0)  # a photo-like texture nothing in the synthetic world looks like
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
     model, vae, _, domain = sample.load_model(sample.DEFAULT_CKPT, "cpu")
-    assert sample.out_of_domain(vae, sample.load_image(tmp_path / "photo.png", 64), domain).startswith("note:")
-    assert sample.out_of_domain(vae, sample.load_image(ASSETS / "face.png", 64), domain) is None
+    assert sample.out_of_domain(vae, common.load_image(tmp_path / "photo.png", 64), domain).startswith("note:")
+    assert sample.out_of_domain(vae, common.load_image(ASSETS / "face.png", 64), domain) is None
 
 
 def test_no_jump_at_window_borders():
     """Three windows of the shipped size-T model: the frame-to-frame change across a window border is within 1.5x
     of the change inside windows (the motion frames carry the previous window over)."""
-    model, vae, diffusion_cfg, _ = sample.load_model(sample.DEFAULT_CKPT, "cpu")
+    model, vae, diffusion, _ = sample.load_model(sample.DEFAULT_CKPT, "cpu")
     F_ = model.cfg.frames
-    videos = [data.synth_video("test", i, 3 * F_ / 25, 64) for i in range(3)]
-    mels = torch.stack([data.audio_features(v.wav, 3 * F_) for v in videos])
-    frames = sample.generate(model, vae, diffusion_cfg, np.stack([v.frames[0] for v in videos]), mels, steps=10,
+    videos = [world.synth_video("test", i, 3 * F_ / 25, 64) for i in range(3)]
+    mels = torch.stack([audio.audio_features(v.wav, 3 * F_) for v in videos])
+    frames = sample.generate(model, vae, diffusion, np.stack([v.frames[0] for v in videos]), mels, steps=10,
                              progress=False).astype(np.float32)
     change = np.abs(np.diff(frames, axis=1)).mean(axis=(0, 2, 3, 4))  # (3F - 1,): frame i -> i + 1
     border = np.zeros(len(change), bool)
     border[[F_ - 1, 2 * F_ - 1]] = True
     assert change[border].mean() <= 1.5 * change[~border].mean(), (change[border], change[~border].mean())
+
+
+def test_windows_shorter_than_the_motion_frames_continue_the_last_m_latents():
+    """With F = 1 frame per window and M = 2 motion frames, every window is conditioned on the last two latents
+    generated so far, which span windows; the first window's single latent stands in for the frame before it."""
+    torch.manual_seed(0)
+    model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=1, motion=2,
+                                    audio_layers=1)).eval()
+    vae = VAE(VAEConfig(resolution=16, factor=4, width=8)).eval()
+    motions, latents, decode = [], [], vae.decode
+    model.register_forward_pre_hook(lambda module, args: motions.append(args[4].clone()))
+    vae.decode = lambda z: latents.append(z * vae.latent_scale) or decode(z)
+    steps = 2
+    sample.generate(model, vae, Diffusion(), np.zeros((1, 16, 16, 3), np.uint8), torch.randn(1, 4, 20, 80),
+                    steps=steps, audio_scale=1.0, progress=False)  # one model pass per step
+    z = torch.cat(latents)  # the 4 generated latents, one per window
+    assert len(latents) == 4 and [m.shape[1] for m in motions] == [2] * 4 * steps
+    for w, want in ((1, z[[0, 0]]), (2, z[[0, 1]]), (3, z[[1, 2]])):
+        assert torch.allclose(motions[w * steps][0], want, atol=1e-6), f"window {w}"

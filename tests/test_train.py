@@ -1,4 +1,4 @@
-"""Tests of train.py: the diffusion maths (Eq. 1-3), the diffusion stage, resume, DDP and failure handling."""
+"""Tests of train.py: learning, the diffusion stage, resume, DDP and failure handling."""
 
 import json
 import math
@@ -11,47 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import common
+import config
 import letstalk as L
 import train
+import world
 from conftest import diffusion_args
-from train import Diffusion
-
-
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_q_sample_has_the_mean_and_variance_of_eq1(schedule):
-    d = Diffusion(schedule=schedule)
-    ab = d.alphas_cumprod
-    assert (ab[1:] < ab[:-1]).all() and 0.99 < ab[0] < 1 and ab[-1] < 0.01  # monotone, from clean to noise
-    x0 = torch.linspace(-2, 2, 50)
-    for t in (0, 300, 999):
-        noise = torch.randn(20_000, 50, generator=torch.Generator().manual_seed(t))
-        x_t = d.q_sample(x0.expand(20_000, 50), torch.full((20_000,), t), noise)
-        assert torch.allclose(x_t.mean(0), ab[t].sqrt() * x0, atol=0.03)
-        assert torch.allclose(x_t.var(0), (1 - ab[t]).expand(50), rtol=0.05, atol=1e-4)
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_every_target_gives_back_x0_and_eps(prediction):
-    d = Diffusion()
-    x0, noise, t = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randint(1, 999, (8,))
-    x_t = d.q_sample(x0, t, noise)
-    got_x0, got_eps = d.split(x_t, t, d.target(x0, noise, t, prediction), prediction)
-    assert torch.allclose(got_x0, x0, atol=1e-3) and torch.allclose(got_eps, noise, atol=1e-3)
-    w = d.loss_weight(t, prediction, 5.0)
-    assert w.shape == (8,) and (w > 0).all() and torch.equal(d.loss_weight(t, prediction), torch.ones(8))
-
-
-def test_ddim_with_a_perfect_denoiser_returns_the_data():
-    d = Diffusion()
-    x0 = torch.randn(2, 3, 4, 4)
-    out = d.sample(lambda x, t: (x0, d.split(x, t, x0, "x0")[1]), x0.shape, steps=10)
-    assert torch.allclose(out, x0, atol=1e-4)
+from diffusion import Diffusion
 
 
 def test_overfitting_one_synthetic_batch():
     torch.manual_seed(0)
-    frames = data.to_tensor(data.synth_video("train", 0, 0.5, 32).frames[:8])  # one clip of 8 frames
+    frames = common.to_tensor(world.synth_video("train", 0, 0.5, 32).frames[:8])  # one clip of 8 frames
     latents = torch.nn.functional.avg_pool2d(frames, 4)[None].repeat(4, 1, 1, 1, 1) * 2  # 4x4 pooling as a VAE
     model = L.LetsTalk(L.config_for("T", latent_size=8, latent_channels=3, frames=8, motion=0))
     d, opt = Diffusion(), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -90,18 +61,42 @@ def test_diffusion_resumes_exactly_and_stops_on_a_time_budget(tmp_path, vae_ckpt
     assert train.main(["--out", str(tmp_path / "budget"), "--steps", "2", "--resume"])["step"] == 2
 
 
-def test_ddp_two_processes_stay_in_sync(tmp_path, vae_ckpt):
-    train.main(diffusion_args(tmp_path / "warm", vae_ckpt, "--steps", "1"))  # builds the shared pools first
+def torchrun(out, vae_ckpt, *extra, port=29533):
+    """train.py under torchrun with 2 CPU processes (gloo), the tiny diffusion run's settings plus `extra`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train.__file__).parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           train.__file__, *diffusion_args(tmp_path / "ddp", vae_ckpt, "--steps", "3")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           train.__file__, *diffusion_args(out, vae_ckpt, *extra)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    ckpts = list((tmp_path / "ddp").glob("*.pt"))
-    assert [p.name for p in ckpts] == ["ckpt.pt"]
-    assert torch.load(ckpts[0], weights_only=True)["step"] == 3
-    final = [line for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines() if '"final"' in line]
-    assert '"rank_param_spread": 0.0' in final[0]  # rank 1 holds exactly rank 0's parameters
+
+
+def test_ddp_two_processes_stay_in_sync_and_resume_exactly(tmp_path, vae_ckpt):
+    """Two ranks keep identical weights, draw different noise, and a run resumed at step 2 ends where an
+    uninterrupted one does: every rank's random state is saved and restored, not only rank 0's."""
+    train.main(diffusion_args(tmp_path / "warm", vae_ckpt, "--steps", "1"))  # builds the shared pools first
+    torchrun(tmp_path / "straight", vae_ckpt, "--steps", "3")
+    torchrun(tmp_path / "pieces", vae_ckpt, "--steps", "2")
+    torchrun(tmp_path / "pieces", vae_ckpt, "--steps", "3", "--resume")
+    assert [p.name for p in (tmp_path / "straight").glob("*.pt")] == ["ckpt.pt"]
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("straight", "pieces"))
+    assert a["step"] == b["step"] == 3
+    assert a["rng"].shape[0] == 2 and not torch.equal(a["rng"][0], a["rng"][1])  # one state per rank, each its own
+    for key in a["model"]["weights"]:
+        assert torch.allclose(a["model"]["weights"][key], b["model"]["weights"][key], atol=1e-6), key
+    for run in ("straight", "pieces"):
+        final = [line for line in (tmp_path / run / "log.jsonl").read_text().splitlines() if '"final"' in line]
+        assert '"rank_param_spread": 0.0' in final[-1]  # rank 1 holds exactly rank 0's parameters
+
+
+def test_a_gpu_run_resumes_from_a_checkpoint_read_on_the_cpu(tmp_path, vae_ckpt, monkeypatch):
+    """--resume --device cuda used to load the checkpoint onto the GPU, where torch.set_rng_state (CPU tensors
+    only) raised: every GPU resume crashed. No GPU here: the run is told cuda exists and builds its stage on the
+    CPU; the checkpoint must be read on the CPU, as on a GPU machine."""
+    train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
+    monkeypatch.setattr(config, "check_device", lambda name: torch.device(name))
+    build = train.DiffusionStage
+    monkeypatch.setattr(train, "DiffusionStage", lambda cfg, device: build(cfg, torch.device("cpu")))
+    assert train.main(["--out", str(tmp_path / "run"), "--resume", "--device", "cuda", "--steps", "2"])["step"] == 2
 
 
 def test_ddp_vae_stage_stays_in_sync(tmp_path):
@@ -109,7 +104,7 @@ def test_ddp_vae_stage_stays_in_sync(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train.__file__).parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
            train.__file__, "--stage", "vae", "--out", str(tmp_path / "vae"), "--videos", "2", "--resolution", "32",
-           "--width", "8", "--batch-size", "4", "--steps", "3", "--device", "cpu"]
+           "--vae-width", "8", "--batch-size", "4", "--steps", "3", "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     final = [line for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines() if '"final"' in line]
@@ -132,13 +127,15 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, vae_ckpt,
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, vae_ckpt, monkeypatch):
+def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, vae_ckpt, monkeypatch, capsys):
     out = tmp_path / "run"
     train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))
     monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, idx: (torch.tensor(float("nan")), {}))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main(["--out", str(out), "--steps", "2", "--resume"])
-    assert "loss became nan" in str(e.value.code) and "intact" in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "loss became nan" in err and "intact" in err
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
 
 
@@ -157,7 +154,12 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
              (["--lr", "0", "--out", str(tmp_path / "z")], "--lr: 0: must be above 0"),
              (["--resume", "--out", str(tmp_path / "run"), "--steps", "-3"], "--steps: -3: must be at least 1"),
              (["--stage", "vae", "--resolution", "60", "--out", str(tmp_path / "z")], "a multiple of 8"),
-             (["--stage", "vae", "--width", "6", "--out", str(tmp_path / "z")], "a multiple of 4")]
+             (["--stage", "vae", "--vae-width", "6", "--out", str(tmp_path / "z")], "a multiple of 4"),
+             # a setting of the other stage would be silently ignored: it is refused
+             (["--stage", "vae", "--clips", "5", "--prediction", "v", "--out", str(tmp_path / "z")],
+              "--clips, --prediction: not a setting of the vae stage; --stage diffusion takes them"),
+             (["--vae-width", "16", "--out", str(tmp_path / "z")],
+              "--vae-width: not a setting of the diffusion stage; --stage vae takes it")]
     train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
     capsys.readouterr()
     for argv, message in cases:
@@ -177,7 +179,7 @@ def test_warmup_0_starts_at_the_full_learning_rate(tmp_path, vae_ckpt):
 
 def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, monkeypatch):
     # no GPU here: the device check reports one, and train() hands back the settings instead of training
-    monkeypatch.setattr(train.data, "check_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(config, "check_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
     for size, batch in (("S", 16), ("B", 8), ("L", 4)):
         cfg = train.main(["--size", size, "--vae", str(vae_ckpt), "--out", str(tmp_path / size), "--device", "cuda"])

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import common
 import train
 import vae as vae_module
+import world
 from vae import VAE, VAEConfig, kl_divergence, psnr, vae_loss
 
 
@@ -43,8 +44,8 @@ def test_encode_samples_when_training_and_is_deterministic_in_eval():
 
 def test_vae_overfits_one_small_batch():
     torch.manual_seed(0)
-    frames = [data.render_frame(data.identity(i), 64, i / 4, 0.3, 0.0, (0.0, 0.0, 0.0))[0] for i in range(4)]
-    x = data.to_tensor(np.stack(frames))
+    frames = [world.render_frame(world.identity(i), 64, i / 4, 0.3, 0.0, (0.0, 0.0, 0.0))[0] for i in range(4)]
+    x = common.to_tensor(np.stack(frames))
     model = VAE(VAEConfig(resolution=64, factor=4, width=16))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.eval()
@@ -63,7 +64,7 @@ def test_vae_overfits_one_small_batch():
 
 
 def _train(tmp_path, name, *extra):
-    argv = ["--stage", "vae", "--out", str(tmp_path / name), "--videos", "2", "--resolution", "32", "--width", "8",
+    argv = ["--stage", "vae", "--out", str(tmp_path / name), "--videos", "2", "--resolution", "32", "--vae-width", "8",
             "--batch-size", "4", "--warmup", "2", "--eval-every", "2", "--device", "cpu", *extra]
     return train.main(argv)
 
@@ -87,12 +88,15 @@ def test_train_resumes_exactly_and_stops_on_a_time_budget(tmp_path):
     assert _train(tmp_path, "budget", "--steps", "2", "--resume")["step"] == 2
 
 
-def test_vae_cli_reconstructs_an_image(tmp_path, capsys):
+def test_vae_cli_reconstructs_an_image(tmp_path, capsys, monkeypatch):
     _train(tmp_path, "run", "--steps", "2")
-    image = tmp_path / "face.png"
-    Image.fromarray(data.synth_video("test", 0, 0.04, 48).frames[0]).convert("RGBA").save(image)
+    (tmp_path / "faces").mkdir()
+    image = tmp_path / "faces" / "face.png"
+    Image.fromarray(world.synth_video("test", 0, 0.04, 48).frames[0]).convert("RGBA").save(image)
+    monkeypatch.chdir(tmp_path)
     vae_module.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--image", str(image)])
     assert "PSNR" in capsys.readouterr().out
+    # written here, as sample.py writes its video, not next to the image
     assert Image.open(tmp_path / "face_recon.png").size == (64, 32)  # original | reconstruction at 32x32
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.distributions import Normal, kl_divergence
 
+import diffusion
 import letstalk
-import train
 
 
 def close(got, want, what, atol=1e-5, rtol=1e-5):
@@ -222,11 +222,11 @@ def check_model_size(sizes):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train.py: the diffusion process
+# diffusion.py: the diffusion process
 
 
-def _alpha_bar(diffusion, t, ndim):
-    return diffusion.alphas_cumprod.double()[t].view(-1, *[1] * (ndim - 1))
+def _alpha_bar(process, t, ndim):
+    return process.alphas_cumprod.double()[t].view(-1, *[1] * (ndim - 1))
 
 
 def check_q_sample(impl):
@@ -235,46 +235,45 @@ def check_q_sample(impl):
     x0, noise = torch.randn(4, 2, 3, 4, 4, generator=g), torch.randn(4, 2, 3, 4, 4, generator=g)
     t = torch.tensor([0, 10, 500, 999])
     for schedule in ("linear", "cosine"):
-        diffusion = train.Diffusion(schedule=schedule)
-        ab = _alpha_bar(diffusion, t, x0.dim())
+        process = diffusion.Diffusion(schedule=schedule)
+        ab = _alpha_bar(process, t, x0.dim())
         want = ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()
-        close(impl(diffusion, x0, t, noise), want, f"q_sample at t = {t.tolist()} ({schedule} schedule)")
+        close(impl(process, x0, t, noise), want, f"q_sample at t = {t.tolist()} ({schedule} schedule)")
 
 
 def check_split(impl):
-    """Diffusion.split(x_t, t, out, prediction) -> (x0, eps), for networks that predict eps, x0 or v."""
-    diffusion = train.Diffusion()
+    """Diffusion.split(x_t, t, out) -> (x0, eps), for networks that predict eps, x0 or v (diffusion.prediction)."""
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 2, 3, 4, 4, generator=g).double(), torch.randn(4, 2, 3, 4, 4, generator=g).double()
     t = torch.tensor([0, 100, 500, 900])
-    ab = _alpha_bar(diffusion, t, x0.dim())
+    ab = _alpha_bar(diffusion.Diffusion(), t, x0.dim())
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     outputs = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}
     for prediction, out in outputs.items():
-        got_x0, got_eps = impl(diffusion, x_t.float(), t, out.float(), prediction)
+        got_x0, got_eps = impl(diffusion.Diffusion(prediction=prediction), x_t.float(), t, out.float())
         close(got_x0, x0, f"x0 recovered from a perfect {prediction} prediction", atol=2e-3, rtol=1e-3)
         close(got_eps, eps, f"eps recovered from a perfect {prediction} prediction", atol=2e-3, rtol=1e-3)
 
 
 def check_ddim_step(impl):
     """Diffusion.ddim_step(x0, eps, t, t_prev, eta, noise): one reverse step, t_prev = -1 meaning the clean end."""
-    diffusion = train.Diffusion()
-    ab_all = diffusion.alphas_cumprod.double().numpy()
+    process = diffusion.Diffusion()
+    ab_all = process.alphas_cumprod.double().numpy()
     g = torch.Generator().manual_seed(0)
     x0, eps, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
     for t, t_prev, eta in [(999, 959, 0.0), (500, 499, 1.0), (300, 200, 0.5), (20, -1, 0.0), (40, -1, 1.0)]:
         ab, ab_prev = float(ab_all[t]), (float(ab_all[t_prev]) if t_prev >= 0 else 1.0)
         sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         want = np.sqrt(ab_prev) * x0 + np.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * noise
-        close(impl(diffusion, x0, eps, t, t_prev, eta, noise), want, f"ddim_step from t = {t} to {t_prev}, eta {eta}")
+        close(impl(process, x0, eps, t, t_prev, eta, noise), want, f"ddim_step from t = {t} to {t_prev}, eta {eta}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data.py: the audio front end
+# audio.py: the audio front end
 
 
 def check_mel_filterbank(impl):
-    """data.mel_filterbank(n_freqs, n_mels, sample_rate, f_min, f_max) -> (n_freqs, n_mels) HTK-mel triangles."""
+    """audio.mel_filterbank(n_freqs, n_mels, sample_rate, f_min, f_max) -> (n_freqs, n_mels) HTK-mel triangles."""
     for n_freqs, n_mels, rate, f_min, f_max in [(513, 80, 16000, 0.0, None), (129, 10, 8000, 100.0, 3000.0)]:
         f_max_hz = rate / 2 if f_max is None else f_max
         mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731  (HTK)
@@ -290,7 +289,7 @@ def check_mel_filterbank(impl):
 
 
 def check_mel_windows(impl):
-    """data.mel_windows(mel (4 n, 80), n) -> (n, 20, 80): video frame i hears video frames i - 2 .. i + 2, mel
+    """audio.mel_windows(mel (4 n, 80), n) -> (n, 20, 80): video frame i hears video frames i - 2 .. i + 2, mel
     indices clamped at both ends."""
     for n in (6, 1):
         mel = torch.arange(4 * n, dtype=torch.float32)[:, None] + torch.arange(80) / 100  # row j holds j.xx

@@ -16,12 +16,12 @@ import pytest
 import torch
 from einops import rearrange, repeat
 
+import audio
 import checks
-import data
+import diffusion
 import letstalk
 import metrics
 import test_exercises
-import train
 import vae
 from letstalk import Block, modulate
 
@@ -105,22 +105,22 @@ def sincos_cos_first(dim, positions):
 
 def mel_windows_one_frame_margin(mel, n_frames):
     # off by one video frame: the window covers frames i - 1 .. i + 3
-    start = (torch.arange(n_frames) - 1) * data.MELS_PER_FRAME
-    idx = (start[:, None] + torch.arange(data.MEL_WINDOW)[None, :]).clamp(0, mel.shape[0] - 1)
+    start = (torch.arange(n_frames) - 1) * audio.MELS_PER_FRAME
+    idx = (start[:, None] + torch.arange(audio.MEL_WINDOW)[None, :]).clamp(0, mel.shape[0] - 1)
     return mel[idx]
 
 
 def mel_windows_wrapped(mel, n_frames):
     # indices before the start wrap around to the end of the audio (Python's negative indexing) instead of clamping
-    start = (torch.arange(n_frames) - data.AUDIO_MARGIN) * data.MELS_PER_FRAME
-    idx = (start[:, None] + torch.arange(data.MEL_WINDOW)[None, :]) % mel.shape[0]
+    start = (torch.arange(n_frames) - audio.AUDIO_MARGIN) * audio.MELS_PER_FRAME
+    idx = (start[:, None] + torch.arange(audio.MEL_WINDOW)[None, :]) % mel.shape[0]
     return mel[idx]
 
 
 def mel_windows_margin_in_mel_frames(mel, n_frames):
     # the margin of 2 counted in mel frames instead of video frames
-    start = torch.arange(n_frames) * data.MELS_PER_FRAME - data.AUDIO_MARGIN
-    idx = (start[:, None] + torch.arange(data.MEL_WINDOW)[None, :]).clamp(0, mel.shape[0] - 1)
+    start = torch.arange(n_frames) * audio.MELS_PER_FRAME - audio.AUDIO_MARGIN
+    idx = (start[:, None] + torch.arange(audio.MEL_WINDOW)[None, :]).clamp(0, mel.shape[0] - 1)
     return mel[idx]
 
 
@@ -229,26 +229,26 @@ def mel_filterbank_mixed_logs(n_freqs=513, n_mels=80, sample_rate=16000, f_min=0
                            lambda m: 700 * (10 ** (m / 2595) - 1), np.linspace(0, sample_rate / 2, n_freqs))
 
 
-def split_v_sign(self, x_t, t, out, prediction):
+def split_v_sign(self, x_t, t, out):
     # v = sqrt(ab) eps - sqrt(1 - ab) x0 inverted with the wrong sign on v
-    if prediction != "v":
-        return train.Diffusion.split(self, x_t, t, out, prediction)
+    if self.prediction != "v":
+        return diffusion.Diffusion.split(self, x_t, t, out)
     ab = self._ab(t, x_t)
     return ab.sqrt() * x_t + (1 - ab).sqrt() * out, (1 - ab).sqrt() * x_t - ab.sqrt() * out
 
 
-def split_eps_without_root(self, x_t, t, out, prediction):
+def split_eps_without_root(self, x_t, t, out):
     # eps prediction: (x_t - (1 - ab) eps) / ab, the square roots forgotten
-    if prediction != "eps":
-        return train.Diffusion.split(self, x_t, t, out, prediction)
+    if self.prediction != "eps":
+        return diffusion.Diffusion.split(self, x_t, t, out)
     ab = self._ab(t, x_t)
     return (x_t - (1 - ab) * out) / ab, out
 
 
-def split_x0_without_root(self, x_t, t, out, prediction):
+def split_x0_without_root(self, x_t, t, out):
     # x0 prediction: dividing by 1 - ab instead of sqrt(1 - ab)
-    if prediction != "x0":
-        return train.Diffusion.split(self, x_t, t, out, prediction)
+    if self.prediction != "x0":
+        return diffusion.Diffusion.split(self, x_t, t, out)
     ab = self._ab(t, x_t)
     return out, (x_t - ab.sqrt() * out) / (1 - ab)
 
@@ -335,11 +335,11 @@ EXERCISES = [
     ("psnr", checks.check_psnr, vae.psnr, empty,
      [psnr_without_rescale, psnr_natural_log, psnr_of_the_batch, psnr_unclamped]),
     ("kl", checks.check_kl, vae.kl_divergence, empty, [kl_without_half, kl_logvar_as_log_std, kl_summed]),
-    ("q_sample", checks.check_q_sample, train.Diffusion.q_sample, empty,
+    ("q_sample", checks.check_q_sample, diffusion.Diffusion.q_sample, empty,
      [q_sample_without_roots, q_sample_swapped, q_sample_off_by_one]),
     ("sincos", checks.check_sincos, letstalk.sincos_1d, empty,
      [sincos_over_dim, sincos_growing_frequencies, sincos_cos_first]),
-    ("mel_windows", checks.check_mel_windows, data.mel_windows, empty,
+    ("mel_windows", checks.check_mel_windows, audio.mel_windows, empty,
      [mel_windows_one_frame_margin, mel_windows_wrapped, mel_windows_margin_in_mel_frames]),
     ("unpatchify", checks.check_unpatchify, letstalk.LetsTalk.unpatchify, empty,
      [unpatchify_channels_first, unpatchify_transposed, unpatchify_frames_outer]),
@@ -348,11 +348,11 @@ EXERCISES = [
     # a table, not a function: its "empty body" is an empty table
     ("model_size", checks.check_model_size, letstalk.SIZES, {},
      [sizes_width_not_divisible_by_4, sizes_out_of_order, sizes_heads_do_not_divide]),
-    ("mel_filterbank", checks.check_mel_filterbank, data.mel_filterbank, empty,
+    ("mel_filterbank", checks.check_mel_filterbank, audio.mel_filterbank, empty,
      [mel_filterbank_linear, mel_filterbank_wrong_bins, mel_filterbank_mixed_logs]),
-    ("split", checks.check_split, train.Diffusion.split, empty,
+    ("split", checks.check_split, diffusion.Diffusion.split, empty,
      [split_v_sign, split_eps_without_root, split_x0_without_root]),
-    ("ddim_step", checks.check_ddim_step, train.Diffusion.ddim_step, empty,
+    ("ddim_step", checks.check_ddim_step, diffusion.Diffusion.ddim_step, empty,
      [ddim_step_negative_index, ddim_step_variance_as_std, ddim_step_eps_ignores_sigma]),
     ("frechet", checks.check_frechet, metrics.frechet_distance, empty,
      [frechet_without_root, frechet_product_of_roots, frechet_mean_not_squared]),

@@ -1,0 +1,185 @@
+"""Every setting of a training run, declared once: its default, help text, range or choices, the stage it belongs
+to, and whether a resumed run may change it. `python train.py --help` is generated from this file.
+
+A default of None means "the default for this device and stage", filled in by `resolve`, the one place where the
+paper's GPU settings and the CPU demo's part ways. A setting of the other stage is refused, not ignored, and so is
+a change that would silently not happen when a run is resumed.
+"""
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from common import UserError, bounded, check_device
+from diffusion import PREDICTIONS, SCHEDULES
+from letstalk import FUSIONS, SIZES
+
+STAGES = ("vae", "diffusion")
+
+
+def setting(default, help, stage=None, choices=None, resumable=False, **bounds):
+    """A TrainConfig field with its command-line help, the stage it belongs to (None: both), its choices or its
+    bounds (low, high, above; see common.bounded), and whether --resume may change it."""
+    return field(default=default, metadata=dict(help=help, stage=stage, choices=choices, bounds=bounds,
+                                                 resumable=resumable))
+
+
+@dataclass
+class TrainConfig:
+    """The settings of one run (stage 1, the VAE, or stage 2, the diffusion transformer); a checkpoint stores them
+    as a dict."""
+    stage: str = setting("diffusion", "vae (stage 1) or diffusion (stage 2)", choices=STAGES)
+    data: str = setting("synthetic", "'synthetic' or a folder in data.py's layout")
+    out: str = setting(None, "run folder (default: runs/<stage>)")
+    cache: str = setting(None, "where the encoded pools live (default: the run folder)")
+    seed: int = setting(0, "seed of the weights, the data order and the synthetic world")
+    device: str = setting(None, "cpu, cuda or cuda:N (default: cuda if this machine has a GPU); under torchrun "
+                          "each rank's own GPU", resumable=True)
+    steps: int = setting(100_000, "stop after this many optimizer steps (or earlier, with --max-minutes)",
+                         resumable=True, low=1)
+    batch_size: int = setting(None, "clips (frames for the VAE) per micro-batch and rank (default: 32 VAE; "
+                              "diffusion 16, or 8 for size B and 4 for L, which fit an 80 GB GPU)", low=1)
+    accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step", low=1)
+    lr: float = setting(None, "peak learning rate (default: 5e-4 VAE; diffusion 3e-4 for size T, 1e-4 as the "
+                        "official code for S, B, L)", above=0)
+    warmup: int = setting(100, "steps of linear learning-rate warm-up (0: none)", low=0)
+    cooldown: int = setting(0, "steps of linear learning-rate decay to 0 before --steps (0: none); a cooled-down "
+                            "model samples cleaner images. Set --steps to a step you will reach", resumable=True,
+                            low=0)
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this", above=0)
+    eval_every: int = setting(250, "steps between evaluations (and, for diffusion, a sample grid PNG)", low=1)
+    save_minutes: float = setting(10.0, "minutes between checkpoints (one is always written at the end)", above=0)
+    # stage 1: the VAE
+    resolution: int = setting(None, "frame size (default: 256 on a GPU as in the paper, 64 on a CPU)", stage="vae",
+                              low=16)
+    factor: int = setting(None, "VAE downsampling (default: 8 at 256 and above, else 4: latents of 32x32 and "
+                          "16x16)", stage="vae", choices=(4, 8))
+    vae_width: int = setting(32, "VAE channels at full resolution (32 trains fast on a CPU; try 64-128 for real "
+                             "data)", stage="vae", low=4)
+    videos: int = setting(600, "synthetic training videos the frame pool is cut from", stage="vae", low=1)
+    # stage 2: the diffusion transformer
+    vae: str = setting("runs/vae/ckpt.pt", "VAE checkpoint from `train.py --stage vae`", stage="diffusion")
+    size: str = setting(None, "model size (default: B on a GPU, T on a CPU)", stage="diffusion",
+                        choices=tuple(SIZES))
+    frames: int = setting(None, "F per clip (default: 16 as the paper on a GPU, 8 on a CPU)", stage="diffusion",
+                          low=1)
+    motion: int = setting(2, "M motion frames before each clip (0: none)", stage="diffusion", low=0)
+    ref_fusion: str = setting("symbiotic", "how the portrait is fused (the paper: symbiotic)", stage="diffusion",
+                              choices=FUSIONS)
+    audio_fusion: str = setting("direct", "how the audio is fused (the paper: direct)", stage="diffusion",
+                                choices=FUSIONS)
+    clips: int = setting(2000, "clips in the encoded pool", stage="diffusion", low=1)
+    prediction: str = setting("eps", "network target: eps (the paper's Eq. 3), v or x0", stage="diffusion",
+                              choices=PREDICTIONS)
+    schedule: str = setting("linear", "noise schedule: linear (DDPM, the official code) or cosine",
+                            stage="diffusion", choices=SCHEDULES)
+    min_snr_gamma: float = setting(None, "min-SNR loss weighting (default: off, plain Eq. 3; 5 is the usual value)",
+                                   stage="diffusion", above=0)
+    mouth_weight: float = setting(1.0, "loss weight inside the mouth box (synthetic) or lower face (real data); 1: "
+                                  "off", stage="diffusion", low=0)
+    blink_repeat: int = setting(1, "synthetic data: clips with a blink appear this many times per epoch, since a "
+                                "small model under-produces rare blinks; 1: off", stage="diffusion", resumable=True,
+                                low=1)
+    drop_audio: float = setting(0.1, "probability of dropping the audio (classifier-free guidance), independent of "
+                                "the reference", stage="diffusion", low=0, high=1)
+    drop_ref: float = setting(0.1, "probability of dropping the reference (classifier-free guidance)",
+                              stage="diffusion", low=0, high=1)
+    drop_motion: float = setting(0.3, "probability of dropping the motion frames, so the model also learns to "
+                                 "start a video", stage="diffusion", low=0, high=1)
+    ema: float = setting(0.999, "EMA decay of the weights sample.py uses (warmed up: min(decay, (1 + n) / (10 + "
+                         "n)))", stage="diffusion", low=0, high=1)
+    compile: bool = setting(None, "torch.compile the model; --no-compile for eager (default: on a GPU, where it "
+                            "is faster once compiled, a minute or two in)", stage="diffusion", resumable=True)
+
+
+def flag(name):
+    """The command-line flag of a setting: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def add_settings(parser):
+    """Add one option per TrainConfig field to an argparse parser, every default None (= not given)."""
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        text = meta["help"] if "default" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = bounded(f.type, **meta["bounds"]) if meta["bounds"] else f.type
+            parser.add_argument(flag(f.name), type=kind, default=None, choices=meta["choices"], help=text)
+
+
+def given(args):
+    """The settings the command line gave: {name: value}, those left out omitted."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+
+
+def resolve(cfg):
+    """Fill in the settings left at None for this device and stage, in place, and check the combinations a single
+    flag cannot: the paper's settings on a GPU, a CPU demo's otherwise. Returns cfg."""
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = check_device(cfg.device).type == "cuda"
+    cfg.out = cfg.out or f"runs/{cfg.stage}"
+    cfg.cache = cfg.cache or cfg.out
+    if cfg.data != "synthetic" and not Path(cfg.data).is_dir():
+        raise UserError(f"--data {cfg.data}: not a folder (make one with `python world.py` or `python data.py "
+                        "prepare`), or use --data synthetic")
+    if cfg.stage == "vae":
+        cfg.resolution = cfg.resolution or (256 if gpu else 64)
+        cfg.factor = cfg.factor or (8 if cfg.resolution >= 256 else 4)
+        cfg.batch_size, cfg.lr = cfg.batch_size or 32, cfg.lr or 5e-4
+        if cfg.resolution % (2 * cfg.factor):
+            raise UserError(f"--resolution {cfg.resolution}: must be a multiple of {2 * cfg.factor}, twice --factor "
+                            "(the diffusion model cuts the latents into 2x2 patches)")
+        if cfg.vae_width % 4:
+            raise UserError(f"--vae-width {cfg.vae_width}: must be a multiple of 4 (GroupNorm takes groups of 4 "
+                            "channels)")
+        return cfg
+    cfg.size = cfg.size or ("B" if gpu else "T")
+    cfg.frames = cfg.frames or (16 if gpu else 8)
+    # B and L at the paper's clip keep about 4.6 and 12 GiB of bf16 activations per clip for the backward (bench.py's
+    # saved_mib, README): batch 16 of B would not fit an 80 GB GPU beside the weights and AdamW
+    cfg.batch_size = cfg.batch_size or {"B": 8, "L": 4}.get(cfg.size, 16)
+    cfg.lr = cfg.lr or (3e-4 if cfg.size == "T" else 1e-4)
+    cfg.compile = gpu if cfg.compile is None else cfg.compile
+    if cfg.size in ("B", "L") and not gpu:
+        raise UserError(f"--size {cfg.size} needs a GPU (one step on this CPU would take minutes). On a CPU, train "
+                        "the tiny model: `python train.py --size T`; on GPUs: `torchrun --nproc_per_node=N train.py "
+                        f"--size {cfg.size} --data DIR` with DIR from `python data.py prepare`.")
+    if not Path(cfg.vae).is_file():
+        raise UserError(f"--vae {cfg.vae}: no VAE checkpoint; train one first with `python train.py --stage vae`")
+    return cfg
+
+
+def new_config(settings):
+    """The TrainConfig of a new run from the settings given on the command line ({name: value}), defaults
+    resolved. A setting of the other stage is a UserError: it would be silently ignored."""
+    stage = settings.get("stage", TrainConfig.stage)
+    other = [flag(f.name) for f in fields(TrainConfig)
+             if f.name in settings and f.metadata["stage"] not in (None, stage)]
+    if other:
+        raise UserError(f"{', '.join(other)}: not a setting of the {stage} stage; --stage "
+                        f"{STAGES[STAGES.index(stage) - 1]} takes {'it' if len(other) == 1 else 'them'}")
+    return resolve(TrainConfig(**settings))
+
+
+def resumed_config(saved, settings, out):
+    """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict), with the resumable ones the
+    command line changed and the run folder where it is now. Repeating a saved setting is fine; changing one that
+    is not resumable is a UserError (it would silently not happen)."""
+    resumable = [f.name for f in fields(TrainConfig) if f.metadata["resumable"]]
+    fixed = sorted(name for name, value in settings.items()
+                   if name not in (*resumable, "out") and value != saved.get(name))
+    if fixed:
+        raise UserError(f"{', '.join(flag(k) for k in fixed)}: a resumed run keeps the settings in its checkpoint; "
+                        f"only {', '.join(flag(k) for k in resumable)} and --max-minutes may change")
+    moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
+    cfg = TrainConfig(**{**saved, **moved, **{k: v for k, v in settings.items() if k in resumable}})
+    try:  # a run from a GPU machine may be continued on a CPU with --device cpu
+        check_device(cfg.device)
+    except UserError as e:
+        raise UserError(f"{e} (the run was saved with --device {saved['device']})") from None
+    return cfg
+

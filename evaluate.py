@@ -1,0 +1,339 @@
+"""Evaluation: the paper's tables for a checkpoint, measured in the synthetic world.
+
+  python evaluate.py probe                  # train the probe, the instrument that reads mouths, blinks and poses
+  python evaluate.py eval                   # FID / FVD / SSIM / E-FID, lip sync and diversity of a checkpoint
+  python evaluate.py ablation               # Tables 3-4 at toy scale: one short run per fusion scheme
+
+The formulas live in metrics.py; this file generates the videos they are applied to (with sample.generate) and,
+for the ablation, trains the models (with train.main). Every held-out video is animated three times: with its own
+audio, with mismatched audio and with silence, from a portrait taken outside the frames it is scored against.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import train
+from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
+from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device, load_checkpoint,
+                    to_tensor, to_uint8, user_errors)
+from data import ClipPool, build_frame_pool
+from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, clip_windows, frame_change, frechet, i3d_features,
+                     identity_ratio, load_inception, load_probe, load_torchscript, mouth_darkness, off_palette,
+                     per_clip_sync, probe_readings, ssim, train_probe)
+from sample import DEFAULT_CKPT, generate, load_model
+from world import SyntheticVideos, synth_video
+
+PORTRAIT_LEAD = 10  # frames rendered before each evaluated video; the portrait is the first of them
+
+
+def eval_videos(n, seconds, resolution, split, seed):
+    """n synthetic test videos of `split`, each `seconds` long after PORTRAIT_LEAD frames that hold its portrait,
+    so that the portrait is never one of the frames it is scored against (as in training, where the reference
+    comes from outside the clip). Returns portraits uint8 (n, H, W, 3), frames uint8 (n, T, H, W, 3), wavs (T *
+    640,) and metas (the per-frame ground truth of those T frames)."""
+    lead = PORTRAIT_LEAD
+    videos = [synth_video(split, i, seconds + lead / FPS, resolution, seed) for i in tqdm(range(n), desc="videos",
+                                                                                          leave=False)]
+    frames = np.stack([v.frames for v in videos])
+    metas = [{k: value[lead:] if isinstance(value, list) and len(value) == len(frames[0]) else value
+              for k, value in v.meta.items()} for v in videos]
+    for meta in metas:
+        meta["num_frames"] = frames.shape[1] - lead
+    return frames[:, 0], frames[:, lead:], [v.wav[lead * SAMPLES_PER_FRAME:] for v in videos], metas
+
+
+@torch.no_grad()
+def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, split="test", seed=0, inception=None,
+             i3d=None, expression=None, speech=(), sheet=None, device="cpu"):
+    """Evaluate a checkpoint on `videos` synthetic videos of `split` (held-out identities and sentences): each is
+    animated from one of its frames with its own audio, with mismatched audio (the same recording shifted by half
+    its length: the same voice, other words) and with silence. Returns a dict of every figure (see README)."""
+    model, vae, diffusion, _ = load_model(ckpt, device)
+    res = vae.config.resolution
+    refs, real, wavs, metas = eval_videos(videos, seconds, res, split, seed)
+    _, other_real, _, _ = eval_videos(videos, seconds, res, split, seed + 1)  # the floor: other real videos
+    N, T = real.shape[:2]
+    mels = torch.stack([audio_features(w, T) for w in wavs])
+    conditions = {"matched": mels, "mismatched": mels.roll(T // 2, dims=1), "silent": torch.zeros_like(mels)}
+    gen = generate(model, vae, diffusion, np.concatenate([refs] * 3), torch.cat(list(conditions.values())),
+                   steps=steps, audio_scale=audio_scale, seed=seed, device=device)
+    gen = dict(zip(conditions, np.split(gen, 3)))
+    fake = gen["matched"]
+    truth = np.array([m["openness"] for m in metas])
+    result = {"checkpoint": str(ckpt), "videos": N, "frames": T, "steps": steps, "audio_scale": audio_scale,
+              "split": split, "resolution": res}
+
+    # Fréchet distances on the probe's features: frames (FID), 8-frame clips of readings (FVD), expression (E-FID)
+    feats = {k: probe_readings(probe, v, features=True) for k, v in (("real", real), ("other", other_real),
+                                                                       ("fake", fake))}
+    reads = {k: probe_readings(probe, v) for k, v in (("real", real), ("other", other_real), ("fake", fake),
+                                                      ("mismatched", gen["mismatched"]), ("silent", gen["silent"]))}
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    clip = lambda x: clip_windows(x).reshape(-1, 8 * 5)  # noqa: E731
+    for name, get in (("fid", lambda k: flat(feats[k])), ("fvd", lambda k: clip(reads[k])),
+                      ("efid", lambda k: flat(reads[k][..., :2]))):
+        result[f"{name}_probe"] = frechet(get("real"), get("fake"))
+        result[f"{name}_probe_floor"] = frechet(get("real"), get("other"))
+        result[f"{name}_probe_dim"] = get("real").shape[1]
+    result["fid_probe_samples"], result["fvd_probe_samples"] = N * T, len(clip(reads["real"]))
+    to01 = lambda v: torch.from_numpy(v).flatten(0, 1).permute(0, 3, 1, 2).double() / 255  # noqa: E731
+    result["ssim"] = ssim(to01(real), to01(fake)).mean().item()
+
+    # lip sync: the probe's openness against the ground truth, per video (its mean removed)
+    result["sync"] = per_clip_sync(reads["fake"][..., 0], truth)
+    result["sync_mismatched"] = per_clip_sync(reads["mismatched"][..., 0], truth)
+    result["sync_real"] = per_clip_sync(reads["real"][..., 0], truth)
+    boxes = [np.array(m["mouth_box"]) for m in metas]
+    result["darkness_sync"] = per_clip_sync([mouth_darkness(f, b) for f, b in zip(fake, boxes)], truth)
+    result["darkness_sync_real"] = per_clip_sync([mouth_darkness(f, b) for f, b in zip(real, boxes)], truth)
+
+    # diversity (Sec. 4.4): generated over real, read by the probe on both
+    rate = lambda r: (r[..., 1] > 0.5).mean()  # noqa: E731  (fraction of frames with the eyes mostly closed)
+    result["blink_rate_ratio"] = float(rate(reads["fake"]) / max(rate(reads["real"]), 1e-9))
+    result["mouth_motion_ratio"] = float(reads["fake"][..., 0].std(1).mean() / reads["real"][..., 0].std(1).mean())
+    result["head_motion_ratio"] = float(reads["fake"][..., 2:].std(1).mean() / reads["real"][..., 2:].std(1).mean())
+    result["motion_real"], result["motion_speech"] = frame_change(real), frame_change(fake)
+    result["motion_silent"] = frame_change(gen["silent"])
+
+    # identity and artefacts
+    identities = [m["identity"] for m in metas]
+    result["identity_background_ratio"], result["identity_skin_ratio"] = identity_ratio(fake, identities)
+    reconstructed = np.stack([_decode_uint8(vae, v, device) for v in real])
+    threshold = np.percentile(off_palette(reconstructed, real), 99.9)
+    result["blob_threshold"] = float(threshold)
+    result["blob_fraction"] = float((off_palette(fake, real) > threshold).mean())
+
+    # the standard extractors, where the user passed them
+    x = lambda v: to_tensor(v).flatten(0, 1)  # noqa: E731
+    if inception is not None:
+        net = load_inception(inception)
+        fid = lambda v: torch.cat([net(c) for c in x(v).split(32)]).numpy()  # noqa: E731
+        f_real = fid(real)
+        result["fid_inception"], result["fid_inception_floor"] = frechet(f_real, fid(fake)), frechet(f_real,
+                                                                                                     fid(other_real))
+    if i3d is not None:
+        net = load_torchscript(i3d, "--i3d", I3D_HELP)
+        fvd = lambda v: i3d_features(net, to_tensor(clip_windows(v, 16, 8))).numpy()  # noqa: E731
+        f_real = fvd(real)
+        result["fvd_i3d"], result["fvd_i3d_floor"] = frechet(f_real, fvd(fake)), frechet(f_real, fvd(other_real))
+    if expression is not None:
+        net = load_torchscript(expression, "--expression", EXPRESSION_HELP)
+        efid = lambda v: torch.cat([net((c + 1) / 2) for c in x(v).split(64)]).numpy()  # noqa: E731
+        f_real = efid(real)
+        result["efid_expression"], result["efid_expression_floor"] = frechet(f_real, efid(fake)), frechet(
+            f_real, efid(other_real))
+    if speech:
+        result.update(unseen_speech(model, vae, diffusion, probe, refs, speech, steps, audio_scale, seed, device))
+    if sheet is not None:
+        write_sheet(sheet, refs[:2], real[:2], fake[:2], gen["mismatched"][:2])
+    return result
+
+
+def _decode_uint8(vae, frames, device):
+    """The VAE's reconstruction of frames uint8 (T, H, W, 3), as uint8."""
+    x = to_tensor(frames).to(device)
+    return to_uint8(torch.cat([vae.decode(vae.encode(c)) for c in x.split(64)]))
+
+
+def trim_silence(wav):
+    """Cut the leading and trailing silence (video frames 40 dB below the loudest) of a 16 kHz waveform: every
+    recording starts and ends quiet, and those shared edges alone would correlate mismatched pairs."""
+    n = len(wav) // SAMPLES_PER_FRAME
+    loud = np.flatnonzero(frame_loudness(wav, n) > frame_loudness(wav, n).max() - 40)
+    return wav[loud[0] * SAMPLES_PER_FRAME:(loud[-1] + 1) * SAMPLES_PER_FRAME]
+
+
+@torch.no_grad()
+def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, audio_scale, seed, device):
+    """Speech the model never heard (WAV files; e.g. another TTS engine): the probe's openness on the generated
+    frames against the speech's loudness envelope in dB, per file; mismatched: the envelope of the next file."""
+    wavs = [trim_silence(load_audio(p)) for p in speech]
+    T = min(len(w) for w in wavs) // SAMPLES_PER_FRAME
+    mels = torch.stack([audio_features(w, T) for w in wavs])
+    loud = np.stack([frame_loudness(w, T) for w in wavs])
+    gen = generate(model, vae, diffusion, refs[np.arange(len(wavs)) % len(refs)], mels, steps=steps,
+                   audio_scale=audio_scale, seed=seed, device=device)
+    opening = probe_readings(probe, gen)[..., 0]
+    return {"unseen_sync": per_clip_sync(opening, loud), "unseen_sync_mismatched":
+            per_clip_sync(opening, np.roll(loud, -1, axis=0)), "unseen_files": len(wavs), "unseen_frames": T}
+
+
+def write_sheet(path, refs, real, fake, mismatched, columns=8):
+    """Contact sheet, per video three rows: reference | ground truth; generated; generated with other audio."""
+    pick = np.linspace(0, real.shape[1] - 1, columns).round().astype(int)
+    rows = []
+    for ref, *videos in zip(refs, real, fake, mismatched):
+        for j, v in enumerate(videos):
+            first = ref if j == 0 else np.full_like(ref, 255)
+            rows.append(np.concatenate([first, *v[pick]], axis=1))
+    sheet = Image.fromarray(np.concatenate(rows)).resize((rows[0].shape[1] * 2, len(rows) * rows[0].shape[0] * 2),
+                                                        Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def report(r):
+    """The evaluation as markdown: the paper's columns (Tables 1-2) on the probe's features, then what the paper
+    lacks (lip sync, diversity, identity, artefacts)."""
+    extra = [f"{name} ({r[key]:.3f}, floor {r[key + '_floor']:.3f})" for name, key in
+             (("FID Inception", "fid_inception"), ("FVD I3D", "fvd_i3d"), ("E-FID expression", "efid_expression"))
+             if key in r]
+    lines = [
+        f"{r['videos']} videos x {r['frames']} frames of held-out identities and sentences ({r['split']} split), "
+        f"DDIM {r['steps']}, audio guidance {r['audio_scale']}. Synthetic world, probe features: NOT comparable "
+        "to the paper's Tables 1-2 (other data, other extractor).",
+        "",
+        "| | FID (probe) | FVD (probe) | SSIM | E-FID (probe) | Sync | Sync, mismatched audio |",
+        "|---|---|---|---|---|---|---|",
+        f"| generated | {r['fid_probe']:.3f} | {r['fvd_probe']:.3f} | {r['ssim']:.3f} | {r['efid_probe']:.4f} | "
+        f"{r['sync']:.2f} | {r['sync_mismatched']:.2f} |",
+        f"| floor / ceiling: real vs other real | {r['fid_probe_floor']:.3f} | {r['fvd_probe_floor']:.3f} | 1 | "
+        f"{r['efid_probe_floor']:.4f} | {r['sync_real']:.2f} | |",
+        "",
+        f"Feature dimensions: FID {r['fid_probe_dim']} ({r['fid_probe_samples']} frames), FVD {r['fvd_probe_dim']} "
+        f"({r['fvd_probe_samples']} clips), E-FID {r['efid_probe_dim']}. "
+        + (("Standard extractors: " + "; ".join(extra) + ".") if extra else
+           "Standard FID / FVD / E-FID: not computed (pass --inception, --i3d, --expression)."),
+        f"Probe-free lip sync (mouth-box darkness): {r['darkness_sync']:.2f} "
+        f"(real frames {r['darkness_sync_real']:.2f}).",
+        f"Diversity, generated / real: blink rate {r['blink_rate_ratio']:.2f}x, mouth motion "
+        f"{r['mouth_motion_ratio']:.2f}x, head motion {r['head_motion_ratio']:.2f}x. Frame-to-frame change: real "
+        f"{r['motion_real']:.4f}, generated {r['motion_speech']:.4f}, generated from silence {r['motion_silent']:.4f}.",
+        f"Identity (colour distance to own / to another identity): background {r['identity_background_ratio']:.3f}, "
+        f"skin {r['identity_skin_ratio']:.3f}. Off-palette pixels: {100 * r['blob_fraction']:.2f}% (colours "
+        f"farther than {r['blob_threshold']:.1f} from every colour of the real video; 0.1% of the VAE's "
+        "reconstructions are)."]
+    if "unseen_sync" in r:
+        lines.append(f"Unseen speech ({r['unseen_files']} files): openness vs loudness r = {r['unseen_sync']:.2f}, "
+                     f"mismatched {r['unseen_sync_mismatched']:.2f}.")
+    return "\n".join(lines)
+
+
+def ablation_table(results):
+    """Tables 3 and 4 at toy scale: one row per fusion setting."""
+    lines = ["| portrait | audio | FID (probe) | FVD (probe) | SSIM | E-FID (probe) | Sync | Blink | Head motion | "
+             "Motion in silence |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (ref, audio), r in results.items():
+        lines.append(f"| {ref} | {audio} | {r['fid_probe']:.3f} | {r['fvd_probe']:.3f} | {r['ssim']:.3f} | "
+                     f"{r['efid_probe']:.4f} | {r['sync']:.2f} | {r['blink_rate_ratio']:.2f}x | "
+                     f"{r['head_motion_ratio']:.2f}x | {r['motion_silent']:.4f} |")
+    return "\n".join(lines)
+
+
+# Tables 3 and 4: each portrait scheme with direct audio, each audio scheme with symbiotic portrait
+ABLATION = [("symbiotic", "direct"), ("direct", "direct"), ("siamese", "direct"), ("symbiotic", "siamese"),
+            ("symbiotic", "symbiotic")]
+ABLATION_RECIPE = ["--size", "T", "--clips", "4000", "--prediction", "v", "--mouth-weight", "5", "--seed", "0",
+                   "--eval-every", "1000000"]  # the demo's recipe; no evaluations inside the budget
+
+
+def ablation(root, budget_min, probe, cache=None, **eval_args):
+    """Train size T once per fusion setting for the same budget (resuming an interrupted run), evaluate each once
+    (cached in its eval.json) and return {(portrait, audio): result}."""
+    root = Path(root)
+    results = {}
+    for ref, audio in ABLATION:
+        out = root / f"ref-{ref}_audio-{audio}"
+        done = out / "eval.json"
+        if not done.exists():
+            ckpt = out / "ckpt.pt"
+            spent = load_checkpoint(ckpt, needs=("elapsed",))["elapsed"] / 60 if ckpt.exists() else 0.0
+            if spent < budget_min:
+                args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--ref-fusion", ref,
+                                                           "--audio-fusion", audio, "--cache",
+                                                           str(cache or root / "cache")]
+                train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), *args])
+            result = evaluate(ckpt, probe, **eval_args)
+            atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        results[(ref, audio)] = json.loads(done.read_text())
+    return results
+
+
+def main(argv=None):
+    """`python evaluate.py probe|eval|ablation`: train the probe, evaluate a checkpoint, or run the fusion ablation
+    (argv=None: sys.argv)."""
+    parser = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="train the synthetic-world probe (mouth, blink, pose reader)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--out", type=Path, default=PROBE, help="where to write it (the default replaces the shipped "
+                   "probe, which train.py's lip-sync logging and eval read)")
+    p.add_argument("--videos", type=bounded(int, 1), default=300, help="training videos (8 frames each)")
+    p.add_argument("--steps", type=bounded(int, 1), default=1500, help="optimizer steps of 64 frames")
+    p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
+    evaluation = Parser(add_help=False)  # the options eval and ablation share
+    evaluation.add_argument("--probe", type=Path, default=PROBE,
+                            help="the synthetic-world probe (`python evaluate.py probe` trains one)")
+    evaluation.add_argument("--videos", type=bounded(int, 1), default=12, help="test videos generated")
+    evaluation.add_argument("--seconds", type=bounded(float, (8 + 2) / FPS), default=3.0,
+                            help="length of each test video, at least two of FVD's 8-frame clips (stride 2)")
+    evaluation.add_argument("--steps", type=bounded(int, 1), default=10, help="DDIM steps per window")
+    evaluation.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
+    evaluation.add_argument("--split", choices=["test", "val"], default="test",
+                            help="held-out identities and sentences to evaluate on")
+    add_device(evaluation)
+    p = sub.add_parser("eval", parents=[evaluation], formatter_class=HelpFormatter,
+                       help="FID / FVD / SSIM / E-FID, lip sync and diversity of a checkpoint")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint from train.py (default: the shipped "
+                   "demo)")
+    p.add_argument("--inception", type=Path, help="Inception-v3 weights for the standard FID (see load_inception)")
+    p.add_argument("--i3d", type=Path, help="I3D TorchScript for the standard FVD: " + I3D_HELP)
+    p.add_argument("--expression", type=Path, help="expression extractor for the standard E-FID: " + EXPRESSION_HELP)
+    p.add_argument("--speech", type=Path, nargs="*", default=[], help="WAV files of speech never trained on "
+                   "(e.g. assets/unseen/*.wav): lip sync against their loudness")
+    p.add_argument("--sheet", type=Path, help="write a contact sheet PNG: reference | real; generated; other audio")
+    p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/<ckpt>_<split>.json)")
+    p = sub.add_parser("ablation", parents=[evaluation], formatter_class=HelpFormatter,
+                       help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
+                       description="Train size T (the demo's recipe: " + " ".join(ABLATION_RECIPE) + ") once per "
+                       "fusion setting (each portrait scheme with direct audio, each audio scheme with symbiotic "
+                       "portrait) for the same budget and seed, then evaluate each. Interrupted runs resume; "
+                       "finished ones are read from their eval.json.")
+    p.add_argument("--budget-min", type=bounded(float, above=0), default=15.0,
+                   help="training minutes per fusion setting")
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per setting, resumable")
+    p.add_argument("--cache", type=Path, help="where the shared clip pool lives (default: OUT/cache); a run folder "
+                   "trained with the same recipe, e.g. runs/demo, lends its pool")
+    args = parser.parse_args(argv)
+    with user_errors():
+        if args.command == "probe":
+            args.cache.mkdir(parents=True, exist_ok=True)
+            pools = {}
+            for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
+                path = args.cache / f"frames_{split}.pt"
+                if not path.exists():
+                    build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path)
+                pools[split] = ClipPool(path).data
+            probe, r = train_probe(pools["train"], pools["val"], args.steps)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
+            print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
+            return r
+        probe = load_probe(args.probe)
+        check_device(args.device)
+        shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
+                      split=args.split, device=args.device)
+        if args.command == "ablation":
+            results = ablation(args.out, args.budget_min, probe, cache=args.cache, **shared)
+            print(ablation_table(results))
+            return results
+        for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
+            if getattr(args, flag) is not None and not getattr(args, flag).is_file():
+                raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
+        result = evaluate(args.ckpt, probe, inception=args.inception, i3d=args.i3d, expression=args.expression,
+                          speech=args.speech, sheet=args.sheet, **shared)
+    path = args.json or Path("runs/eval") / f"{args.ckpt.stem}_{args.split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    print(report(result))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Tests of audio.py: every WAV encoding and FFmpeg format read alike, resampling, the log-mel features."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import audio
+import common
+from conftest import write_float, write_pcm
+
+
+def pearson(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio
+
+
+@pytest.mark.parametrize("bits", [8, 16, 24, 32, "float", "extensible"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_wav_encodings_load_to_the_same_waveform(tmp_path, bits, channels):
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(0, 0.3, (4000, channels)), -0.99, 0.99)
+    path = tmp_path / "a.wav"
+    if isinstance(bits, int):
+        write_pcm(path, x, 16000, bits)
+        step = max(1 / 2 ** (bits - 1), 1e-7)  # 32-bit PCM is finer than the float32 we return
+    else:
+        write_float(path, x, 16000, extensible=bits == "extensible")
+        step = 1e-6
+    got, rate = audio.read_wav(path)
+    assert rate == 16000 and got.shape == x.shape
+    assert np.abs(got - x).max() <= step
+    mono = audio.load_audio(path)  # channels averaged, already 16 kHz
+    assert np.abs(mono - x.mean(1)).max() <= step
+
+
+def test_load_audio_resamples_to_16k(tmp_path):
+    t = np.arange(44100) / 44100
+    write_pcm(tmp_path / "a.wav", np.stack([0.5 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100, 16)
+    got = audio.load_audio(tmp_path / "a.wav")
+    assert len(got) == 16000
+    want = 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert np.abs(got - want)[500:-500].max() < 2e-3  # away from the zero-padded ends
+
+
+def test_resample_removes_what_the_new_rate_cannot_hold():
+    t = np.arange(44100) / 44100
+    kept = audio.resample(np.sin(2 * np.pi * 1000 * t), 44100, 16000)
+    gone = audio.resample(np.sin(2 * np.pi * 10000 * t), 44100, 16000)  # above the 8 kHz Nyquist: would alias
+    assert np.sqrt(np.mean(kept[500:-500] ** 2)) == pytest.approx(math.sqrt(0.5), rel=1e-2)
+    assert np.sqrt(np.mean(gone[500:-500] ** 2)) < 0.01
+
+
+def test_truncated_or_garbage_wav_raises_a_clear_error(tmp_path):
+    write_pcm(tmp_path / "ok.wav", np.zeros((1000, 1)), 16000, 16)
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "ok.wav").read_bytes()[:1000])
+    (tmp_path / "junk.wav").write_bytes(np.random.default_rng(0).bytes(500))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(common.UserError, match="truncated"):
+        audio.read_wav(tmp_path / "cut.wav")
+    for name in ("junk.wav", "empty.wav"):
+        with pytest.raises(common.UserError, match="not a WAV"):
+            audio.read_wav(tmp_path / name)
+    with pytest.raises(common.UserError, match="no such file"):
+        audio.load_audio(tmp_path / "missing.wav")
+    with pytest.raises(common.UserError, match="a folder, not an audio file"):
+        audio.load_audio(tmp_path)
+
+
+def test_mel_of_a_pure_tone_peaks_in_the_right_bin():
+    mel_scale = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    centres = 700 * (10 ** (np.linspace(0, mel_scale(8000), audio.N_MELS + 2)[1:-1] / 2595) - 1)
+    t = np.arange(16000) / 16000
+    for f in (300.0, 1000.0, 3000.0, 6000.0):
+        mel = audio.log_mel(np.sin(2 * np.pi * f * t).astype(np.float32))
+        assert int(mel[10:-10].mean(0).argmax()) == int(np.abs(centres - f).argmin())
+
+
+def test_mel_agrees_with_a_direct_dft():
+    n_frames = 12
+    wav = np.random.default_rng(1).normal(0, 0.1, n_frames * audio.SAMPLES_PER_FRAME)  # float64 end to end
+    # framing written out: frames centred on multiples of the hop, zeros outside the audio, the 400-sample
+    # periodic Hann window centred in the 1024-point FFT frame
+    padded = np.pad(wav, (audio.N_FFT // 2, audio.N_FFT // 2))
+    window = np.zeros(audio.N_FFT)
+    offset = (audio.N_FFT - audio.WIN) // 2
+    window[offset:offset + audio.WIN] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(audio.WIN) / audio.WIN)
+    n = np.arange(audio.N_FFT)
+    dft = np.exp(-2j * np.pi * np.arange(audio.N_FFT // 2 + 1)[:, None] * n[None, :] / audio.N_FFT)
+    frames = np.stack([padded[j * audio.HOP:j * audio.HOP + audio.N_FFT] * window for j in range(4 * n_frames)])
+    power = np.abs(frames @ dft.T) ** 2
+    want = np.log(np.maximum(power @ audio.mel_filterbank().numpy(), 1e-5))
+    got = audio.log_mel(torch.from_numpy(wav), n_frames)
+    assert got.dtype == torch.float64 and got.shape == (4 * n_frames, 80)
+    assert np.abs(got.numpy() - want).max() < 1e-4
+
+
+def test_mel_windows_are_clamped_at_the_ends_never_wrapped():
+    n = 10
+    mel = torch.arange(4 * n, dtype=torch.float32)[:, None].repeat(1, 80)  # each mel frame holds its index
+    win = audio.mel_windows(mel, n)
+    assert win.shape == (n, audio.MEL_WINDOW, 80)
+    assert win[0, :, 0].tolist() == [0] * 8 + list(range(12))  # frames -2, -1 clamp to mel frame 0
+    assert win[n - 1, :, 0].tolist() == list(range(4 * n - 12, 4 * n)) + [4 * n - 1] * 8
+    assert win[5, :, 0].tolist() == list(range(12, 32))  # video frame 5 = mel 20..23, with 2 frames each side
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The synthetic world
+
+
+@pytest.mark.parametrize("claimed", [0, 0xFFFFFFFF])
+def test_a_streamed_wav_reads_to_the_end_of_the_file(tmp_path, claimed):
+    """A WAV written to a pipe does not know its length: its data chunk (and RIFF) size says 0 or 0xFFFFFFFF."""
+    x = np.sin(np.linspace(0, 200, 3000))[:, None] * 0.5
+    write_pcm(tmp_path / "a.wav", x, 16000, 16)
+    raw = bytearray((tmp_path / "a.wav").read_bytes())
+    data_at = raw.index(b"data")
+    raw[4:8] = raw[data_at + 4:data_at + 8] = claimed.to_bytes(4, "little")
+    (tmp_path / "streamed.wav").write_bytes(bytes(raw) + b"\x01")  # and cut one byte into a next sample
+    got, rate = audio.read_wav(tmp_path / "streamed.wav")
+    want, _ = audio.read_wav(tmp_path / "a.wav")
+    assert rate == 16000 and np.array_equal(got, want)

@@ -1,0 +1,39 @@
+"""Tests of diffusion.py: the forward process (Eq. 1-2), the targets (Eq. 3 and its variants), the samplers."""
+
+import pytest
+import torch
+
+from diffusion import Diffusion
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_sample_has_the_mean_and_variance_of_eq1(schedule):
+    d = Diffusion(schedule=schedule)
+    ab = d.alphas_cumprod
+    assert (ab[1:] < ab[:-1]).all() and 0.99 < ab[0] < 1 and ab[-1] < 0.01  # monotone, from clean to noise
+    x0 = torch.linspace(-2, 2, 50)
+    for t in (0, 300, 999):
+        noise = torch.randn(20_000, 50, generator=torch.Generator().manual_seed(t))
+        x_t = d.q_sample(x0.expand(20_000, 50), torch.full((20_000,), t), noise)
+        assert torch.allclose(x_t.mean(0), ab[t].sqrt() * x0, atol=0.03)
+        assert torch.allclose(x_t.var(0), (1 - ab[t]).expand(50), rtol=0.05, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_every_target_gives_back_x0_and_eps(prediction):
+    d = Diffusion(prediction=prediction)
+    x0, noise, t = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randint(1, 999, (8,))
+    x_t = d.q_sample(x0, t, noise)
+    got_x0, got_eps = d.split(x_t, t, d.target(x0, noise, t))
+    assert torch.allclose(got_x0, x0, atol=1e-3) and torch.allclose(got_eps, noise, atol=1e-3)
+    assert torch.allclose(d.x0_from_eps(x_t, t, noise), x0, atol=1e-3)
+    w = d.loss_weight(t, 5.0)
+    assert w.shape == (8,) and (w > 0).all() and torch.equal(d.loss_weight(t), torch.ones(8))
+    assert Diffusion(**d.config()).prediction == prediction  # what a checkpoint stores rebuilds the same process
+
+
+def test_ddim_with_a_perfect_denoiser_returns_the_data():
+    d = Diffusion(prediction="x0")
+    x0 = torch.randn(2, 3, 4, 4)
+    out = d.sample(lambda x, t: d.split(x, t, x0), x0.shape, steps=10)
+    assert torch.allclose(out, x0, atol=1e-4)

@@ -1,0 +1,154 @@
+"""Tests of world.py: the synthetic world is deterministic, its mouth follows the speech, its splits are
+disjoint, and its command line writes playable videos in data.py's layout."""
+
+import json
+import math
+import wave
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import audio
+import common
+import data
+import world
+from conftest import probe_video
+
+
+def pearson(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+
+def test_synthesis_is_deterministic_given_the_seed():
+    a, b = world.synth_video("val", 3, 1.0, 64, seed=0), world.synth_video("val", 3, 1.0, 64, seed=0)
+    c = world.synth_video("val", 3, 1.0, 64, seed=1)
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.wav, b.wav) and a.meta == b.meta
+    assert not np.array_equal(a.frames, c.frames)
+    assert a.frames.shape == (25, 64, 64, 3) and a.wav.shape == (16000,)
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    """One minute of synthetic speech with its ground truth (no frames drawn: only the script is needed)."""
+    return [world.synth_script("val", i, 4.0)[1:] for i in range(15)]
+
+
+def test_mouth_follows_loudness_and_blinks_and_pose_do_not(scripts):
+    loud = np.concatenate([audio.frame_loudness(wav, meta["num_frames"]) for wav, meta in scripts])
+    assert len(loud) >= 20 * audio.FPS
+    openness = np.concatenate([meta["openness"] for _, meta in scripts])
+    assert pearson(openness, loud) > 0.8
+    assert abs(pearson(np.concatenate([meta["blink"] for _, meta in scripts]), loud)) < 0.2
+    pose = np.concatenate([meta["pose"] for _, meta in scripts])
+    for k in range(3):
+        assert abs(pearson(pose[:, k], loud)) < 0.2
+    assert openness.std() > 0.2 and pose.std(0).min() > 0  # and all of them really move
+
+
+def test_mel_energy_and_mouth_are_aligned_at_lag_zero(scripts):
+    """An off-by-one between mel frames and video frames would move the peak of the cross-correlation."""
+    pairs = [(np.array(meta["openness"]), audio.log_mel(wav, meta["num_frames"]).reshape(-1, 4, 80).mean((1, 2))
+              .numpy()) for wav, meta in scripts]
+    r = {}
+    for lag in range(-3, 4):
+        a = np.concatenate([o[max(0, lag):len(o) + min(0, lag)] for o, _ in pairs])
+        b = np.concatenate([e[max(0, -lag):len(e) - max(0, lag)] for _, e in pairs])
+        r[lag] = pearson(a, b)
+    assert max(r, key=r.get) == 0
+    assert r[0] > r[-1] + 0.1 and r[0] > r[1] + 0.1
+
+
+def test_splits_never_share_identities_or_sentences():
+    ids, texts = {}, {}
+    for split in world.SPLITS:
+        metas = [world.synth_script(split, i, 0.2)[2] for i in range(25)]
+        ids[split] = {m["identity"]["id"] for m in metas}
+        texts[split] = {m["text"] for m in metas}
+        lo, hi = world.SPLITS[split]
+        assert all(lo <= i < hi for i in ids[split])
+    assert world.SPLITS["train"][1] - world.SPLITS["train"][0] >= 500
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not ids[a] & ids[b] and not texts[a] & texts[b]
+    looks = {json.dumps({k: v for k, v in vars(world.identity(i)).items() if k != "id"}) for i in range(1100)}
+    assert len(looks) == 1100  # every identity looks different
+
+
+def test_mouth_is_big_dark_and_its_box_is_where_it_is_drawn():
+    ident = world.identity(7)
+    closed, box_closed = world.render_frame(ident, 64, 0.0, 0.3, 0.0, (0.0, 0.0, 0.0))
+    opened, box_open = world.render_frame(ident, 64, 1.0, 0.3, 0.0, (0.02, -0.01, 4.0))
+    face_width = 2 * ident.face_w * 64
+    assert box_closed[2] - box_closed[0] >= face_width / 4  # at least a quarter of the face wide
+    assert (box_open[3] - box_open[1]) - (box_closed[3] - box_closed[1]) >= 8  # opening spans >= 2 latent px (4x)
+    rgb = opened.astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    dark = (r < 80) & (r > g + 20) & (r > b + 15)  # the dark red interior
+    dark[:32] = False  # the upper half holds the eyes, whose iris may be any dark colour
+    ys, xs = np.nonzero(dark)
+    assert len(ys) > 20
+    x0, y0, x1, y1 = box_open
+    assert x0 <= xs.min() + 0.5 and xs.max() + 0.5 <= x1 and y0 <= ys.min() + 0.5 and ys.max() + 0.5 <= y1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On-disk layout, command line, clips
+
+
+def test_synth_cli_writes_playable_videos_that_read_back(tmp_path, capsys):
+    world.main([str(tmp_path), "--videos", "4", "--seconds", "3", "--size", "64"])
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 4 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    for folder in folders:
+        info = probe_video(folder / "video.mp4")
+        assert info == {"frames": 75, "fps": 25.0, "codec": "h264", "pix_fmt": "yuv420p", "audio": ["aac"],
+                        "size": (64, 64)}
+        rate_bits = wave.open(str(folder / "audio.wav"))
+        assert (rate_bits.getframerate(), rate_bits.getnchannels(), rate_bits.getnframes()) == (16000, 1, 48000)
+        # the AAC track in the mp4 (decoded by FFmpeg) carries the same speech as audio.wav
+        from_mp4, from_wav = audio.load_audio(folder / "video.mp4"), audio.load_audio(folder / "audio.wav")
+        assert pearson(from_mp4[:47000], from_wav[:47000]) > 0.95
+    from_disk = data.ClipDataset(data.VideoFolder(tmp_path), frames=16, motion=2)
+    in_memory = data.ClipDataset(world.SyntheticVideos("train", 4, 3.0, 64), frames=16, motion=2)
+    assert len(from_disk) == len(in_memory) == 4 * (75 - 15 - 2)
+    psnr = lambda x, y: 10 * math.log10(4 / (x - y).pow(2).mean())  # noqa: E731  (images in [-1, 1])
+    chroma_only = lambda x: common.to_tensor(np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(  # noqa: E731
+        format="yuv420p").to_ndarray(format="rgb24") for f in ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+                                                     .numpy()]))
+    for i in (0, 100, len(in_memory) - 1):
+        a, b = from_disk[i], in_memory[i]
+        # equal within video-compression error: H.264 at 4:2:0 loses about as much as 4:2:0 chroma alone (the
+        # encoder is not bit-exact from run to run, so an absolute bound would be flaky)
+        for key in ("frames", "ref", "motion"):
+            x, y = a[key].view(-1, *a[key].shape[-3:]), b[key].view(-1, *b[key].shape[-3:])
+            assert psnr(x, y) > min(30, psnr(chroma_only(y), y) - 2.5), key
+        assert torch.allclose(a["mel"], b["mel"], atol=0.05)  # 16-bit WAV quantisation only
+        for key in data.GROUND_TRUTH:
+            assert torch.equal(a[key], b[key])
+
+
+def test_help_explains_the_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        world.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert [w for w in ["--videos", "--seconds", "--size", "--split", "--seed", "ground truth", "layout"]
+            if w not in text] == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/s", "--size", "63"], "--size 63: must be even"),
+    (["{tmp}/a_file", "--videos", "1"], "a file of that name exists"),
+    (["{tmp}/s", "--videos", "0"], "--videos: 0: must be at least 1"),
+    (["{tmp}/s", "--seconds", "0.01"], "--seconds: 0.01: must be at least 0.04"),
+    (["{tmp}/s", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        world.main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
