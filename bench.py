@@ -15,7 +15,10 @@ Tables (also written as JSON, --json):
   2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled;
   3  sampling speed: seconds of compute per second of video (and its inverse, x real time), DDIM with audio
      guidance (2 model passes per step), per model size and batch, and for the shipped checkpoint. On CUDA at the
-     paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64).
+     paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64);
+  4  data: clips per second the training sampler assembles on one CPU core from memory-mapped latents, at the
+     demo's shape and the paper's (16 frames of 32x32x4 latents + 2 motion frames + mel windows), beside what the
+     official code's best consumes (48.5 clips/s per H100, table 2's compiled B): a GPU must never wait for it.
 Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-"). Table 2 also
 counts the activations a training step saves for its backward (saved_mib), on any device.
 """
@@ -23,6 +26,7 @@ counts the activations a training step saves for its backward (saved_mib), on an
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import Parser, UserError, add_device, atomic_write, bounded, check_device
+from data import ClipSampler, LatentCache
 from diffusion import Diffusion
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
 from sample import DEFAULT_CKPT, generate, load_model
@@ -294,6 +299,32 @@ def sampling_rows(device, name, model, vae, diffusion, batches, steps, repeats, 
     return rows
 
 
+OFFICIAL_BEST_CLIPS_S = 48.5  # the official VDT-B/2 at its best on one H100: flash attention, torch.compile, batch 8
+
+
+def data_table(shapes, batch, repeats, videos=20, frames_per_video=250):
+    """Table 4: ClipSampler.batch on one CPU thread, from a LatentCache of random fp16 latents and mel windows
+    (`videos` videos of `frames_per_video` frames, written to a temporary folder and memory-mapped), per shape:
+    clips per second, and how many GPUs at the official best of 48.5 clips/s each one core keeps fed."""
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for frames, latent in shapes:
+            with tempfile.TemporaryDirectory() as folder:
+                names = [f"video{i:03d}" for i in range(videos)]
+                for name in names:
+                    torch.save({"latents": torch.randn(frames_per_video, 4, latent, latent).half(),
+                                "mel": torch.randn(frames_per_video, 20, 80).half()}, Path(folder) / f"{name}.pt")
+                sampler = ClipSampler(LatentCache(folder, names), frames, motion=2)
+                steps = iter(range(10 ** 9))  # a new step, so new clips, every call
+                seconds, _ = measure(lambda: sampler.batch(next(steps), 0, batch), torch.device("cpu"), repeats)
+            rows.append({"frames": frames, "latent": latent, "batch": batch, "clips_s": batch / seconds,
+                         "gpus_fed": batch / seconds / OFFICIAL_BEST_CLIPS_S})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def show(title, rows, columns):
     """Print a table: the title, then `columns` of each row dict (floats to 3 digits, None as "-")."""
     print(f"\n{title}")
@@ -306,7 +337,7 @@ def show(title, rows, columns):
         print(" | ".join(cells))
 
 
-TABLES = ("attention", "block", "temporal", "throughput", "sampling")
+TABLES = ("attention", "block", "temporal", "throughput", "sampling", "data")
 
 
 def main(argv=None):
@@ -363,6 +394,7 @@ def main(argv=None):
                                                compile_shape=shapes[0] if compiled else None),
         "sampling": lambda: sampling_table(device, sizes, paper if gpu else demo, sorted({1, batch}),
                                            5 if args.quick else 25, 1 if args.quick else 2, compiled),
+        "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
     tables = {name: measure_table[name]() for name in TABLES if name in chosen}
     columns = {
@@ -378,6 +410,8 @@ def main(argv=None):
         "sampling": ("3. sampling one window, DDIM with audio guidance",
                      ["model", "batch", "compiled", "frames", "resolution", "steps", "passes_per_step",
                       "seconds_per_video_second", "realtime_x", "peak_mib"]),
+        "data": ("4. data: clips assembled per second on one CPU core (memory-mapped latents)",
+                 ["frames", "latent", "batch", "clips_s", "gpus_fed"]),
     }
     for name, rows in tables.items():
         show(columns[name][0], rows, columns[name][1])

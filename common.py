@@ -121,15 +121,16 @@ def atomic_write(path, write):
         raise
 
 
-def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint=""):
+def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=False):
     """torch.load(path) the safe way: weights_only=True (plain tensors and numbers, no code runs) and on the CPU
-    (the caller moves what it needs to its device; RNG states must stay on the CPU). A UserError names the file
-    when it is missing, is not a torch file, or is not a dict holding every key of `needs`; `hint` says what to do."""
+    (the caller moves what it needs to its device; RNG states must stay on the CPU); with mmap=True the tensors
+    stay in the file, read on access. A UserError names the file when it is missing, is not a torch file, or is
+    not a dict holding every key of `needs`; `hint` says what to do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not {what}{hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001  (truncated, not a torch file, or one that would need to run code)
         raise UserError(f"{path}: not {what} ({type(e).__name__}){hint}") from None
     if not isinstance(ckpt, dict) or not set(needs) <= ckpt.keys():

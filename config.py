@@ -33,7 +33,8 @@ class TrainConfig:
     stage: str = setting("diffusion", "vae (stage 1) or diffusion (stage 2)", choices=STAGES)
     data: str = setting("synthetic", "'synthetic' or a folder in data.py's layout")
     out: str = setting(None, "run folder (default: runs/<stage>)")
-    cache: str = setting(None, "where the encoded pools live (default: the run folder)")
+    cache: str = setting("runs/cache", "where rendered synthetic videos, frame pools and encoded latents are kept, "
+                         "shared by the runs that ask for the same")
     seed: int = setting(0, "seed of the weights, the data order and the synthetic world")
     device: str = setting(None, "cpu, cuda or cuda:N (default: cuda if this machine has a GPU); under torchrun "
                           "each rank's own GPU", resumable=True)
@@ -58,7 +59,8 @@ class TrainConfig:
                           "16x16)", stage="vae", choices=(4, 8))
     vae_width: int = setting(32, "VAE channels at full resolution (32 trains fast on a CPU; try 64-128 for real "
                              "data)", stage="vae", low=4)
-    videos: int = setting(600, "synthetic training videos the frame pool is cut from", stage="vae", low=1)
+    videos: int = setting(600, "--data synthetic: how many videos of 4 s to render (every 20th shows held-out "
+                          "people and is kept for validation)", low=2)
     # stage 2: the diffusion transformer
     vae: str = setting("runs/vae/ckpt.pt", "VAE checkpoint from `train.py --stage vae`", stage="diffusion")
     size: str = setting(None, "model size (default: B on a GPU, T on a CPU)", stage="diffusion",
@@ -70,7 +72,6 @@ class TrainConfig:
                               choices=FUSIONS)
     audio_fusion: str = setting("direct", "how the audio is fused (the paper: direct)", stage="diffusion",
                                 choices=FUSIONS)
-    clips: int = setting(2000, "clips in the encoded pool", stage="diffusion", low=1)
     prediction: str = setting("eps", "network target: eps (the paper's Eq. 3), v or x0", stage="diffusion",
                               choices=PREDICTIONS)
     schedule: str = setting("linear", "noise schedule: linear (DDPM, the official code) or cosine",
@@ -94,21 +95,29 @@ class TrainConfig:
                             "is faster once compiled, a minute or two in)", stage="diffusion", resumable=True)
 
 
+RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"])  # what --resume may change
+
+
 def flag(name):
     """The command-line flag of a setting: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
 
 
 def add_settings(parser):
-    """Add one option per TrainConfig field to an argparse parser, every default None (= not given)."""
+    """Add one option per TrainConfig field to an argparse parser, every default None (= not given), in one group
+    per stage."""
+    groups = {None: parser.add_argument_group("settings of both stages"),
+              "vae": parser.add_argument_group("stage 1, the VAE (--stage vae)"),
+              "diffusion": parser.add_argument_group("stage 2, the diffusion transformer (--stage diffusion)")}
     for f in fields(TrainConfig):
         meta = f.metadata
         text = meta["help"] if "default" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        group = groups[meta["stage"]]
         if f.type is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = bounded(f.type, **meta["bounds"]) if meta["bounds"] else f.type
-            parser.add_argument(flag(f.name), type=kind, default=None, choices=meta["choices"], help=text)
+            group.add_argument(flag(f.name), type=kind, default=None, choices=meta["choices"], help=text)
 
 
 def given(args):
@@ -122,7 +131,6 @@ def resolve(cfg):
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = check_device(cfg.device).type == "cuda"
     cfg.out = cfg.out or f"runs/{cfg.stage}"
-    cfg.cache = cfg.cache or cfg.out
     if cfg.data != "synthetic" and not Path(cfg.data).is_dir():
         raise UserError(f"--data {cfg.data}: not a folder (make one with `python world.py` or `python data.py "
                         "prepare`), or use --data synthetic")
@@ -169,14 +177,12 @@ def resumed_config(saved, settings, out):
     """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict), with the resumable ones the
     command line changed and the run folder where it is now. Repeating a saved setting is fine; changing one that
     is not resumable is a UserError (it would silently not happen)."""
-    resumable = [f.name for f in fields(TrainConfig) if f.metadata["resumable"]]
     fixed = sorted(name for name, value in settings.items()
-                   if name not in (*resumable, "out") and value != saved.get(name))
+                   if name not in (*RESUMABLE, "out") and value != saved.get(name))
     if fixed:
         raise UserError(f"{', '.join(flag(k) for k in fixed)}: a resumed run keeps the settings in its checkpoint; "
-                        f"only {', '.join(flag(k) for k in resumable)} and --max-minutes may change")
-    moved = {"out": str(out), "cache": str(out) if saved["cache"] == saved["out"] else saved["cache"]}
-    cfg = TrainConfig(**{**saved, **moved, **{k: v for k, v in settings.items() if k in resumable}})
+                        f"only {', '.join(flag(k) for k in RESUMABLE)} and --max-minutes may change")
+    cfg = TrainConfig(**{**saved, "out": str(out), **{k: v for k, v in settings.items() if k in RESUMABLE}})
     try:  # a run from a GPU machine may be continued on a CPU with --device cpu
         check_device(cfg.device)
     except UserError as e:

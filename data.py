@@ -3,8 +3,11 @@
 1. One on-disk layout for synthetic and real data: ROOT/<video>/{video.mp4, audio.wav, meta.json} (`save_video`,
    `VideoFolder`). world.py writes synthetic videos in it; `python data.py prepare` converts real talking-head
    videos (HDTF / CelebV-HQ style) into it.
-2. ClipDataset: F-frame training clips with a reference frame, motion frames and aligned mel windows; ClipPool:
-   a fixed pool of them cached in one file.
+2. ClipDataset: F-frame clips with a reference frame, motion frames and aligned mel windows, decoded from the
+   videos; ClipPool: a fixed pool of them cached in one file (the VAE's frames, the probe's).
+3. The diffusion stage's data at any scale: every video encoded once by the VAE into a file of its own
+   (`encode_videos`), opened memory-mapped (`LatentCache`), and a fresh clip drawn from the whole set for every
+   slot of every step (`ClipSampler`), as the official code's VideoLatentDataset does.
 
 Run `python data.py prepare --help` for the command line.
 """
@@ -104,7 +107,7 @@ class VideoFolder:
         folders = sorted(p.parent for p in self.root.glob("*/meta.json"))
         if not folders:
             raise UserError(f"{root}: no prepared videos (expected {root}/<name>/meta.json; "
-                            f"see `python data.py synth --help` and `python data.py prepare --help`)")
+                            "see `python world.py --help` and `python data.py prepare --help`)")
         val = folders[19::20] or folders[-1:]  # fewer than 20 videos: the last one is held out
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [json.loads((p / "meta.json").read_text()) for p in self.folders]
@@ -298,6 +301,101 @@ def build_frame_pool(videos, path, seed=0):
     (the VAE's training frames, and the probe's)."""
     clips = ClipDataset(videos, frames=1, motion=0, seed=seed)
     return ClipPool.build(clips, min(len(videos) * FRAMES_PER_VIDEO, len(clips)), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Latents: one file per video, and fresh clips every step
+
+
+def encode_videos(videos, vae, cache, device, rank=0, world=1):
+    """Encode the videos of a VideoFolder with the VAE, once: cache/<name>.pt holds latents fp16 (N, C, h, w)
+    (scaled to unit variance), mel fp16 (N, 20, 80) and the per-frame ground truth of synthetic videos. Rank r of
+    `world` encodes videos r, r + world, ...; each file is written atomically, so a killed encode continues with
+    the videos not yet done. Returns how many this rank encoded."""
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, len(videos), world) if not (cache / f"{videos.folders[i].name}.pt").exists()]
+    for i in tqdm(todo, desc="encode videos", unit="video", disable=rank > 0 or not todo):
+        video = videos[i]
+        with torch.no_grad():
+            x = to_tensor(video.frames)
+            z = torch.cat([vae.encode(chunk.to(device)) for chunk in x.split(64)]) * vae.latent_scale
+        entry = {"latents": z.half().cpu(), "mel": audio_features(video.wav, len(video.frames)).half()}
+        entry.update({k: torch.tensor(np.asarray(video.meta[k]), dtype=torch.float32) for k in GROUND_TRUTH
+                      if k in video.meta})
+        atomic_write(cache / f"{videos.folders[i].name}.pt", lambda tmp: torch.save(entry, tmp))
+    return len(todo)
+
+
+class LatentCache:
+    """The videos `names` encoded in the folder `cache` by encode_videos, memory-mapped: opening reads no latents,
+    a rank's memory does not grow with the dataset, and the ranks of one node share the page cache. entries[i] is
+    video i's dict."""
+
+    def __init__(self, cache, names):
+        self.entries = [load_checkpoint(Path(cache) / f"{name}.pt", needs=("latents", "mel"), what="an encoded video",
+                                        hint="; delete it, and it is encoded again", mmap=True) for name in names]
+        self.num_frames = np.array([len(e["latents"]) for e in self.entries])
+
+
+class ClipSampler:
+    """Fresh training clips from a LatentCache, for every slot of every step (the official code's interval
+    sampling): a video, weighted by its number of valid starts, a start, a frame interval drawn from `strides`
+    (lo, hi), the M motion frames before the clip at that interval, and a reference frame from outside them all.
+    Clips holding a blink (synthetic ground truth) count `blink_repeat` times, since a small model under-produces
+    rare blinks. Every draw is a pure function of (seed, step, rank, slot), so --resume continues exactly and the
+    ranks draw different clips."""
+
+    def __init__(self, cache, frames, motion, strides=(1, 1), seed=0, blink_repeat=1):
+        self.cache, self.F, self.M, self.seed = cache, frames, motion, seed
+        self.strides = range(strides[0], strides[1] + 1)
+        self.offsets = np.concatenate([[0], np.cumsum(cache.num_frames)])  # global index of (video, start)
+        self.cumulative = {}  # per stride: cumulative weight of every (video, start), 0 where no clip starts
+        for s in self.strides:
+            weight = np.zeros(self.offsets[-1])
+            for v, (entry, n) in enumerate(zip(cache.entries, cache.num_frames)):
+                starts = np.arange(motion * s, n - (frames - 1) * s)
+                clip_weight = np.ones(len(starts))
+                if blink_repeat > 1 and "blink" in entry:
+                    blinks = (entry["blink"] > 0.5).numpy()
+                    span = np.arange(frames) * s
+                    clip_weight[blinks[starts[:, None] + span[None]].any(1)] = blink_repeat
+                weight[self.offsets[v] + starts] = clip_weight
+            if not weight.any():
+                raise UserError(f"no video is long enough for {frames} frames and {motion} motion frames at "
+                                f"interval {s}")
+            self.cumulative[s] = np.cumsum(weight)
+
+    def draws(self, step, rank, n):
+        """The n clips rank `rank` trains on at `step`: (video, start, stride, ref) int arrays of length n."""
+        rng = np.random.default_rng([self.seed, step, rank])
+        strides = rng.choice(self.strides, n)
+        picks = np.array([np.searchsorted(self.cumulative[s], u * self.cumulative[s][-1], side="right")
+                          for s, u in zip(strides, rng.random(n))])
+        video = np.searchsorted(self.offsets, picks, side="right") - 1
+        start = picks - self.offsets[video]
+        # the reference: a frame outside motion frames and clip where the video has one, else any frame
+        lo, hi = start - self.M * strides, start + (self.F - 1) * strides
+        n_frames = self.cache.num_frames[video]
+        outside = n_frames - (hi - lo + 1)
+        k = (rng.random(n) * np.maximum(outside, 1)).astype(int)
+        ref = np.where(outside > 0, np.where(k < lo, k, k + (hi - lo + 1)), (rng.random(n) * n_frames).astype(int))
+        return video, start, strides, ref
+
+    def batch(self, step, rank, n):
+        """The clips of draws(step, rank, n) as a batch of float tensors: latents (n, F, C, h, w), ref (n, C, h, w),
+        motion (n, M, C, h, w), mel (n, F, 20, 80), the ground truth of the clip's frames where the data has it,
+        and video, start (n,) long."""
+        video, start, strides, ref = self.draws(step, rank, n)
+        items = []
+        for v, s0, s, r in zip(video, start, strides, ref):
+            entry, idx = self.cache.entries[v], s0 + s * np.arange(self.F)
+            item = {"latents": entry["latents"][idx], "ref": entry["latents"][r],
+                    "motion": entry["latents"][s0 - s * np.arange(self.M, 0, -1)], "mel": entry["mel"][idx]}
+            item.update({k: entry[k][idx] for k in GROUND_TRUTH if k in entry})
+            items.append(item)
+        batch = {k: torch.stack([item[k] for item in items]).float() for k in items[0]}
+        return {**batch, "video": torch.from_numpy(video), "start": torch.from_numpy(start)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

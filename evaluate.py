@@ -228,11 +228,11 @@ def ablation_table(results):
 # Tables 3 and 4: each portrait scheme with direct audio, each audio scheme with symbiotic portrait
 ABLATION = [("symbiotic", "direct"), ("direct", "direct"), ("siamese", "direct"), ("symbiotic", "siamese"),
             ("symbiotic", "symbiotic")]
-ABLATION_RECIPE = ["--size", "T", "--clips", "4000", "--prediction", "v", "--mouth-weight", "5", "--seed", "0",
+ABLATION_RECIPE = ["--size", "T", "--prediction", "v", "--mouth-weight", "5", "--seed", "0",
                    "--eval-every", "1000000"]  # the demo's recipe; no evaluations inside the budget
 
 
-def ablation(root, budget_min, probe, cache=None, **eval_args):
+def ablation(root, budget_min, probe, **eval_args):
     """Train size T once per fusion setting for the same budget (resuming an interrupted run), evaluate each once
     (cached in its eval.json) and return {(portrait, audio): result}."""
     root = Path(root)
@@ -245,8 +245,7 @@ def ablation(root, budget_min, probe, cache=None, **eval_args):
             spent = load_checkpoint(ckpt, needs=("elapsed",))["elapsed"] / 60 if ckpt.exists() else 0.0
             if spent < budget_min:
                 args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--ref-fusion", ref,
-                                                           "--audio-fusion", audio, "--cache",
-                                                           str(cache or root / "cache")]
+                                                           "--audio-fusion", audio]
                 train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), *args])
             result = evaluate(ckpt, probe, **eval_args)
             atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
@@ -297,8 +296,6 @@ def main(argv=None):
     p.add_argument("--budget-min", type=bounded(float, above=0), default=15.0,
                    help="training minutes per fusion setting")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per setting, resumable")
-    p.add_argument("--cache", type=Path, help="where the shared clip pool lives (default: OUT/cache); a run folder "
-                   "trained with the same recipe, e.g. runs/demo, lends its pool")
     args = parser.parse_args(argv)
     with user_errors():
         if args.command == "probe":
@@ -319,7 +316,7 @@ def main(argv=None):
         shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
                       split=args.split, device=args.device)
         if args.command == "ablation":
-            results = ablation(args.out, args.budget_min, probe, cache=args.cache, **shared)
+            results = ablation(args.out, args.budget_min, probe, **shared)
             print(ablation_table(results))
             return results
         for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating

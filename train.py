@@ -9,13 +9,15 @@ bar, a JSONL log, periodic evaluation, and atomic checkpoints that make every ru
 and resumable (`--resume` continues exactly: weights, EMA, optimizer, step, every rank's RNG state and the data
 position). The settings are declared in config.py, the diffusion process in diffusion.py.
 
-Data is a fixed pool cached on disk: single frames for the VAE; for the diffusion stage, F-frame clips already
-encoded by the VAE (latents of the clip, its reference and motion frames, and the mel windows), so CPU steps are
-spent on the transformer. The pool comes from the synthetic world (`--data synthetic`, the default) or from a
-folder in data.py's layout (`--data DIR`), of which every 20th video is held out for evaluation.
+Data is a folder in data.py's layout (`--data DIR`), of which every 20th video is held out for evaluation; for
+`--data synthetic` (the default) the synthetic world renders one once. The VAE trains on a pool of frames from
+every video. The diffusion stage encodes every video once with the VAE (cached per video, each rank encoding its
+share) and draws a fresh clip for every slot of every step from all of them, so steps are spent on the
+transformer, not on decoding.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -31,17 +33,16 @@ from tqdm import tqdm
 
 from common import (Parser, UserError, atomic_write, bounded, fail, load_checkpoint, save_png, to_tensor, to_uint8,
                     user_errors)
-from config import TrainConfig, add_settings, given, new_config, resumed_config
-from data import ClipDataset, ClipPool, VideoFolder, build_frame_pool
+from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
+from data import ClipPool, ClipSampler, LatentCache, VideoFolder, build_frame_pool, encode_videos
 from diffusion import Diffusion
 from letstalk import LetsTalk, config_for
 from metrics import PROBE, load_probe, per_clip_sync, probe_readings
 from sample import generate
 from vae import VAE, VAEConfig, load_vae, psnr, vae_from_state, vae_loss, vae_state
-from world import SyntheticVideos
+from world import render_folder
 
-SYNTH_SECONDS = 1.0  # length of the synthetic videos the VAE's frame pool is cut from
-CLIP_SECONDS = 4.0  # and the diffusion pool
+SYNTH_SECONDS = 4.0  # length of the synthetic videos --data synthetic renders
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed helpers: the same script runs alone or under torchrun
@@ -112,12 +113,21 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-def videos_for(cfg, split, n_synthetic, seconds, resolution):
-    """The videos of `split`: n_synthetic SyntheticVideos of `seconds` at `resolution` for --data synthetic,
-    else a VideoFolder of cfg.data (n_synthetic, seconds and resolution unused)."""
-    if cfg.data == "synthetic":
-        return SyntheticVideos(split, n_synthetic, seconds, resolution, cfg.seed)
-    return VideoFolder(cfg.data, split)
+def short_hash(data):
+    """Eight hex digits that tell one text or file content from another."""
+    return hashlib.sha256(data if isinstance(data, bytes) else data.encode()).hexdigest()[:8]
+
+
+def data_folder(cfg, resolution):
+    """The folder of videos a run trains on: --data DIR, or for --data synthetic the cfg.videos synthetic videos of
+    SYNTH_SECONDS at `resolution` that rank 0 renders once under --cache (kept for every run that asks the same)."""
+    if cfg.data != "synthetic":
+        return Path(cfg.data)
+    root = Path(cfg.cache) / f"synthetic_{cfg.videos}x{SYNTH_SECONDS:g}s_{resolution}px_seed{cfg.seed}"
+    if rank() == 0:
+        render_folder(root, cfg.videos, SYNTH_SECONDS, resolution, cfg.seed)
+    barrier()
+    return root
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,26 +140,24 @@ class VAEStage:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.vae_width)).to(device)
-        self.train_frames = self.pool("train", cfg.videos)["frames"][:, 0]  # uint8 (N, H, W, 3)
-        self.val_frames = to_tensor(self.pool("val", max(8, cfg.videos // 10))["frames"][:, 0]).to(device)
+        self.train_frames = self.pool("train")["frames"][:, 0]  # uint8 (N, H, W, 3)
+        self.val_frames = to_tensor(self.pool("val")["frames"][:, 0]).to(device)
         self.net = distributed(self.model, device)
 
-    def pool(self, split, n_videos):
-        """The 1-frame ClipPool of a split as a dict (frames uint8 (N, 1, H, W, 3), ...), built by rank 0 on
-        first use and cached in cfg.cache."""
-        path = Path(self.cfg.cache) / f"frames_{split}.pt"
+    def pool(self, split):
+        """The 1-frame ClipPool of a split of the data folder as a dict (frames uint8 (N, 1, H, W, 3), ...), built
+        by rank 0 on first use and cached in cfg.cache."""
+        folder = data_folder(self.cfg, self.cfg.resolution)
+        path = Path(self.cfg.cache) / f"frames_{split}_{folder.name}-{short_hash(str(folder.resolve()))}.pt"
         if rank() == 0 and not path.exists():
-            build_frame_pool(videos_for(self.cfg, split, n_videos, SYNTH_SECONDS, self.cfg.resolution), path,
-                             self.cfg.seed)
+            build_frame_pool(VideoFolder(folder, split), path, self.cfg.seed)
         barrier()
         return ClipPool(path).data
 
-    def __len__(self):
-        return len(self.train_frames)
-
-    def loss(self, indices):
-        """vae_loss on the training frames at `indices` (a list of pool indices) -> (scalar loss, logs dict)."""
-        x = to_tensor(self.train_frames[indices]).to(self.device)
+    def loss(self, micro_step):
+        """vae_loss on this rank's share of micro-batch `micro_step` of the frame pool -> (scalar loss, logs)."""
+        indices = batch_indices(micro_step, self.cfg.batch_size * world(), len(self.train_frames), self.cfg.seed)
+        x = to_tensor(self.train_frames[indices[rank()::world()]]).to(self.device)
         return vae_loss(self.net, x, self.model.config.kl_weight)
 
     @torch.no_grad()
@@ -186,28 +194,6 @@ class VAEStage:
 # Stage 2: the diffusion transformer
 
 
-@torch.no_grad()
-def encode_pool(vae, clips, n, path, device):
-    """Encode n clips (evenly spread over a ClipDataset) with the VAE, scaled to unit variance, and save them:
-    latents (n, F, C, h, w), ref (n, C, h, w), motion (n, M, C, h, w), mel (n, F, 20, 80), ground truth."""
-    picks = np.linspace(0, len(clips) - 1, n).round().astype(int)
-    parts = {}
-    for i in tqdm(picks, desc="encode clips", unit="clip"):
-        item = clips[int(i)]
-        images = torch.cat([item["frames"], item["ref"][None], item["motion"]]).to(device)
-        z = (vae.encode(images) * vae.latent_scale).cpu()
-        F_ = len(item["frames"])
-        enc = {"latents": z[:F_], "ref": z[F_], "motion": z[F_ + 1:], "ref_image": item["ref"]}
-        enc.update({k: v for k, v in item.items() if k not in ("frames", "ref", "motion")})
-        for k, v in enc.items():
-            parts.setdefault(k, []).append(v)
-    pool = {k: torch.stack(v) for k, v in parts.items()}
-    for k in ("latents", "ref", "motion", "mel"):  # half precision halves the file; unit-scale values keep 3 digits
-        pool[k] = pool[k].half()
-    pool["ref_image"] = torch.from_numpy(to_uint8(pool["ref_image"]))  # (n, H, W, 3)
-    atomic_write(path, lambda tmp: torch.save(pool, tmp))
-
-
 def loss_region(pool_item_boxes, resolution, latent_size, mouth_weight, shape):
     """Per-latent-pixel loss weights (B, F, 1, h, w): mouth_weight inside the mouth box (synthetic ground truth)
     or, without one, inside the lower-middle of the face (real data: rows 55-95%, columns 25-75%), 1 elsewhere."""
@@ -241,42 +227,36 @@ class DiffusionStage:
         # with ground truth and a probe (evaluate.py probe), evaluations also measure lip sync
         synthetic = cfg.data == "synthetic" and self.resolution == 64
         self.probe = load_probe(PROBE) if synthetic and PROBE.exists() else None
-        self.train_pool = self.pool("train", cfg.clips)
-        self.val_pool = self.pool("val", max(16, cfg.clips // 20))
-        # One epoch's pool items: every clip once, plus (--blink-repeat) the clips with a blink again. Blinks are rare
-        # and audio-independent, and a small model all but stops producing such events; repeating them rebalances.
-        self.order = torch.arange(len(self.train_pool["latents"]))
-        if cfg.blink_repeat > 1:
-            if "blink" not in self.train_pool:
-                raise UserError("--blink-repeat needs blink ground truth, which only synthetic data has")
-            blinks = self.order[(self.train_pool["blink"] > 0.5).any(1)]
-            self.order = torch.cat([self.order, blinks.repeat(cfg.blink_repeat - 1)])
+        # every video encoded once (each rank its share), then fresh clips from all of them (data.py)
+        folder = data_folder(cfg, self.resolution)
+        cache = Path(cfg.cache) / (f"latents_{folder.name}-{short_hash(str(folder.resolve()))}_vae-"
+                                   f"{short_hash(Path(cfg.vae).read_bytes())}")  # a new VAE never reuses old latents
+        encode_videos(VideoFolder(folder), self.vae, cache, device, rank(), world())
+        barrier()
+        train_cache = LatentCache(cache, [f.name for f in VideoFolder(folder, "train").folders])
+        if cfg.blink_repeat > 1 and "blink" not in train_cache.entries[0]:
+            raise UserError("--blink-repeat needs blink ground truth, which only synthetic data has")
+        self.sampler = ClipSampler(train_cache, cfg.frames, cfg.motion, seed=cfg.seed, blink_repeat=cfg.blink_repeat)
+        # what any rank has drawn so far: each (video, start), and each video
+        self.seen = {"clips": torch.zeros(self.sampler.offsets[-1], dtype=torch.bool),
+                     "videos": torch.zeros(len(train_cache.entries), dtype=torch.bool)}
+        # fixed validation clips: up to 8 from the held-out videos, with their portraits as images
+        val_videos = VideoFolder(folder, "val")
+        val_sampler = ClipSampler(LatentCache(cache, [f.name for f in val_videos.folders]), cfg.frames, cfg.motion,
+                                  seed=cfg.seed + 1)
+        self.val = val_sampler.batch(0, 0, 8)
+        video, _, _, ref = val_sampler.draws(0, 0, 8)
+        self.val_portraits = np.stack([val_videos[v].frames[r] for v, r in zip(video, ref)])  # uint8 (8, H, W, 3)
         # compile the DDP wrapper, not the model inside it, so DDP's gradient buckets still overlap the backward
         net = distributed(self.model, device)
         self.net = torch.compile(net) if cfg.compile else net
 
-    def pool(self, split, n):
-        """The encoded clips of a split (encode_pool's dict: latents (N, F, C, h, w), ref, motion, mel, ...), built
-        by rank 0 on first use and cached in cfg.cache."""
-        path = Path(self.cfg.cache) / f"clips_{split}_{n}x{self.cfg.frames}f{self.cfg.motion}m.pt"
-        if rank() == 0 and not path.exists():
-            n_videos = max(4, n // 8) if self.cfg.data == "synthetic" else None
-            clips = ClipDataset(videos_for(self.cfg, split, n_videos, CLIP_SECONDS, self.resolution),
-                                     frames=self.cfg.frames, motion=self.cfg.motion, seed=self.cfg.seed)
-            encode_pool(self.vae, clips, min(n, len(clips)), path, self.device)
-        barrier()
-        return ClipPool(path).data
-
-    def __len__(self):
-        return len(self.order)
-
-    def conditions(self, pool, indices, train):
-        """Inputs of the model for pool items: (x0, ref, mel, motion, drop masks)."""
+    def conditions(self, batch, train):
+        """Inputs of the model for a batch of ClipSampler.batch: (x0, ref, mel, motion, drop masks)."""
         cfg, dev = self.cfg, self.device
-        get = lambda k: pool[k][indices].to(dev).float()  # noqa: E731
-        x0, ref, mel = get("latents"), get("ref"), get("mel")
-        motion = get("motion") if cfg.motion else None
-        B = len(indices)
+        x0, ref, mel = (batch[k].to(dev) for k in ("latents", "ref", "mel"))
+        motion = batch["motion"].to(dev) if cfg.motion else None
+        B = len(x0)
         drops = {"drop_ref": None, "drop_audio": None, "drop_motion": None}
         if train:
             # small noise on the reference, as the official code (sigma = exp(N(-3, 0.5))); we add it to the
@@ -290,24 +270,29 @@ class DiffusionStage:
                 drops["drop_motion"] = None
         return x0, ref, mel, motion, drops
 
-    def loss(self, indices):
-        """L_simple (Eq. 3) on the clips at epoch positions `indices` (self.order maps them to pool items), with
-        random t, noise and condition drops; optional mouth and min-SNR weights -> (scalar loss, {})."""
+    def loss(self, micro_step):
+        """L_simple (Eq. 3) on this rank's fresh clips of micro-batch `micro_step`, with random t, noise and
+        condition drops; optional mouth and min-SNR weights -> (scalar loss, {clips_seen, videos_seen}): the
+        distinct clips (video, start) and videos drawn so far by all ranks (whose draws every rank can replay)."""
         cfg = self.cfg
-        indices = self.order[indices]
-        x0, ref, mel, motion, drops = self.conditions(self.train_pool, indices, train=True)
-        t = torch.randint(0, self.diffusion.steps, (len(indices),), device=self.device)
+        batch = self.sampler.batch(micro_step, rank(), cfg.batch_size)
+        for r in range(world()):
+            video, start, _, _ = self.sampler.draws(micro_step, r, cfg.batch_size)
+            self.seen["clips"][self.sampler.offsets[video] + start] = True
+            self.seen["videos"][video] = True
+        x0, ref, mel, motion, drops = self.conditions(batch, train=True)
+        t = torch.randint(0, self.diffusion.steps, (len(x0),), device=self.device)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.net(x_t, t, ref, mel, motion, **drops)
         err = (out.float() - self.diffusion.target(x0, noise, t)).pow(2)  # Eq. 3
         if cfg.mouth_weight != 1:
-            boxes = self.train_pool["mouth_box"][indices] if "mouth_box" in self.train_pool else None
+            boxes = batch.get("mouth_box")
             err = err * loss_region(boxes, self.resolution, x0.shape[-1], cfg.mouth_weight, x0.shape).to(err.device)
         weight = self.diffusion.loss_weight(t, cfg.min_snr_gamma)
         loss = (err.flatten(1).mean(1) * weight).mean()
-        return loss, {}
+        return loss, {"clips_seen": int(self.seen["clips"].sum()), "videos_seen": int(self.seen["videos"].sum())}
 
     def after_step(self, step):
         """EMA of the weights, with a warm-up so a short run's EMA is not mostly its initial weights."""
@@ -321,9 +306,8 @@ class DiffusionStage:
         """Validation loss of the EMA model at fixed timesteps and noise, and a PNG grid of sampled frames
         (per clip: reference | generated frames, then the real frames below)."""
         g = torch.Generator().manual_seed(1234)
-        n = min(8, len(self.val_pool["latents"]))
-        idx = np.linspace(0, len(self.val_pool["latents"]) - 1, n).round().astype(int).tolist()  # across videos
-        x0, ref, mel, motion, _ = self.conditions(self.val_pool, idx, train=False)
+        x0, ref, mel, motion, _ = self.conditions(self.val, train=False)
+        n = len(x0)
         t = torch.randint(0, self.diffusion.steps, (n,), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         target = self.diffusion.target(x0, noise, t)
@@ -338,7 +322,7 @@ class DiffusionStage:
         for i in range(k):
             gen = to_uint8(self.vae.decode(z[i] / self.vae.latent_scale))  # (F, H, W, 3)
             real = to_uint8(self.vae.decode(x0[i] / self.vae.latent_scale))
-            portrait = self.val_pool["ref_image"][idx[i]].numpy()
+            portrait = self.val_portraits[i]
             rows += [np.concatenate([portrait, *gen], axis=1), np.concatenate([np.zeros_like(portrait), *real], axis=1)]
         path = Path(out) / "samples" / f"step{step:07d}.png"
         path.parent.mkdir(exist_ok=True)
@@ -346,10 +330,10 @@ class DiffusionStage:
         result = {"val_loss": val_loss.item()}
         if self.probe is not None:  # lip sync: the probe's mouth opening in windows sampled with each clip's own
             # audio and with the next clip's, against the true opening (metrics.per_clip_sync)
-            refs, mels = self.val_pool["ref_image"][idx].numpy(), self.val_pool["mel"][idx].float()
+            refs, mels = self.val_portraits, self.val["mel"]
             both = generate(self.ema, self.vae, self.diffusion, np.concatenate([refs, refs]),
                             torch.cat([mels, mels.roll(-1, 0)]), steps=10, device=self.device, progress=False)
-            opening, truth = probe_readings(self.probe, both)[..., 0], self.val_pool["openness"][idx].numpy()
+            opening, truth = probe_readings(self.probe, both)[..., 0], self.val["openness"].numpy()
             result["val_sync"] = per_clip_sync(opening[:n], truth)
             result["val_sync_mismatched"] = per_clip_sync(opening[n:], truth)
         return result
@@ -362,12 +346,13 @@ class DiffusionStage:
         """The stage's part of a checkpoint: model config and weights, EMA weights, the VAE, diffusion settings."""
         return {"model": {"config": asdict(self.model.cfg), "weights": self.model.state_dict()},
                 "ema": self.ema.state_dict(), "vae": vae_state(self.vae),
-                "diffusion": self.diffusion.config()}
+                "diffusion": self.diffusion.config(), "seen": self.seen}
 
     def load(self, ckpt):
-        """Restore the model and EMA weights from a checkpoint written by save_checkpoint."""
+        """Restore the model and EMA weights and the clips seen from a checkpoint written by save_checkpoint."""
         self.model.load_state_dict(ckpt["model"]["weights"])
         self.ema.load_state_dict(ckpt["ema"])
+        self.seen = {k: v.clone() for k, v in ckpt["seen"].items()}
 
 
 @torch.no_grad()
@@ -379,7 +364,7 @@ def export(run_ckpt, dst, frames=512):
                            what="a diffusion run's checkpoint", hint=" (pass the run folder with --out)")
     cfg = TrainConfig(**ckpt["train_config"])
     vae = vae_from_state(ckpt["vae"])
-    videos = videos_for(cfg, "train", 32, CLIP_SECONDS, vae.config.resolution)
+    videos = VideoFolder(data_folder(cfg, vae.config.resolution), "train")
     n = min(len(videos), 32)
     x = torch.cat([to_tensor(videos[i].frames[:math.ceil(frames / n)]) for i in range(n)])
     worst = min(psnr(vae.decode(vae.encode(chunk)), chunk).min().item() for chunk in x.split(64))
@@ -446,7 +431,6 @@ def train(cfg, resume=False, max_minutes=None):
     start, last_save = time.time(), time.time()
     log = open(out / "log.jsonl", "a") if is_main else None
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True, disable=not is_main)
-    global_batch = cfg.batch_size * world()
     while step < cfg.steps and not any_rank(max_minutes is not None and time.time() - start >= 60 * max_minutes):
         tick = time.time()
         for group in optimizer.param_groups:
@@ -454,8 +438,7 @@ def train(cfg, resume=False, max_minutes=None):
         optimizer.zero_grad(set_to_none=True)
         total, logs = 0.0, {}
         for micro in range(cfg.accum):
-            indices = batch_indices(step * cfg.accum + micro, global_batch, len(stage), cfg.seed)
-            loss, logs = stage.loss(indices[rank()::world()])
+            loss, logs = stage.loss(step * cfg.accum + micro)
             if not torch.isfinite(loss):
                 bar.close()
                 fail(f"the loss became {loss.item()} at step {step}; the last checkpoint ({ckpt_path}) is intact. "
@@ -502,8 +485,8 @@ def main(argv=None):
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
-                        "its settings come from its checkpoint (those config.py marks resumable, and --max-minutes, "
-                        "may change)")
+                        "its settings come from its checkpoint (only --max-minutes and "
+                        f"{', '.join(flag(name) for name in RESUMABLE)} may change)")
     parser.add_argument("--max-minutes", type=bounded(float, 0), default=None,
                         help="stop cleanly with a checkpoint after this much training time (0: set the run up, "
                         "train no step)")

@@ -14,8 +14,11 @@ motion and per-frame ground truth, all deterministic given a seed:
 
 import base64
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -357,6 +360,32 @@ class SyntheticVideos:
             raise IndexError(i)
         return synth_video(self.split, i, self.seconds, self.size, self.seed)
 
+
+
+def _write(job):
+    """Render and save one video of render_folder: job = (folder, split, index, seconds, size, seed)."""
+    folder, split, index, seconds, size, seed = job
+    save_video(folder, synth_video(split, index, seconds, size, seed))
+
+
+def render_folder(root, n, seconds, size, seed=0, workers=None):
+    """Write n synthetic videos of `seconds` at `size` into root, in data.py's layout, once and in parallel worker
+    processes (default: one per core): video i is root/<i:05d>, showing the validation split's people and sentences
+    when i % 20 == 19 (the videos VideoFolder holds out) and the training split's otherwise. Videos already there
+    are kept, so an interrupted render continues. Returns root."""
+    root = Path(root)
+    jobs = [(root / f"{i:05d}", "val" if i % 20 == 19 else "train", i, seconds, size, seed) for i in range(n)
+            if not (root / f"{i:05d}" / "meta.json").exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    workers = min(workers or os.cpu_count(), len(jobs) // 4)  # a few videos are not worth starting processes for
+    if workers < 2:
+        for job in tqdm(jobs, desc="render videos", unit="video", disable=not jobs):
+            _write(job)
+        return root
+    # spawn, not fork: the parent may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(tqdm(pool.map(_write, jobs), total=len(jobs), desc="render videos", unit="video"))
+    return root
 
 
 def main(argv=None):

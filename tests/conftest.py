@@ -13,15 +13,15 @@ import train
 def vae_ckpt(tmp_path_factory):
     """A (barely trained) 32x32 VAE; its folder's parent also holds the cache of encoded clip pools."""
     root = tmp_path_factory.mktemp("train")
-    train.main(["--stage", "vae", "--out", str(root / "vae"), "--videos", "2", "--resolution", "32", "--vae-width", "8",
-                "--batch-size", "4", "--steps", "2", "--device", "cpu"])
+    train.main(["--stage", "vae", "--out", str(root / "vae"), "--cache", str(root / "cache"), "--videos", "2",
+                "--resolution", "32", "--vae-width", "8", "--batch-size", "4", "--steps", "2", "--device", "cpu"])
     return root / "vae" / "ckpt.pt"
 
 
 def diffusion_args(out, vae_ckpt, *extra):
-    """train.py arguments of a tiny diffusion run on 32x32 synthetic clips of 4 frames."""
+    """train.py arguments of a tiny diffusion run on 4-frame clips of 2 synthetic videos at 32x32 (the VAE's)."""
     return ["--out", str(out), "--cache", str(vae_ckpt.parent.parent / "cache"), "--vae", str(vae_ckpt),
-            "--size", "T", "--frames", "4", "--clips", "8", "--batch-size", "2", "--warmup", "2", "--eval-every", "3",
+            "--size", "T", "--frames", "4", "--videos", "2", "--batch-size", "2", "--warmup", "2", "--eval-every", "3",
             "--device", "cpu", *extra]
 
 

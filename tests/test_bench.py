@@ -32,8 +32,11 @@ def test_quick_bench_produces_every_table(tmp_path, capsys):
     assert [(r["L"], r["kernel"]) for r in tables["temporal"]] == expected
     assert all(math.isfinite(r["speedup"]) and r["speedup"] > 0 for r in tables["temporal"])
     assert all(r["speedup"] == 1 for r in tables["temporal"] if r["kernel"] == "sdpa")
+    # table 4: the sampler at the demo's and the paper's clip shapes
+    assert [(r["frames"], r["latent"]) for r in tables["data"]] == [(8, 16), (16, 32)]
+    assert all(r["clips_s"] > 0 and r["gpus_fed"] == r["clips_s"] / 48.5 for r in tables["data"])
     text = capsys.readouterr().out
-    for title in ("1a.", "1b.", "1c.", "2.", "3."):
+    for title in ("1a.", "1b.", "1c.", "2.", "3.", "4."):
         assert title in text
 
 

@@ -3,6 +3,9 @@
 import fractions
 import json
 import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -14,6 +17,7 @@ import common
 import data
 import world
 from conftest import probe_video
+from vae import VAE, VAEConfig
 
 
 def test_clip_dataset_items(tmp_path):
@@ -164,3 +168,84 @@ def test_prepare_keeps_sound_and_picture_together_when_the_streams_start_apart(t
     flash = int(np.argmax(prepared.frames.mean(axis=(1, 2, 3))))
     loud = int(np.argmax(audio.frame_loudness(prepared.wav, prepared.meta["num_frames"])))
     assert flash == loud == 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latents for training: encoded once per video, fresh clips every step
+
+
+def _stub_cache(videos, frames):
+    """A LatentCache's shape without its files: `videos` entries of `frames` frames (the sampler draws from shapes)."""
+    latents = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1, 1).expand(frames, 4, 2, 2)
+    entry = {"latents": latents, "mel": torch.zeros(frames, 20, 80)}
+    return SimpleNamespace(entries=[entry] * videos, num_frames=np.full(videos, frames))
+
+
+def test_forty_steps_of_fresh_clips_cover_the_training_videos():
+    """40 videos of 3 s (38 for training, as VideoFolder holds out 2): 40 steps of batch 8 draw at least 280
+    distinct clips from at least 90% of the videos; a fixed pool of 2000 clips would repeat the same ones."""
+    sampler = data.ClipSampler(_stub_cache(38, 75), frames=16, motion=2, seed=0)
+    drawn = [sampler.draws(step, 0, 8) for step in range(40)]
+    clips = {(v, s) for video, start, _, _ in drawn for v, s in zip(video, start)}
+    assert len(clips) >= 280 and len({v for v, _ in clips}) >= 0.9 * 38
+
+
+def test_each_draw_is_a_pure_function_of_seed_step_and_rank():
+    sampler = data.ClipSampler(_stub_cache(5, 40), frames=8, motion=2, strides=(1, 3), seed=7)
+    a, b = sampler.draws(3, 1, 16), data.ClipSampler(_stub_cache(5, 40), 8, 2, (1, 3), seed=7).draws(3, 1, 16)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(sampler.draws(3, 0, 16)[1], a[1])  # another rank draws other clips
+    video, start, stride, ref = sampler.draws(0, 0, 500)
+    assert set(stride) == {1, 2, 3}
+    assert (start - 2 * stride >= 0).all() and (start + 7 * stride <= 39).all()  # motion frames and clip fit
+    assert ((ref < start - 2 * stride) | (ref > start + 7 * stride)).all()  # the portrait is from outside
+    batch = sampler.batch(0, 0, 4)
+    video, start, stride, ref = sampler.draws(0, 0, 4)
+    assert batch["latents"].shape == (4, 8, 4, 2, 2) and batch["motion"].shape == (4, 2, 4, 2, 2)
+    # frame k of the stub holds the number k: the clip, its motion frames and the portrait are the frames drawn
+    assert torch.equal(batch["latents"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] + stride[:, None] *
+                                                                          np.arange(8)).float())
+    assert torch.equal(batch["motion"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] - stride[:, None] *
+                                                                        np.array([2, 1])).float())
+    assert torch.equal(batch["ref"][:, 0, 0, 0], torch.from_numpy(ref).float())
+
+
+@pytest.fixture(scope="module")
+def three_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    world.main([str(root), "--videos", "3", "--seconds", "0.4", "--size", "32"])
+    return data.VideoFolder(root)
+
+
+def test_ranks_encode_disjoint_shares_and_a_killed_encode_resumes(tmp_path, three_videos):
+    vae = VAE(VAEConfig(resolution=32, factor=4, width=8)).eval()
+    assert data.encode_videos(three_videos, vae, tmp_path / "one", "cpu") == 3
+    assert [data.encode_videos(three_videos, vae, tmp_path / "two", "cpu", rank, 2) for rank in (0, 1)] == [2, 1]
+    for name in (f.name for f in three_videos.folders):  # the ranks' union is a one-process encode
+        a, b = torch.load(tmp_path / "one" / f"{name}.pt"), torch.load(tmp_path / "two" / f"{name}.pt")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = tmp_path / "one" / f"{three_videos.folders[0].name}.pt"
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "one").iterdir() if p != first}
+    first.unlink()  # killed before this one was written
+    assert data.encode_videos(three_videos, vae, tmp_path / "one", "cpu") == 1
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and first.exists()
+    cache = data.LatentCache(tmp_path / "one", [f.name for f in three_videos.folders])
+    assert list(cache.num_frames) == [10, 10, 10] and cache.entries[0]["latents"].shape == (10, 4, 8, 8)
+    assert cache.entries[0]["latents"].dtype == torch.float16 and "openness" in cache.entries[0]
+
+
+def _resident_bytes():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_opening_the_cache_does_not_read_it_into_memory(tmp_path):
+    """40 encoded videos (32 MB on disk): opening them memory-mapped grows this process by under a tenth of that."""
+    names = [f"v{i:03d}" for i in range(40)]
+    for i, name in enumerate(names):
+        torch.save({"latents": torch.full((100, 4, 32, 32), i, dtype=torch.float16),
+                    "mel": torch.zeros(100, 20, 80, dtype=torch.float16)}, tmp_path / f"{name}.pt")
+    on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+    before = _resident_bytes()
+    cache = data.LatentCache(tmp_path, names)
+    assert _resident_bytes() - before < on_disk / 10
+    assert cache.entries[39]["latents"][0, 0, 0, 0] == 39  # and every entry reads back on access

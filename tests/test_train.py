@@ -3,11 +3,11 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,8 +103,9 @@ def test_ddp_vae_stage_stays_in_sync(tmp_path):
     """The VAE stage under torchrun too: ranks see different frames, DDP averages their gradients."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train.__file__).parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
-           train.__file__, "--stage", "vae", "--out", str(tmp_path / "vae"), "--videos", "2", "--resolution", "32",
-           "--vae-width", "8", "--batch-size", "4", "--steps", "3", "--device", "cpu"]
+           train.__file__, "--stage", "vae", "--out", str(tmp_path / "vae"), "--cache", str(tmp_path / "cache"),
+           "--videos", "2", "--resolution", "32", "--vae-width", "8", "--batch-size", "4", "--steps", "3",
+           "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     final = [line for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines() if '"final"' in line]
@@ -156,8 +157,8 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
              (["--stage", "vae", "--resolution", "60", "--out", str(tmp_path / "z")], "a multiple of 8"),
              (["--stage", "vae", "--vae-width", "6", "--out", str(tmp_path / "z")], "a multiple of 4"),
              # a setting of the other stage would be silently ignored: it is refused
-             (["--stage", "vae", "--clips", "5", "--prediction", "v", "--out", str(tmp_path / "z")],
-              "--clips, --prediction: not a setting of the vae stage; --stage diffusion takes them"),
+             (["--stage", "vae", "--size", "T", "--prediction", "v", "--out", str(tmp_path / "z")],
+              "--size, --prediction: not a setting of the vae stage; --stage diffusion takes them"),
              (["--vae-width", "16", "--out", str(tmp_path / "z")],
               "--vae-width: not a setting of the diffusion stage; --stage vae takes it")]
     train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
@@ -206,21 +207,23 @@ def test_region_weights_cover_the_mouth_box():
     assert lower_face[:4].eq(1).all() and lower_face[5:7, 2:6].eq(3).all()
 
 
-def test_blink_repeat_adds_the_clips_with_a_blink_to_each_epoch(tmp_path, vae_ckpt, monkeypatch):
+def test_blink_repeat_draws_the_clips_with_a_blink_more_often(tmp_path, vae_ckpt, monkeypatch):
     stages, loss = [], train.DiffusionStage.loss
     monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, i: stages.append(self) or loss(self, i))
-    train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--clips", "32", "--steps", "1", "--blink-repeat", "3"))
-    stage = stages[0]
-    blinks = (stage.train_pool["blink"] > 0.5).any(1)
-    assert 0 < blinks.sum() < 32
-    assert torch.equal(torch.bincount(stage.order, minlength=32), torch.where(blinks, 3, 1))
-    assert len(stage) == 32 + 2 * blinks.sum()
+    train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--steps", "1", "--blink-repeat", "3"))
+    sampler = stages[0].sampler
+    weight = np.diff(sampler.cumulative[1], prepend=0)  # of each (video, start) of the training videos
+    entry = sampler.cache.entries[0]
+    blinks = (entry["blink"] > 0.5).numpy()
+    for start in range(2, sampler.cache.num_frames[0] - 3):  # a 4-frame clip after 2 motion frames
+        assert weight[start] == (3 if blinks[start:start + 4].any() else 1)
+    assert 0 < (weight == 3).sum() < (weight > 0).sum()
 
 
-def test_cache_is_reused(tmp_path, vae_ckpt):
+def test_latents_are_encoded_once_and_reused(tmp_path, vae_ckpt):
     cache = vae_ckpt.parent.parent / "cache"
     train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--steps", "1"))
-    stamp = {p.name: p.stat().st_mtime for p in cache.iterdir()}
+    stamp = {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")}
+    assert any(p.parent.name.startswith("latents_") for p in stamp)
     train.main(diffusion_args(tmp_path / "b", vae_ckpt, "--steps", "1"))
-    assert {p.name: p.stat().st_mtime for p in cache.iterdir()} == stamp
-    shutil.rmtree(tmp_path / "a")
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")} == stamp

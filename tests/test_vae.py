@@ -64,8 +64,9 @@ def test_vae_overfits_one_small_batch():
 
 
 def _train(tmp_path, name, *extra):
-    argv = ["--stage", "vae", "--out", str(tmp_path / name), "--videos", "2", "--resolution", "32", "--vae-width", "8",
-            "--batch-size", "4", "--warmup", "2", "--eval-every", "2", "--device", "cpu", *extra]
+    argv = ["--stage", "vae", "--out", str(tmp_path / name), "--cache", str(tmp_path / "cache"), "--videos", "2",
+            "--resolution", "32", "--vae-width", "8", "--batch-size", "4", "--warmup", "2", "--eval-every", "2",
+            "--device", "cpu", *extra]
     return train.main(argv)
 
 

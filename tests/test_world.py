@@ -152,3 +152,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_render_folder_writes_the_held_out_people_where_video_folder_holds_out(tmp_path):
+    """20 videos rendered by 2 worker processes: the 20th (the one VideoFolder keeps for validation) shows a person
+    of the validation split; a second call renders nothing."""
+    world.render_folder(tmp_path, 20, 0.04, 16, workers=2)
+    val, train = data.VideoFolder(tmp_path, "val"), data.VideoFolder(tmp_path, "train")
+    assert [m["split"] for m in val.meta] == ["val"] and {m["split"] for m in train.meta} == {"train"}
+    assert len(train) == 19 and [m["index"] for m in train.meta[:3]] == [0, 1, 2]
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("meta.json")}
+    world.render_folder(tmp_path, 20, 0.04, 16, workers=2)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("meta.json")} == stamps
