@@ -59,8 +59,8 @@ class TrainConfig:
                           "16x16)", stage="vae", choices=(4, 8))
     vae_width: int = setting(32, "VAE channels at full resolution (32 trains fast on a CPU; try 64-128 for real "
                              "data)", stage="vae", low=4)
-    videos: int = setting(600, "--data synthetic: how many videos of 4 s to render (every 20th shows held-out "
-                          "people and is kept for validation)", low=2)
+    videos: int = setting(300, "--data synthetic: how many videos of 4 s to render (every 20th shows held-out "
+                          "people and is kept for validation); 300 hold 26,000 distinct 8-frame clips", low=2)
     # stage 2: the diffusion transformer
     vae: str = setting("runs/vae/ckpt.pt", "VAE checkpoint from `train.py --stage vae`", stage="diffusion")
     size: str = setting(None, "model size (default: B on a GPU, T on a CPU)", stage="diffusion",

@@ -293,7 +293,7 @@ class ClipPool(Dataset):
         return {k: to_tensor(v[i]) if v.dtype == torch.uint8 else v[i] for k, v in self.data.items()}
 
 
-FRAMES_PER_VIDEO = 8  # frames taken from each video for a frame pool: many identities, few frames each
+FRAMES_PER_VIDEO = 16  # frames taken from each video for a frame pool: many identities, few frames each
 
 
 def build_frame_pool(videos, path, seed=0):
@@ -343,8 +343,8 @@ class ClipSampler:
     sampling): a video, weighted by its number of valid starts, a start, a frame interval drawn from `strides`
     (lo, hi), the M motion frames before the clip at that interval, and a reference frame from outside them all.
     Clips holding a blink (synthetic ground truth) count `blink_repeat` times, since a small model under-produces
-    rare blinks. Every draw is a pure function of (seed, step, rank, slot), so --resume continues exactly and the
-    ranks draw different clips."""
+    rare blinks. Every draw is a pure function of (seed, step, rank) and its slot in the batch, so --resume
+    continues exactly and the ranks draw different clips."""
 
     def __init__(self, cache, frames, motion, strides=(1, 1), seed=0, blink_repeat=1):
         self.cache, self.F, self.M, self.seed = cache, frames, motion, seed
@@ -384,8 +384,8 @@ class ClipSampler:
 
     def batch(self, step, rank, n):
         """The clips of draws(step, rank, n) as a batch of float tensors: latents (n, F, C, h, w), ref (n, C, h, w),
-        motion (n, M, C, h, w), mel (n, F, 20, 80), the ground truth of the clip's frames where the data has it,
-        and video, start (n,) long."""
+        motion (n, M, C, h, w), mel (n, F, 20, 80), and the ground truth of the clip's frames where the data has
+        it."""
         video, start, strides, ref = self.draws(step, rank, n)
         items = []
         for v, s0, s, r in zip(video, start, strides, ref):
@@ -394,8 +394,7 @@ class ClipSampler:
                     "motion": entry["latents"][s0 - s * np.arange(self.M, 0, -1)], "mel": entry["mel"][idx]}
             item.update({k: entry[k][idx] for k in GROUND_TRUTH if k in entry})
             items.append(item)
-        batch = {k: torch.stack([item[k] for item in items]).float() for k in items[0]}
-        return {**batch, "video": torch.from_numpy(video), "start": torch.from_numpy(start)}
+        return {k: torch.stack([item[k] for item in items]).float() for k in items[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

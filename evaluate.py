@@ -262,7 +262,7 @@ def main(argv=None):
                        formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=PROBE, help="where to write it (the default replaces the shipped "
                    "probe, which train.py's lip-sync logging and eval read)")
-    p.add_argument("--videos", type=bounded(int, 1), default=300, help="training videos (8 frames each)")
+    p.add_argument("--videos", type=bounded(int, 1), default=300, help="training videos (16 frames each)")
     p.add_argument("--steps", type=bounded(int, 1), default=1500, help="optimizer steps of 64 frames")
     p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
     evaluation = Parser(add_help=False)  # the options eval and ablation share
