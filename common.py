@@ -3,6 +3,7 @@
 - user errors: `UserError` is a problem the user can fix (a missing file, a bad flag, no GPU); `fail` is the one way
   a script reports one: `error: ...` on stderr, one line, exit status 2, no traceback;
 - the command line: `Parser` (usage errors go through `fail` too), `bounded` numbers, `add_device`;
+- work on many videos: `parallel_map` (worker processes with a progress bar);
 - files: `atomic_write` (a crash never leaves half a file under the final name) and `load_checkpoint` (every
   torch.load of the project: weights_only=True, on the CPU, with an error that names the file);
 - images: `to_tensor` and `to_uint8` convert frames between uint8 (..., H, W, 3) and float (..., 3, H, W) in
@@ -10,14 +11,17 @@
 """
 
 import argparse
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
 # User errors
@@ -102,6 +106,21 @@ def check_device(name):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Work on many videos
+
+
+def parallel_map(fn, jobs, workers, desc):
+    """[fn(job) for job in jobs] with a progress bar, in up to `workers` processes (None: one per core) when there
+    are enough jobs to pay for starting them, else in this one. fn must be a module-level function."""
+    workers = min(workers or os.cpu_count(), len(jobs) // 4)
+    if workers < 2:
+        return [fn(job) for job in tqdm(jobs, desc=desc, unit="video", disable=not jobs)]
+    # spawn, not fork: this process may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="video"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_features, decode_audio, load_audio, write_wav
-from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, square_image, to_tensor,
-                    to_uint8, user_errors)
+from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, parallel_map,
+                    square_image, to_tensor, to_uint8, user_errors)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The on-disk layout: ROOT/<name>/{video.mp4, audio.wav, meta.json}
@@ -131,23 +132,65 @@ def _resample_frames(times, n_out):
     return np.clip(out, 0, len(times) - 1)
 
 
-def prepare_video(src, size, box=None):
-    """Convert one real talking-head video into a Video: 25 fps, square crop (`box` = (x0, y0, x1, y1) in source
-    pixels, else the centre square), resized to size x size, 16 kHz mono audio. Raises UserError if the file is
-    unreadable or silent."""
+FACE_DETECTOR = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"  # ships inside opencv's wheel
+FACE_SAMPLES = 8  # frames of a video the detector looks at
+
+
+def find_face(frames, enlarge=2.2):
+    """One square crop box (x0, y0, x1, y1) for a whole video, from a few of its frames uint8 (H, W, 3): OpenCV's
+    Haar cascade (Viola and Jones) finds the largest face in each; the median of those boxes (which smooths the
+    detector's jitter from frame to frame) is enlarged `enlarge` times around the face's centre so that hair and
+    chin fit, made square and kept inside the frame. None when most of the frames show no face."""
+    detector = cv2.CascadeClassifier(FACE_DETECTOR)
+    found = []
+    for frame in frames:
+        faces = detector.detectMultiScale(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), scaleFactor=1.1, minNeighbors=5,
+                                          minSize=(24, 24))
+        if len(faces):
+            found.append(max(faces, key=lambda f: f[2] * f[3]))
+    if len(found) <= len(frames) / 2:
+        return None
+    x, y, w, h = np.median(np.array(found, float), axis=0)
+    height, width = frames[0].shape[:2]
+    side = min(enlarge * max(w, h), width, height)
+    x0 = float(np.clip(x + w / 2 - side / 2, 0, width - side))
+    y0 = float(np.clip(y + h / 2 - side / 2, 0, height - side))
+    return tuple(round(v) for v in (x0, y0, x0 + side, y0 + side))
+
+
+def decode_frames(src, keep=lambda i: True):
+    """The frames of a file's first video stream for which keep(index) holds, as PIL images, and every frame's time
+    in seconds on the file's clock."""
     try:
         with av.open(str(src)) as container:
             if not container.streams.video:
                 raise UserError(f"{src}: no video stream")
             stream = container.streams.video[0]
-            frames, times = [], []
-            for f in container.decode(stream):
-                frames.append(square_image(f.to_image(), size, box))
-                times.append(float(f.time) if f.time is not None else len(times) / float(stream.average_rate))
+            images, times = [], []
+            for i, f in enumerate(container.decode(stream)):
+                if keep(i):
+                    images.append(f.to_image())
+                times.append(float(f.time) if f.time is not None else i / float(stream.average_rate))
     except av.FFmpegError as e:
         raise UserError(f"{src}: cannot decode ({e})") from None
-    if not frames:
+    if not times:
         raise UserError(f"{src}: no video frames")
+    return images, times
+
+
+def prepare_video(src, size, box=None):
+    """Convert one real talking-head video into a Video: 25 fps, a square crop resized to size x size, 16 kHz mono
+    audio. The crop is `box` (x0, y0, x1, y1) in source pixels, else the face find_face sees in FACE_SAMPLES frames
+    spread over the video; meta.json records it. Raises UserError if the file is unreadable or silent or shows no
+    face."""
+    if box is None:  # a first pass for the detector: one frame a second, FACE_SAMPLES of them spread over the video
+        seconds, _ = decode_frames(src, keep=lambda i: i % FPS == 0)
+        samples = [seconds[i] for i in np.linspace(0, len(seconds) - 1, min(FACE_SAMPLES, len(seconds))).astype(int)]
+        box = find_face([np.asarray(image.convert("RGB")) for image in samples])
+        if box is None:
+            raise UserError(f"{src}: no face in most of {len(samples)} frames looked at (give its box with --boxes)")
+    images, times = decode_frames(src)
+    frames = [square_image(image, size, box) for image in images]
     wav, audio_start = decode_audio(src)
     if np.sqrt(np.mean(wav ** 2)) < 1e-4:
         raise UserError(f"{src}: silent audio")
@@ -162,33 +205,40 @@ def prepare_video(src, size, box=None):
         raise UserError(f"{src}: shorter than one frame")
     keep = _resample_frames(times, n)
     return Video(np.stack(frames)[keep], wav[:n * SAMPLES_PER_FRAME],
-                 {"num_frames": n, "fps": FPS, "size": size, "source": str(src)})
+                 {"num_frames": n, "fps": FPS, "size": size, "source": str(src), "box": [float(v) for v in box]})
 
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
 
 
-def prepare(raw_dir, out_dir, size=256, boxes=None):
-    """Convert every video under raw_dir into the layout under out_dir. Resumable: folders already complete are
-    skipped. A corrupt or silent file is skipped with one warning line. Returns (written, skipped, failed)."""
+def _prepare_one(job):
+    """Prepare and save one video of `prepare`: job = (src, folder, size, box). Returns the error's text, or None."""
+    src, folder, size, box = job
+    try:
+        save_video(folder, prepare_video(src, size, box))
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
+    """Convert every video under raw_dir (shard i of n: every n-th, from the i-th) into the layout under out_dir,
+    in `workers` processes. Resumable: folders already complete are skipped. A file that is corrupt, silent or
+    without a face is skipped with one warning line. Returns (written, skipped, failed)."""
     sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    sources = sources[shard[0]::shard[1]]
     if not sources:
-        raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+        raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in this shard")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    written = skipped = failed = 0
-    for src in tqdm(sources, desc="prepare", unit="video"):
-        name = src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
-        folder = Path(out_dir) / name
-        if (folder / "meta.json").exists():
-            skipped += 1
-            continue
-        try:
-            save_video(folder, prepare_video(src, size, None if boxes is None else boxes.get(src.stem)))
-            written += 1
-        except UserError as e:
-            tqdm.write(f"warning: skipped {e}", file=sys.stderr)
-            failed += 1
-    return written, skipped, failed
+    jobs = []
+    for src in sources:
+        folder = Path(out_dir) / src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
+        if not (folder / "meta.json").exists():
+            jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
+    errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
+    for error in errors:
+        tqdm.write(f"warning: skipped {error}", file=sys.stderr)
+    return len(jobs) - len(errors), len(sources) - len(jobs), len(errors)
 
 
 def check_output(out, size):
@@ -410,17 +460,26 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="convert real talking-head videos (HDTF, CelebV-HQ...)",
                        formatter_class=HelpFormatter,
                        description="Convert every video under RAW (any fps, resolution and container, with sound) "
-                       "to 25 fps, a square crop resized to --size, and 16 kHz mono audio. Corrupt or silent files "
-                       "are skipped with a warning; rerunning resumes where an interrupted run stopped.")
+                       "to 25 fps, a square crop around the face resized to --size, and 16 kHz mono audio. The face "
+                       "is found by OpenCV's Haar cascade in 8 frames of each video (the box is kept in meta.json). "
+                       "Corrupt or silent files, and videos without a face in most of those frames, are skipped "
+                       "with a warning; rerunning resumes where an interrupted run stopped.")
     p.add_argument("raw", type=Path, help="folder of raw videos (searched recursively)")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--size", type=bounded(int, 16), default=256, help="output frame size, even (256 is the paper's)")
-    p.add_argument("--boxes", type=Path, help="JSON file {video_stem: [x0, y0, x1, y1]} of square face boxes in "
-                   "source pixels (e.g. from a face detector, enlarged to include hair and chin); default: the "
-                   "centre square of each frame")
+    p.add_argument("--boxes", type=Path, help="JSON file {video_stem: [x0, y0, x1, y1]} of square crop boxes in "
+                   "source pixels, for the videos whose box the detector should not choose")
+    p.add_argument("--workers", type=bounded(int, 1), help="videos prepared at once, in worker processes (default: "
+                   "one per core)")
+    p.add_argument("--shard", default="0/1", help="i/n: prepare every n-th video from the i-th, so that n machines "
+                   "share a dataset (default: 0/1, all of them)")
     args = parser.parse_args(argv)
     with user_errors():
         check_output(args.out, args.size)
+        i, _, n = args.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+            raise UserError(f"--shard {args.shard}: give i/n with 0 <= i < n, e.g. 0/4")
+        shard = (int(i), int(n))
         boxes = None
         if args.boxes is not None:
             try:
@@ -431,8 +490,8 @@ def main(argv=None):
                           if len(v) != 4 or not all(isinstance(x, (int, float)) for x in v)), None)
             if wrong is not None:
                 raise UserError(f"{args.boxes}: the box of {wrong} is {list(boxes[wrong])}, not [x0, y0, x1, y1]")
-        written, skipped, failed = prepare(args.raw, args.out, args.size, boxes)
-    print(f"prepared {written}, already done {skipped}, skipped as unreadable or silent {failed}")
+        written, skipped, failed = prepare(args.raw, args.out, args.size, boxes, args.workers, shard)
+    print(f"prepared {written}, already done {skipped}, skipped {failed} (unreadable, silent or without a face)")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
 from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device, load_checkpoint,
                     to_tensor, to_uint8, user_errors)
-from data import ClipPool, build_frame_pool
-from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, clip_windows, frame_change, frechet, i3d_features,
-                     identity_ratio, load_inception, load_probe, load_torchscript, mouth_darkness, off_palette,
-                     per_clip_sync, probe_readings, ssim, train_probe)
+from data import ClipPool, VideoFolder, build_frame_pool
+from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, frame_change, frechet,
+                     frechet_distance, i3d_features, identity_ratio, load_inception, load_probe, load_torchscript,
+                     mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
 from sample import DEFAULT_CKPT, generate, load_model
 from world import SyntheticVideos, synth_video
 
@@ -109,28 +109,67 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, spl
     result["blob_fraction"] = float((off_palette(fake, real) > threshold).mean())
 
     # the standard extractors, where the user passed them
-    x = lambda v: to_tensor(v).flatten(0, 1)  # noqa: E731
-    if inception is not None:
-        net = load_inception(inception)
-        fid = lambda v: torch.cat([net(c) for c in x(v).split(32)]).numpy()  # noqa: E731
-        f_real = fid(real)
-        result["fid_inception"], result["fid_inception_floor"] = frechet(f_real, fid(fake)), frechet(f_real,
-                                                                                                     fid(other_real))
-    if i3d is not None:
-        net = load_torchscript(i3d, "--i3d", I3D_HELP)
-        fvd = lambda v: i3d_features(net, to_tensor(clip_windows(v, 16, 8))).numpy()  # noqa: E731
-        f_real = fvd(real)
-        result["fvd_i3d"], result["fvd_i3d_floor"] = frechet(f_real, fvd(fake)), frechet(f_real, fvd(other_real))
-    if expression is not None:
-        net = load_torchscript(expression, "--expression", EXPRESSION_HELP)
-        efid = lambda v: torch.cat([net((c + 1) / 2) for c in x(v).split(64)]).numpy()  # noqa: E731
-        f_real = efid(real)
-        result["efid_expression"], result["efid_expression_floor"] = frechet(f_real, efid(fake)), frechet(
-            f_real, efid(other_real))
+    for name, features in standard_extractors(inception, i3d, expression).items():
+        f_real = features(real)
+        result[name], result[f"{name}_floor"] = frechet(f_real, features(fake)), frechet(f_real, features(other_real))
     if speech:
         result.update(unseen_speech(model, vae, diffusion, probe, refs, speech, steps, audio_scale, seed, device))
     if sheet is not None:
         write_sheet(sheet, refs[:2], real[:2], fake[:2], gen["mismatched"][:2])
+    return result
+
+
+def standard_extractors(inception=None, i3d=None, expression=None):
+    """The standard feature extractors whose files the user passed, as {metric: features}, each features(videos
+    uint8 (N, T, H, W, 3)) -> (M, d): FID's Inception pool features per frame, FVD's I3D features per 16-frame clip
+    (stride 8), E-FID's expression coefficients per frame."""
+    frames = lambda v: to_tensor(v).flatten(0, 1)  # noqa: E731
+    found = {}
+    if inception is not None:
+        inception_net = load_inception(inception)
+        found["fid_inception"] = lambda v: torch.cat([inception_net(c) for c in frames(v).split(32)]).numpy()
+    if i3d is not None:
+        i3d_net = load_torchscript(i3d, "--i3d", I3D_HELP)
+        found["fvd_i3d"] = lambda v: i3d_features(i3d_net, to_tensor(clip_windows(v, 16, 8))).numpy()
+    if expression is not None:
+        expression_net = load_torchscript(expression, "--expression", EXPRESSION_HELP)
+        found["efid_expression"] = lambda v: torch.cat([expression_net((c + 1) / 2)
+                                                        for c in frames(v).split(64)]).numpy()
+    return found
+
+
+@torch.no_grad()
+def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=10, audio_scale=2.0, seed=0, inception=None,
+                    i3d=None, expression=None, device="cpu"):
+    """The paper's Tables 1-2 on real held-out videos: those VideoFolder holds out of a prepared folder (every 20th).
+    Each video's first frame is its portrait; the `seconds` after PORTRAIT_LEAD frames are generated from their
+    audio and scored against the real ones: SSIM, and FID / FVD / E-FID with the extractors passed. The statistics
+    grow video by video (RunningStats), so no feature set is ever held whole. Returns a dict of the figures."""
+    model, vae, diffusion, _ = load_model(ckpt, device)
+    held_out = VideoFolder(folder, "val")
+    if held_out.meta[0].get("size") != vae.config.resolution:
+        raise UserError(f"--data {folder}: its frames are {held_out.meta[0].get('size')} px, the checkpoint's "
+                        f"{vae.config.resolution} px (prepare it with --size {vae.config.resolution})")
+    extractors = standard_extractors(inception, i3d, expression)
+    stats, ssims, lead, T = {}, [], PORTRAIT_LEAD, round(seconds * FPS)
+    for i in tqdm(range(min(videos, len(held_out))), desc="videos", unit="video"):
+        video = held_out[i]
+        if len(video.frames) < lead + T:
+            raise UserError(f"{held_out.folders[i]}: {len(video.frames)} frames, fewer than {lead} + {T}; pass a "
+                            "shorter --seconds")
+        real = video.frames[None, lead:lead + T]
+        mel = audio_features(video.wav[lead * SAMPLES_PER_FRAME:(lead + T) * SAMPLES_PER_FRAME], T)[None]
+        fake = generate(model, vae, diffusion, video.frames[:1], mel, steps=steps, audio_scale=audio_scale,
+                        seed=seed, device=device, progress=False)
+        ssims.append(ssim(*(torch.from_numpy(v[0]).permute(0, 3, 1, 2).double() / 255 for v in (real, fake))))
+        for name, features in extractors.items():
+            for k, v in enumerate((real, fake)):
+                f = features(v)
+                stats.setdefault(name, [RunningStats(f.shape[1]), RunningStats(f.shape[1])])[k].update(f)
+    result = {"checkpoint": str(ckpt), "data": str(folder), "videos": len(ssims), "frames": T, "steps": steps,
+              "audio_scale": audio_scale, "ssim": torch.cat(ssims).mean().item()}
+    for name, (real_stats, fake_stats) in stats.items():
+        result[name] = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
     return result
 
 
@@ -214,6 +253,16 @@ def report(r):
     return "\n".join(lines)
 
 
+def report_folder(r):
+    """evaluate_folder's figures as markdown: the paper's Table 1-2 columns that real videos allow."""
+    cell = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
+    return "\n".join([
+        f"{r['videos']} held-out videos x {r['frames']} frames of {r['data']}, DDIM {r['steps']}, audio guidance "
+        f"{r['audio_scale']}.", "", "| | SSIM | FID (Inception) | FVD (I3D) | E-FID (expression) |",
+        "|---|---|---|---|---|",
+        f"| generated | {r['ssim']:.3f} | {cell('fid_inception')} | {cell('fvd_i3d')} | {cell('efid_expression')} |"])
+
+
 def ablation_table(results):
     """Tables 3 and 4 at toy scale: one row per fusion setting."""
     lines = ["| portrait | audio | FID (probe) | FVD (probe) | SSIM | E-FID (probe) | Sync | Blink | Head motion | "
@@ -286,6 +335,8 @@ def main(argv=None):
     p.add_argument("--speech", type=Path, nargs="*", default=[], help="WAV files of speech never trained on "
                    "(e.g. assets/unseen/*.wav): lip sync against their loudness")
     p.add_argument("--sheet", type=Path, help="write a contact sheet PNG: reference | real; generated; other audio")
+    p.add_argument("--data", type=Path, help="a folder from `data.py prepare`: evaluate on its held-out videos (SSIM, "
+                   "and FID / FVD / E-FID with the extractors passed) instead of the synthetic world")
     p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/<ckpt>_<split>.json)")
     p = sub.add_parser("ablation", parents=[evaluation], formatter_class=HelpFormatter,
                        help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
@@ -311,7 +362,7 @@ def main(argv=None):
             atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
             print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
             return r
-        probe = load_probe(args.probe)
+        probe = None if getattr(args, "data", None) else load_probe(args.probe)  # real videos need no probe
         check_device(args.device)
         shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
                       split=args.split, device=args.device)
@@ -322,12 +373,21 @@ def main(argv=None):
         for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
             if getattr(args, flag) is not None and not getattr(args, flag).is_file():
                 raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
-        result = evaluate(args.ckpt, probe, inception=args.inception, i3d=args.i3d, expression=args.expression,
-                          speech=args.speech, sheet=args.sheet, **shared)
-    path = args.json or Path("runs/eval") / f"{args.ckpt.stem}_{args.split}.json"
+        if args.i3d is not None and args.seconds * FPS < 24:  # FVD's statistics need at least two clips
+            raise UserError(f"--seconds {args.seconds}: FVD takes 16-frame clips every 8 frames; pass at least 0.96 "
+                            "for two per video")
+        extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
+        if args.data is not None:
+            if args.speech or args.sheet:
+                raise UserError("--speech and --sheet measure the synthetic world; drop them with --data")
+            shared.pop("split")
+            result = evaluate_folder(args.ckpt, args.data, **extractors, **shared)
+        else:
+            result = evaluate(args.ckpt, probe, speech=args.speech, sheet=args.sheet, **extractors, **shared)
+    path = args.json or Path("runs/eval") / f"{args.ckpt.stem}_{args.data.name if args.data else args.split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-    print(report(result))
+    print(report(result) if args.data is None else report_folder(result))
     print(f"wrote {path}")
     return result
 

@@ -49,7 +49,9 @@ class RunningStats:
         self.outer += f.T @ f
 
     def mean_cov(self):
-        """Of every feature seen so far: (mean (dim,), covariance (dim, dim)), float64."""
+        """Of every feature seen so far: (mean (dim,), covariance (dim, dim)), float64. Needs two or more."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
         mean = self.sum / self.n
         return mean, (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
 

@@ -14,11 +14,8 @@ motion and per-frame ground truth, all deterministic given a seed:
 
 import base64
 import json
-import multiprocessing
-import os
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, frame_loudness, resample
-from common import HelpFormatter, Parser, bounded, save_png, user_errors
+from common import HelpFormatter, Parser, bounded, parallel_map, save_png, user_errors
 from data import Video, check_output, save_video
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,14 +374,7 @@ def render_folder(root, n, seconds, size, seed=0, workers=None):
     jobs = [(root / f"{i:05d}", "val" if i % 20 == 19 else "train", i, seconds, size, seed) for i in range(n)
             if not (root / f"{i:05d}" / "meta.json").exists()]
     root.mkdir(parents=True, exist_ok=True)
-    workers = min(workers or os.cpu_count(), len(jobs) // 4)  # a few videos are not worth starting processes for
-    if workers < 2:
-        for job in tqdm(jobs, desc="render videos", unit="video", disable=not jobs):
-            _write(job)
-        return root
-    # spawn, not fork: the parent may hold torch's thread pools, which a forked child must not inherit
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(tqdm(pool.map(_write, jobs), total=len(jobs), desc="render videos", unit="video"))
+    parallel_map(_write, jobs, workers, "render videos")
     return root
 
 

@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import audio
 import common
@@ -74,9 +75,11 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     _write_raw_video(raw / "speaker" / "talk.mp4", 60, 30, 96, 64, 0.3 * np.sin(2 * np.pi * 300 * t))
     _write_raw_video(raw / "silent.mp4", 30, 30, 96, 64, np.zeros_like(t))
     (raw / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(300))
-    data.main(["prepare", str(raw), str(out), "--size", "32"])
+    (tmp_path / "boxes.json").write_text(json.dumps({"talk": [16, 0, 80, 64]}))  # the centre: no face to find
+    boxes = ["--boxes", str(tmp_path / "boxes.json")]
+    data.main(["prepare", str(raw), str(out), "--size", "32", *boxes])
     lines = capsys.readouterr()
-    assert "prepared 1, already done 0, skipped as unreadable or silent 2" in lines.out
+    assert "prepared 1, already done 0, skipped 2 (unreadable, silent or without a face)" in lines.out
     assert lines.err.count("warning: skipped") == 2
     (folder,) = [p for p in out.iterdir()]
     assert folder.name == "speaker__talk"
@@ -90,8 +93,39 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     wav, rate = audio.read_wav(folder / "audio.wav")
     assert rate == 16000 and wav.shape == (50 * audio.SAMPLES_PER_FRAME, 1)
     assert np.sqrt(np.mean(wav[2000:-2000] ** 2)) == pytest.approx(0.3 / math.sqrt(2), rel=0.05)
-    data.main(["prepare", str(raw), str(out), "--size", "32"])  # a second run redoes nothing
-    assert "prepared 0, already done 1, skipped as unreadable or silent 2" in capsys.readouterr().out
+    data.main(["prepare", str(raw), str(out), "--size", "32", *boxes])  # a second run redoes nothing
+    assert "prepared 0, already done 1, skipped 2" in capsys.readouterr().out
+
+
+def test_prepare_finds_the_face_and_skips_a_video_without_one(tmp_path, capsys):
+    """A public-domain photograph (NASA's portrait of astronaut Eileen Collins, from scikit-image's data folder,
+    192 px) panned by 16 px inside a wider frame, with synthesized speech: the prepared frames show the face in the
+    middle, the box is in meta.json; a video of coloured bars beside it is skipped with one warning."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    photo = np.asarray(Image.open(Path(__file__).parent / "data" / "astronaut.jpg").convert("RGB"))
+    wav = world.utterance(0, 2.0)[0]
+    with av.open(str(raw / "astronaut.mp4"), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 256, 192, "yuv420p"
+        sound = container.add_stream("aac", rate=16000, layout="mono")
+        for k in range(50):
+            frame = np.full((192, 256, 3), 40, np.uint8)
+            frame[:, 24 + k // 3:216 + k // 3] = photo
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        chunk = av.AudioFrame.from_ndarray(wav[None], format="flt", layout="mono")
+        chunk.sample_rate, chunk.pts = 16000, 0
+        container.mux(sound.encode(chunk))
+        container.mux(sound.encode())
+    _write_raw_video(raw / "bars.mp4", 30, 25, 96, 64, 0.3 * np.sin(np.arange(88200) * 0.05))
+    data.main(["prepare", str(raw), str(out), "--size", "96"])
+    assert "prepared 1, already done 0, skipped 1" in capsys.readouterr().out
+    x0, y0, x1, y1 = json.loads((out / "astronaut" / "meta.json").read_text())["box"]
+    assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= 256 and 0 <= y0 and y1 <= 192
+    frames, _ = data.read_video(out / "astronaut" / "video.mp4")
+    fx0, fy0, fx1, fy1 = data.find_face([frames[len(frames) // 2]] * 3, enlarge=1)
+    assert abs((fx0 + fx1) / 2 - 48) < 12 and abs((fy0 + fy1) / 2 - 48) < 12  # the face in the middle
 
 
 def test_prepare_uses_the_crop_boxes_given(tmp_path, capsys):
@@ -123,6 +157,7 @@ def test_help_explains_each_command(argv, words, capsys):
     (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/three.json"], "not [x0, y0, x1, y1]"),
     (["prepare", "{tmp}", "{tmp}/a_file"], "a file of that name exists"),
     (["prepare", "{tmp}", "{tmp}/out", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["prepare", "{tmp}", "{tmp}/out", "--shard", "2/2"], "--shard 2/2: give i/n with 0 <= i < n"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "nothing").mkdir()
@@ -164,7 +199,7 @@ def test_prepare_keeps_sound_and_picture_together_when_the_streams_start_apart(t
         chunk.sample_rate, chunk.pts, chunk.time_base = 16000, 0, fractions.Fraction(1, 16000)
         out.mux(sound.encode(chunk))
         out.mux(sound.encode())
-    prepared = data.prepare_video(path, 32)
+    prepared = data.prepare_video(path, 32, box=(0, 0, 32, 32))
     flash = int(np.argmax(prepared.frames.mean(axis=(1, 2, 3))))
     loud = int(np.argmax(audio.frame_loudness(prepared.wav, prepared.meta["num_frames"])))
     assert flash == loud == 20

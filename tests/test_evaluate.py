@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.models import inception_v3
 
 import evaluate
 import metrics
+import world
 from conftest import diffusion_args
 
 
@@ -63,3 +65,32 @@ def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeyp
     again = evaluate.ablation(tmp_path / "abl", 1.0, probe, **kwargs)
     assert again == results and sorted(p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/eval.json")) == stamps
     assert evaluate.ablation_table(results).count("\n") == 6
+
+
+def test_eval_on_a_prepared_folder_scores_its_held_out_videos(tmp_path, diffusion_ckpt, capsys):
+    """--data DIR: SSIM, FID, FVD and E-FID on the videos VideoFolder holds out, with extractors in each format
+    (random weights: the figures are not meaningful, their presence and range are)."""
+    world.main([str(tmp_path / "real"), "--videos", "2", "--seconds", "1.4", "--size", "32"])
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "fid.pth")
+
+    class I3D(torch.nn.Module):  # the call signature of the common i3d_torchscript.pt
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
+
+    class Expression(torch.nn.Module):  # frames in [0, 1] -> 3 "coefficients"
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+    torch.jit.script(I3D()).save(str(tmp_path / "i3d.pt"))
+    torch.jit.script(Expression()).save(str(tmp_path / "expression.pt"))
+    result = evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--data", str(tmp_path / "real"), "--seconds",
+                            "0.96", "--steps", "1", "--inception", str(tmp_path / "fid.pth"), "--i3d",
+                            str(tmp_path / "i3d.pt"), "--expression", str(tmp_path / "expression.pt"), "--json",
+                            str(tmp_path / "r.json")])
+    assert result["videos"] == 1 and result["frames"] == 24 and 0 < result["ssim"] <= 1
+    assert all(np.isfinite(result[k]) and result[k] >= 0 for k in ("fid_inception", "fvd_i3d", "efid_expression"))
+    assert "| generated |" in capsys.readouterr().out and json.loads((tmp_path / "r.json").read_text()) == result
+    world.main([str(tmp_path / "big"), "--videos", "2", "--seconds", "1.2", "--size", "64"])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--data", str(tmp_path / "big")])
+    assert e.value.code == 2 and "prepare it with --size 32" in capsys.readouterr().err
