@@ -15,6 +15,7 @@ import common
 import config
 import data
 import letstalk as L
+import sample
 import train
 import world
 from conftest import diffusion_args
@@ -240,3 +241,16 @@ def test_latents_are_encoded_once_and_reused(tmp_path, vae_ckpt):
     assert any(p.parent.name.startswith("latents_") for p in stamp)
     train.main(diffusion_args(tmp_path / "b", vae_ckpt, "--steps", "1"))
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")} == stamp
+
+
+def test_export_writes_what_sample_needs(tmp_path, diffusion_ckpt, capsys):
+    """--export: the EMA weights, VAE and diffusion settings in fp16, and the VAE's worst PSNR on training frames,
+    which sample.load_model reads back."""
+    train.main(["--out", str(diffusion_ckpt.parent), "--export", str(tmp_path / "model.pt")])
+    assert "wrote" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {v.dtype for v in exported["ema"].values() if v.is_floating_point()} == {torch.float16}
+    model, vae, diffusion, domain = sample.load_model(tmp_path / "model.pt", "cpu")
+    assert diffusion.config() == exported["diffusion"] and 0 < domain["vae_min_psnr"] < 100
+    run = torch.load(diffusion_ckpt, weights_only=True)["ema"]
+    assert all(torch.allclose(p.float(), run[k], atol=1e-2) for k, p in model.state_dict().items() if k in run)
