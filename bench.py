@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import Parser, UserError, add_device, atomic_write, bounded, check_device
-from data import ClipSampler, LatentCache
+from data import ClipSampler, VideoCache
 from diffusion import Diffusion
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
 from sample import DEFAULT_CKPT, generate, load_model
@@ -303,7 +303,7 @@ OFFICIAL_BEST_CLIPS_S = 48.5  # the official VDT-B/2 at its best on one H100: fl
 
 
 def data_table(shapes, batch, repeats, videos=20, frames_per_video=250):
-    """Table 4: ClipSampler.batch on one CPU thread, from a LatentCache of random fp16 latents and mel windows
+    """Table 4: ClipSampler.batch on one CPU thread, from a VideoCache of random fp16 latents and mel windows
     (`videos` videos of `frames_per_video` frames, written to a temporary folder and memory-mapped), per shape:
     clips per second, and how many GPUs at the official best of 48.5 clips/s each one core keeps fed."""
     rows, threads = [], torch.get_num_threads()
@@ -315,7 +315,7 @@ def data_table(shapes, batch, repeats, videos=20, frames_per_video=250):
                 for name in names:
                     torch.save({"latents": torch.randn(frames_per_video, 4, latent, latent).half(),
                                 "mel": torch.randn(frames_per_video, 20, 80).half()}, Path(folder) / f"{name}.pt")
-                sampler = ClipSampler(LatentCache(folder, names), frames, motion=2)
+                sampler = ClipSampler(VideoCache(folder, names), frames, motion=2)
                 steps = iter(range(10 ** 9))  # a new step, so new clips, every call
                 seconds, _ = measure(lambda: sampler.batch(next(steps), 0, batch), torch.device("cpu"), repeats)
             rows.append({"frames": frames, "latent": latent, "batch": batch, "clips_s": batch / seconds,

@@ -33,7 +33,7 @@ class TrainConfig:
     stage: str = setting("diffusion", "vae (stage 1) or diffusion (stage 2)", choices=STAGES)
     data: str = setting("synthetic", "'synthetic' or a folder in data.py's layout")
     out: str = setting(None, "run folder (default: runs/<stage>)")
-    cache: str = setting("runs/cache", "where rendered synthetic videos, frame pools and encoded latents are kept, "
+    cache: str = setting("runs/cache", "where rendered synthetic videos, cached frames and encoded latents are kept, "
                          "shared by the runs that ask for the same")
     seed: int = setting(0, "seed of the weights, the data order and the synthetic world")
     device: str = setting(None, "cpu, cuda or cuda:N (default: cuda if this machine has a GPU); under torchrun "

@@ -4,10 +4,11 @@
    `VideoFolder`). world.py writes synthetic videos in it; `python data.py prepare` converts real talking-head
    videos (HDTF / CelebV-HQ style) into it.
 2. ClipDataset: F-frame clips with a reference frame, motion frames and aligned mel windows, decoded from the
-   videos; ClipPool: a fixed pool of them cached in one file (the VAE's frames, the probe's).
-3. The diffusion stage's data at any scale: every video encoded once by the VAE into a file of its own
-   (`encode_videos`), opened memory-mapped (`LatentCache`), and a fresh clip drawn from the whole set for every
-   slot of every step (`ClipSampler`), as the official code's VideoLatentDataset does.
+   videos; ClipPool: a fixed pool of them cached in one file (the probe's frames).
+3. Training data at any scale: one cache file per video, written once (each rank its share) and opened
+   memory-mapped (`VideoCache`): every 8th frame for the VAE stage (`cache_frames`); VAE latents and mel windows
+   for the diffusion stage (`encode_videos`), from which a fresh clip is drawn for every slot of every step
+   (`ClipSampler`), as the official code's VideoLatentDataset does.
 
 Run `python data.py prepare --help` for the command line.
 """
@@ -315,7 +316,7 @@ class ClipPool(Dataset):
 
     ClipPool.build(dataset, n, path) draws n clips (evenly spread over the dataset) and saves them (frames, ref
     and motion as uint8 images (..., H, W, 3)) atomically; ClipPool(path) loads them. Items are the same dicts as
-    ClipDataset's. (train.py's encoded pools, latents instead of frames, are ClipPools too.)
+    ClipDataset's.
     """
 
     def __init__(self, path):
@@ -348,7 +349,7 @@ FRAMES_PER_VIDEO = 16  # frames taken from each video for a frame pool: many ide
 
 def build_frame_pool(videos, path, seed=0):
     """FRAMES_PER_VIDEO frames of every video, with their ground truth, cached as a ClipPool of 1-frame clips
-    (the VAE's training frames, and the probe's)."""
+    (the probe's training and test frames)."""
     clips = ClipDataset(videos, frames=1, motion=0, seed=seed)
     return ClipPool.build(clips, min(len(videos) * FRAMES_PER_VIDEO, len(clips)), path)
 
@@ -357,35 +358,60 @@ def build_frame_pool(videos, path, seed=0):
 # 3. Latents: one file per video, and fresh clips every step
 
 
-def encode_videos(videos, vae, cache, device, rank=0, world=1):
-    """Encode the videos of a VideoFolder with the VAE, once: cache/<name>.pt holds latents fp16 (N, C, h, w)
-    (scaled to unit variance), mel fp16 (N, 20, 80) and the per-frame ground truth of synthetic videos. Rank r of
-    `world` encodes videos r, r + world, ...; each file is written atomically, so a killed encode continues with
-    the videos not yet done. Returns how many this rank encoded."""
+def _cache_each(videos, cache, entry, desc, rank=0, world=1):
+    """Write cache/<name>.pt = entry(video) for each video of a VideoFolder not cached yet. Rank r of `world`
+    takes videos r, r + world, ...; each file is written atomically, so a killed run continues with the videos not
+    yet done. Returns how many this rank wrote."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(rank, len(videos), world) if not (cache / f"{videos.folders[i].name}.pt").exists()]
-    for i in tqdm(todo, desc="encode videos", unit="video", disable=rank > 0 or not todo):
-        video = videos[i]
-        with torch.no_grad():
-            x = to_tensor(video.frames)
-            z = torch.cat([vae.encode(chunk.to(device)) for chunk in x.split(64)]) * vae.latent_scale
-        entry = {"latents": z.half().cpu(), "mel": audio_features(video.wav, len(video.frames)).half()}
-        entry.update({k: torch.tensor(np.asarray(video.meta[k]), dtype=torch.float32) for k in GROUND_TRUTH
-                      if k in video.meta})
-        atomic_write(cache / f"{videos.folders[i].name}.pt", lambda tmp: torch.save(entry, tmp))
+    for i in tqdm(todo, desc=desc, unit="video", disable=rank > 0 or not todo):
+        item = entry(videos[i])
+        atomic_write(cache / f"{videos.folders[i].name}.pt", lambda tmp: torch.save(item, tmp))
     return len(todo)
 
 
-class LatentCache:
-    """The videos `names` encoded in the folder `cache` by encode_videos, memory-mapped: opening reads no latents,
-    a rank's memory does not grow with the dataset, and the ranks of one node share the page cache. entries[i] is
-    video i's dict."""
+FRAME_EVERY = 8  # the VAE stage keeps every 8th frame of every video (~3 per second): ~600 KB per second at 256 px
 
-    def __init__(self, cache, names):
-        self.entries = [load_checkpoint(Path(cache) / f"{name}.pt", needs=("latents", "mel"), what="an encoded video",
-                                        hint="; delete it, and it is encoded again", mmap=True) for name in names]
-        self.num_frames = np.array([len(e["latents"]) for e in self.entries])
+
+def cache_frames(videos, cache, rank=0, world=1):
+    """The VAE stage's frames: cache/<name>.pt holds frames uint8 (ceil(N / FRAME_EVERY), H, W, 3), every
+    FRAME_EVERY-th frame of the video (resumable, each rank its share, as _cache_each). Returns how many this rank
+    wrote."""
+    return _cache_each(videos, cache, lambda video: {"frames": torch.from_numpy(video.frames[::FRAME_EVERY].copy())},
+                       "cache frames", rank, world)
+
+
+def encode_videos(videos, vae, cache, device, rank=0, world=1):
+    """Encode the videos of a VideoFolder with the VAE, once: cache/<name>.pt holds latents fp16 (N, C, h, w)
+    (scaled to unit variance), mel fp16 (N, 20, 80) and the per-frame ground truth of synthetic videos (resumable,
+    each rank its share, as _cache_each). Returns how many this rank encoded."""
+    @torch.no_grad()
+    def encode(video):
+        x = to_tensor(video.frames)
+        z = torch.cat([vae.encode(chunk.to(device)) for chunk in x.split(64)]) * vae.latent_scale
+        item = {"latents": z.half().cpu(), "mel": audio_features(video.wav, len(video.frames)).half()}
+        item.update({k: torch.tensor(np.asarray(video.meta[k]), dtype=torch.float32) for k in GROUND_TRUTH
+                     if k in video.meta})
+        return item
+    return _cache_each(videos, cache, encode, "encode videos", rank, world)
+
+
+class VideoCache:
+    """The videos `names` cached in the folder `cache` (by encode_videos: key "latents"; by cache_frames: key
+    "frames"), memory-mapped: opening reads no data, a rank's memory does not grow with the dataset, and the ranks
+    of one node share the page cache. entries[i] is video i's dict; lengths[i] the length of its `key`."""
+
+    def __init__(self, cache, names, key="latents"):
+        self.entries = [load_checkpoint(Path(cache) / f"{name}.pt", needs=(key,), what="a cached video",
+                                        hint="; delete it, and it is made again", mmap=True) for name in names]
+        self.lengths = np.array([len(e[key]) for e in self.entries])
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # global index of (video, position)
+
+    def locate(self, index):
+        """Global positions (int array) -> (video, position within it) int arrays."""
+        video = np.searchsorted(self.offsets, index, side="right") - 1
+        return video, index - self.offsets[video]
 
 
 class ClipSampler:
@@ -399,18 +425,17 @@ class ClipSampler:
     def __init__(self, cache, frames, motion, strides=(1, 1), seed=0, blink_repeat=1):
         self.cache, self.F, self.M, self.seed = cache, frames, motion, seed
         self.strides = range(strides[0], strides[1] + 1)
-        self.offsets = np.concatenate([[0], np.cumsum(cache.num_frames)])  # global index of (video, start)
         self.cumulative = {}  # per stride: cumulative weight of every (video, start), 0 where no clip starts
         for s in self.strides:
-            weight = np.zeros(self.offsets[-1])
-            for v, (entry, n) in enumerate(zip(cache.entries, cache.num_frames)):
+            weight = np.zeros(cache.offsets[-1])
+            for v, (entry, n) in enumerate(zip(cache.entries, cache.lengths)):
                 starts = np.arange(motion * s, n - (frames - 1) * s)
                 clip_weight = np.ones(len(starts))
                 if blink_repeat > 1 and "blink" in entry:
                     blinks = (entry["blink"] > 0.5).numpy()
                     span = np.arange(frames) * s
                     clip_weight[blinks[starts[:, None] + span[None]].any(1)] = blink_repeat
-                weight[self.offsets[v] + starts] = clip_weight
+                weight[cache.offsets[v] + starts] = clip_weight
             if not weight.any():
                 raise UserError(f"no video is long enough for {frames} frames and {motion} motion frames at "
                                 f"interval {s}")
@@ -422,11 +447,10 @@ class ClipSampler:
         strides = rng.choice(self.strides, n)
         picks = np.array([np.searchsorted(self.cumulative[s], u * self.cumulative[s][-1], side="right")
                           for s, u in zip(strides, rng.random(n))])
-        video = np.searchsorted(self.offsets, picks, side="right") - 1
-        start = picks - self.offsets[video]
+        video, start = self.cache.locate(picks)
         # the reference: a frame outside motion frames and clip where the video has one, else any frame
         lo, hi = start - self.M * strides, start + (self.F - 1) * strides
-        n_frames = self.cache.num_frames[video]
+        n_frames = self.cache.lengths[video]
         outside = n_frames - (hi - lo + 1)
         k = (rng.random(n) * np.maximum(outside, 1)).astype(int)
         ref = np.where(outside > 0, np.where(k < lo, k, k + (hi - lo + 1)), (rng.random(n) * n_frames).astype(int))

@@ -10,7 +10,7 @@ and resumable (`--resume` continues exactly: weights, EMA, optimizer, step, ever
 position). The settings are declared in config.py, the diffusion process in diffusion.py.
 
 Data is a folder in data.py's layout (`--data DIR`), of which every 20th video is held out for evaluation; for
-`--data synthetic` (the default) the synthetic world renders one once. The VAE trains on a pool of frames from
+`--data synthetic` (the default) the synthetic world renders one once. The VAE trains on every 8th frame of
 every video. The diffusion stage encodes every video once with the VAE (cached per video, each rank encoding its
 share) and draws a fresh clip for every slot of every step from all of them, so steps are spent on the
 transformer, not on decoding.
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from common import (Parser, UserError, atomic_write, bounded, fail, load_checkpoint, save_png, to_tensor, to_uint8,
                     user_errors)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
-from data import ClipPool, ClipSampler, LatentCache, VideoFolder, build_frame_pool, encode_videos
+from data import ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from letstalk import LetsTalk, config_for
 from metrics import PROBE, load_probe, per_clip_sync, probe_readings
@@ -43,6 +43,7 @@ from vae import VAE, VAEConfig, load_vae, psnr, vae_from_state, vae_loss, vae_st
 from world import render_folder
 
 SYNTH_SECONDS = 4.0  # length of the synthetic videos --data synthetic renders
+VAL_FRAMES = 256  # held-out frames the VAE stage scores
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed helpers: the same script runs alone or under torchrun
@@ -140,25 +141,29 @@ class VAEStage:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.vae_width)).to(device)
-        self.train_frames = self.pool("train")["frames"][:, 0]  # uint8 (N, H, W, 3)
-        self.val_frames = to_tensor(self.pool("val")["frames"][:, 0]).to(device)
+        # every 8th frame of every video, cached once per video (each rank its share) and memory-mapped
+        folder = data_folder(cfg, cfg.resolution)
+        cache = Path(cfg.cache) / f"frames_{folder.name}-{short_hash(str(folder.resolve()))}"
+        cache_frames(VideoFolder(folder), cache, rank(), world())
+        barrier()
+        self.train = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders], key="frames")
+        self.val_frames = to_tensor(self.frames(VideoCache(cache, [f.name for f in VideoFolder(folder, "val").folders],
+                                                           key="frames"), VAL_FRAMES)).to(device)
         self.net = distributed(self.model, device)
 
-    def pool(self, split):
-        """The 1-frame ClipPool of a split of the data folder as a dict (frames uint8 (N, 1, H, W, 3), ...), built
-        by rank 0 on first use and cached in cfg.cache."""
-        folder = data_folder(self.cfg, self.cfg.resolution)
-        path = Path(self.cfg.cache) / f"frames_{split}_{folder.name}-{short_hash(str(folder.resolve()))}.pt"
-        if rank() == 0 and not path.exists():
-            build_frame_pool(VideoFolder(folder, split), path, self.cfg.seed)
-        barrier()
-        return ClipPool(path).data
+    @staticmethod
+    def frames(cache, n):
+        """n frames evenly spread over a frame cache (all of them if it holds fewer) -> uint8 (n, H, W, 3)."""
+        picks = np.linspace(0, cache.offsets[-1] - 1, min(n, cache.offsets[-1])).round().astype(int)
+        return np.stack([cache.entries[v]["frames"][i].numpy() for v, i in zip(*cache.locate(picks))])
 
     def loss(self, micro_step):
-        """vae_loss on this rank's share of micro-batch `micro_step` of the frame pool -> (scalar loss, logs)."""
-        indices = batch_indices(micro_step, self.cfg.batch_size * world(), len(self.train_frames), self.cfg.seed)
-        x = to_tensor(self.train_frames[indices[rank()::world()]]).to(self.device)
-        return vae_loss(self.net, x, self.model.config.kl_weight)
+        """vae_loss on this rank's share of micro-batch `micro_step`: frames drawn from all training videos, one
+        random permutation of every cached frame per epoch -> (scalar loss, logs)."""
+        indices = batch_indices(micro_step, self.cfg.batch_size * world(), int(self.train.offsets[-1]), self.cfg.seed)
+        video, position = self.train.locate(np.array(indices[rank()::world()]))
+        x = to_tensor(np.stack([self.train.entries[v]["frames"][i].numpy() for v, i in zip(video, position)]))
+        return vae_loss(self.net, x.to(self.device), self.model.config.kl_weight)
 
     @torch.no_grad()
     def evaluate(self, step, out):
@@ -172,7 +177,7 @@ class VAEStage:
     def before_save(self):
         """Measure latent_scale = 1 / std of the (mean) latents of training frames, so the checkpoint is usable."""
         self.model.eval()
-        x = to_tensor(self.train_frames[:512]).to(self.device)
+        x = to_tensor(self.frames(self.train, 512)).to(self.device)
         z = torch.cat([self.model.encode(chunk) for chunk in x.split(64)])
         self.model.latent_scale.fill_(1.0 / z.std().item())
         self.model.train()
@@ -233,16 +238,16 @@ class DiffusionStage:
                                    f"{short_hash(Path(cfg.vae).read_bytes())}")  # a new VAE never reuses old latents
         encode_videos(VideoFolder(folder), self.vae, cache, device, rank(), world())
         barrier()
-        train_cache = LatentCache(cache, [f.name for f in VideoFolder(folder, "train").folders])
+        train_cache = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders])
         if cfg.blink_repeat > 1 and "blink" not in train_cache.entries[0]:
             raise UserError("--blink-repeat needs blink ground truth, which only synthetic data has")
         self.sampler = ClipSampler(train_cache, cfg.frames, cfg.motion, seed=cfg.seed, blink_repeat=cfg.blink_repeat)
         # what any rank has drawn so far: each (video, start), and each video
-        self.seen = {"clips": torch.zeros(self.sampler.offsets[-1], dtype=torch.bool),
+        self.seen = {"clips": torch.zeros(self.sampler.cache.offsets[-1], dtype=torch.bool),
                      "videos": torch.zeros(len(train_cache.entries), dtype=torch.bool)}
         # fixed validation clips: up to 8 from the held-out videos, with their portraits as images
         val_videos = VideoFolder(folder, "val")
-        val_sampler = ClipSampler(LatentCache(cache, [f.name for f in val_videos.folders]), cfg.frames, cfg.motion,
+        val_sampler = ClipSampler(VideoCache(cache, [f.name for f in val_videos.folders]), cfg.frames, cfg.motion,
                                   seed=cfg.seed + 1)
         self.val = val_sampler.batch(0, 0, 8)
         video, _, _, ref = val_sampler.draws(0, 0, 8)
@@ -278,7 +283,7 @@ class DiffusionStage:
         batch = self.sampler.batch(micro_step, rank(), cfg.batch_size)
         for r in range(world()):
             video, start, _, _ = self.sampler.draws(micro_step, r, cfg.batch_size)
-            self.seen["clips"][self.sampler.offsets[video] + start] = True
+            self.seen["clips"][self.sampler.cache.offsets[video] + start] = True
             self.seen["videos"][video] = True
         x0, ref, mel, motion, drops = self.conditions(batch, train=True)
         t = torch.randint(0, self.diffusion.steps, (len(x0),), device=self.device)

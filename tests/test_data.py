@@ -5,7 +5,6 @@ import json
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -209,25 +208,27 @@ def test_prepare_keeps_sound_and_picture_together_when_the_streams_start_apart(t
 # Latents for training: encoded once per video, fresh clips every step
 
 
-def _stub_cache(videos, frames):
-    """A LatentCache's shape without its files: `videos` entries of `frames` frames (the sampler draws from shapes)."""
-    latents = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1, 1).expand(frames, 4, 2, 2)
-    entry = {"latents": latents, "mel": torch.zeros(frames, 20, 80)}
-    return SimpleNamespace(entries=[entry] * videos, num_frames=np.full(videos, frames))
+def _stub_cache(folder, videos, frames):
+    """A VideoCache of `videos` tiny entries of `frames` frames (the sampler draws from their lengths)."""
+    latents = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1, 1).expand(frames, 4, 2, 2).clone()
+    for v in range(videos):
+        torch.save({"latents": latents, "mel": torch.zeros(frames, 20, 80)}, folder / f"v{v}.pt")
+    return data.VideoCache(folder, [f"v{v}" for v in range(videos)])
 
 
-def test_forty_steps_of_fresh_clips_cover_the_training_videos():
+def test_forty_steps_of_fresh_clips_cover_the_training_videos(tmp_path):
     """40 videos of 3 s (38 for training, as VideoFolder holds out 2): 40 steps of batch 8 draw at least 280
     distinct clips from at least 90% of the videos; a fixed pool of 2000 clips would repeat the same ones."""
-    sampler = data.ClipSampler(_stub_cache(38, 75), frames=16, motion=2, seed=0)
+    sampler = data.ClipSampler(_stub_cache(tmp_path, 38, 75), frames=16, motion=2, seed=0)
     drawn = [sampler.draws(step, 0, 8) for step in range(40)]
     clips = {(v, s) for video, start, _, _ in drawn for v, s in zip(video, start)}
     assert len(clips) >= 280 and len({v for v, _ in clips}) >= 0.9 * 38
 
 
-def test_each_draw_is_a_pure_function_of_seed_step_and_rank():
-    sampler = data.ClipSampler(_stub_cache(5, 40), frames=8, motion=2, strides=(1, 3), seed=7)
-    a, b = sampler.draws(3, 1, 16), data.ClipSampler(_stub_cache(5, 40), 8, 2, (1, 3), seed=7).draws(3, 1, 16)
+def test_each_draw_is_a_pure_function_of_seed_step_and_rank(tmp_path):
+    cache = _stub_cache(tmp_path, 5, 40)
+    sampler = data.ClipSampler(cache, frames=8, motion=2, strides=(1, 3), seed=7)
+    a, b = sampler.draws(3, 1, 16), data.ClipSampler(cache, 8, 2, (1, 3), seed=7).draws(3, 1, 16)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(sampler.draws(3, 0, 16)[1], a[1])  # another rank draws other clips
     video, start, stride, ref = sampler.draws(0, 0, 500)
@@ -264,9 +265,18 @@ def test_ranks_encode_disjoint_shares_and_a_killed_encode_resumes(tmp_path, thre
     first.unlink()  # killed before this one was written
     assert data.encode_videos(three_videos, vae, tmp_path / "one", "cpu") == 1
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and first.exists()
-    cache = data.LatentCache(tmp_path / "one", [f.name for f in three_videos.folders])
-    assert list(cache.num_frames) == [10, 10, 10] and cache.entries[0]["latents"].shape == (10, 4, 8, 8)
+    cache = data.VideoCache(tmp_path / "one", [f.name for f in three_videos.folders])
+    assert list(cache.lengths) == [10, 10, 10] and cache.entries[0]["latents"].shape == (10, 4, 8, 8)
     assert cache.entries[0]["latents"].dtype == torch.float16 and "openness" in cache.entries[0]
+
+
+def test_the_vae_stage_caches_every_eighth_frame_of_every_video(tmp_path, three_videos):
+    assert [data.cache_frames(three_videos, tmp_path, rank, 2) for rank in (0, 1)] == [2, 1]
+    cache = data.VideoCache(tmp_path, [f.name for f in three_videos.folders], key="frames")
+    assert list(cache.lengths) == [2, 2, 2]  # 10 frames each: frames 0 and 8
+    assert np.array_equal(cache.entries[1]["frames"].numpy(), three_videos[1].frames[::8])
+    video, position = cache.locate(np.array([0, 1, 2, 5]))
+    assert video.tolist() == [0, 0, 1, 2] and position.tolist() == [0, 1, 0, 1]
 
 
 def _resident_bytes():
@@ -281,6 +291,6 @@ def test_opening_the_cache_does_not_read_it_into_memory(tmp_path):
                     "mel": torch.zeros(100, 20, 80, dtype=torch.float16)}, tmp_path / f"{name}.pt")
     on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
     before = _resident_bytes()
-    cache = data.LatentCache(tmp_path, names)
+    cache = data.VideoCache(tmp_path, names)
     assert _resident_bytes() - before < on_disk / 10
     assert cache.entries[39]["latents"][0, 0, 0, 0] == 39  # and every entry reads back on access

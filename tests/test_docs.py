@@ -15,9 +15,10 @@ MODULES = [*SCRIPTS, "common", "diffusion", "audio", "config", "metrics"]
 
 
 def code_lines(doc):
-    """The lines of a document's fenced code blocks, with heredoc bodies (inline Python) left out."""
+    """The lines of a document's fenced code blocks, a line ending in a backslash joined with the next, with heredoc
+    bodies (inline Python) left out."""
     lines, inside, heredoc = [], False, None
-    for line in (ROOT / doc).read_text(encoding="utf-8").splitlines():
+    for line in (ROOT / doc).read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
         if line.startswith("```"):
             inside = not inside
         elif inside and heredoc:

@@ -88,7 +88,7 @@ def test_ddp_two_processes_stay_in_sync_and_resume_exactly(tmp_path, vae_ckpt):
         a, b = torch.load(latents / f"{name}.pt"), torch.load(tmp_path / "one" / f"{name}.pt")
         # equal but for fp16 rounding: one thread per rank there, two here, may sum a convolution in another order
         assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
-    sampler = data.ClipSampler(data.LatentCache(latents, [videos.folders[0].name]), frames=4, motion=2)
+    sampler = data.ClipSampler(data.VideoCache(latents, [videos.folders[0].name]), frames=4, motion=2)
     drawn = {(v, s) for rank in (0, 1) for v, s, _, _ in zip(*sampler.draws(0, rank, 2))}
     assert json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[0])["clips_seen"] == len(drawn)
     assert [p.name for p in (tmp_path / "straight").glob("*.pt")] == ["ckpt.pt"]
@@ -229,7 +229,7 @@ def test_blink_repeat_draws_the_clips_with_a_blink_more_often(tmp_path, vae_ckpt
     weight = np.diff(sampler.cumulative[1], prepend=0)  # of each (video, start) of the training videos
     entry = sampler.cache.entries[0]
     blinks = (entry["blink"] > 0.5).numpy()
-    for start in range(2, sampler.cache.num_frames[0] - 3):  # a 4-frame clip after 2 motion frames
+    for start in range(2, sampler.cache.lengths[0] - 3):  # a 4-frame clip after 2 motion frames
         assert weight[start] == (3 if blinks[start:start + 4].any() else 1)
     assert 0 < (weight == 3).sum() < (weight > 0).sum()
 
