@@ -39,6 +39,9 @@ MEL_WINDOW = (2 * AUDIO_MARGIN + 1) * MELS_PER_FRAME  # 20 mel frames per video 
 # 1. Reading: WAV files, any other format, resampling
 
 
+MIN_RATE, MAX_RATE = 4_000, 384_000  # the sample rates read_wav accepts
+
+
 def read_wav(path):
     """Read a RIFF/WAVE file of any common encoding.
 
@@ -77,8 +80,10 @@ def read_wav(path):
     width = bits // 8
     if streamed and width * channels:  # a stream cut mid-sample: keep the whole samples
         samples = samples[:len(samples) - len(samples) % (width * channels)]
-    if channels < 1 or rate < 1 or width < 1 or len(samples) % (width * channels):
+    if channels < 1 or width < 1 or len(samples) % (width * channels):
         raise UserError(f"{path}: corrupt WAV header ({channels} channels, {rate} Hz, {bits} bits)")
+    if not MIN_RATE <= rate <= MAX_RATE:  # an absurd rate would make the resampler allocate gigabytes
+        raise UserError(f"{path}: a sample rate of {rate} Hz (speech is recorded at {MIN_RATE}-{MAX_RATE} Hz)")
     if tag == 1 and bits == 8:
         x = (np.frombuffer(samples, np.uint8).astype(np.float32) - 128) / 128
     elif tag == 1 and bits in (16, 32):
@@ -141,10 +146,14 @@ def load_audio(path):
         raise UserError(f"{path}: {'a folder, not an audio file' if path.is_dir() else 'no such file'}")
     with open(path, "rb") as f:
         is_wav = f.read(4) == b"RIFF"
-    if not is_wav:
-        return decode_audio(path)[0]
-    x, rate = read_wav(path)
-    return resample(x.mean(1), rate, SAMPLE_RATE)
+    if is_wav:
+        x, rate = read_wav(path)
+        wav = resample(x.mean(1), rate, SAMPLE_RATE)
+    else:
+        wav = decode_audio(path)[0]
+    if not np.isfinite(wav).all():  # float WAVs can hold NaN or inf; they would poison every frame
+        raise UserError(f"{path}: the audio holds NaN or infinite samples")
+    return wav
 
 
 def decode_audio(path):

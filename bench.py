@@ -36,7 +36,7 @@ from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import Parser, UserError, add_device, atomic_write, bounded, check_device
+from common import Parser, add_device, atomic_write, bounded, check_device, user_errors, writable_file
 from data import ClipSampler, VideoCache
 from diffusion import Diffusion
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
@@ -347,17 +347,18 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
     parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated "
                         f"(default: all, {','.join(TABLES)})")
-    parser.add_argument("--width", type=bounded(int, 1), default=768,
+    parser.add_argument("--width", type=bounded(int, 1, 8192), default=768,
                         help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
-    parser.add_argument("--heads", type=bounded(int, 1), default=12,
+    parser.add_argument("--heads", type=bounded(int, 1, 256), default=12,
                         help="attention heads of tables 1a-1c (default: 12)")
-    parser.add_argument("--batch", type=bounded(int, 1), help="batch size; sampling also runs at batch 1 "
+    parser.add_argument("--batch", type=bounded(int, 1, 4096), help="batch size; sampling also runs at batch 1 "
                         "(default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
                         "CUDA, T on CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure tables 2-3 torch.compile'd (default: on CUDA; a CPU compiles for minutes)")
-    parser.add_argument("--json", default="bench.json", help="where to write the tables (default: bench.json)")
+    parser.add_argument("--json", type=Path, default=Path("bench.json"),
+                        help="where to write the tables (default: bench.json)")
     args = parser.parse_args(argv)
     chosen = args.tables.split(",")
     if not set(chosen) <= set(TABLES):
@@ -366,10 +367,9 @@ def main(argv=None):
         parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
     if args.width % args.heads:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
-    try:
+    with user_errors():
         device = check_device(args.device)
-    except UserError as e:
-        parser.error(str(e))
+        writable_file(args.json, "--json", (".json",))
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -416,8 +416,10 @@ def main(argv=None):
     for name, rows in tables.items():
         show(columns[name][0], rows, columns[name][1])
     result = {"device": device_name, "peak_bf16_flop_s": peak, "batch": batch, "width": args.width, **tables}
-    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    with user_errors():
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return tables
+
 
 if __name__ == "__main__":
     main()

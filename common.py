@@ -4,13 +4,16 @@
   a script reports one: `error: ...` on stderr, one line, exit status 2, no traceback;
 - the command line: `Parser` (usage errors go through `fail` too), `bounded` numbers, `add_device`;
 - work on many videos: `parallel_map` (worker processes with a progress bar);
-- files: `atomic_write` (a crash never leaves half a file under the final name) and `load_checkpoint` (every
-  torch.load of the project: weights_only=True, on the CPU, with an error that names the file);
+- files: `writable_file` / `writable_folder` check an output before any work, `atomic_write` (a crash never leaves
+  half a file under the final name, and the next write of that name removes what a killed run left) and
+  `load_checkpoint` (every torch.load of the project: weights_only=True, on the CPU, with an error that names the
+  file);
 - images: `to_tensor` and `to_uint8` convert frames between uint8 (..., H, W, 3) and float (..., 3, H, W) in
   [-1, 1], and `load_image` reads a portrait of any kind.
 """
 
 import argparse
+import math
 import multiprocessing
 import os
 import sys
@@ -27,6 +30,9 @@ from tqdm import tqdm
 # User errors
 
 
+MAX_SEED = 2**32 - 1  # the largest seed numpy and torch both take
+
+
 class UserError(ValueError):
     """A problem the user can fix (an unreadable file, a bad flag, a missing device): reported by `fail`."""
 
@@ -37,13 +43,20 @@ def fail(message):
     sys.exit(2)
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C, as shells report it
+
+
 @contextmanager
 def user_errors():
-    """Run a script's body; a UserError raised inside ends it through `fail`."""
+    """Run a script's body; a UserError raised inside ends it through `fail`, and Ctrl-C with one line (exit 130)
+    instead of a traceback."""
     try:
         yield
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,19 +83,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def bounded(kind, low=None, high=None, above=None):
-    """An argparse `type` for a number of `kind` (int or float) in [low, high], or above `above` (exclusive).
-    A number out of range stops the command as it is parsed (exit 2, one line), before any slow work starts."""
-    rule = " and ".join(text for text, given in ((f"at least {low}", low), (f"above {above}", above),
-                                                  (f"at most {high}", high)) if given is not None)
+    """An argparse `type` for a finite number of `kind` (int or float) in [low, high], or above `above`
+    (exclusive), and at most `high`, which every number needs: an unbounded one would let a typo allocate
+    terabytes or run for years. A number out of range, NaN or infinite stops the command as it is parsed (exit 2,
+    one line), before any slow work starts."""
+    if high is None or (low is None) == (above is None):
+        raise TypeError("bounded needs high and one of low or above")
+    rule = f"at least {low}" if above is None else f"above {above}"
 
     def parse(text):
         value = kind(text)  # a ValueError here makes argparse say "invalid int value"
-        if ((low is not None and value < low) or (above is not None and value <= above)
-                or (high is not None and value > high)):
-            raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
+        if not math.isfinite(value) or value < (low if above is None else above) or value == above or value > high:
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule} and at most {high:g}")
         return value
 
     parse.__name__ = kind.__name__  # how argparse names the type in its messages
+    parse.bounds = (low if above is None else above, high)  # tests/test_hostile.py checks every option has them
     return parse
 
 
@@ -101,6 +117,8 @@ def check_device(name):
         raise UserError(f"--device {name}: not a device; pass cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UserError(f"--device {name}: the CPU has no index; pass --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA GPU; pass --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -127,16 +145,69 @@ def parallel_map(fn, jobs, workers, desc):
 # Files
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temporary file next to `path`, then rename it into place, so a crash never
-    leaves a half-written file under the final name."""
+def writable_file(path, flag, suffixes=(), inputs=()):
+    """Refuse, before any work, an output file that could not be written or would destroy something: a folder of
+    that name, a missing or read-only folder, a suffix not in `suffixes` (the formats the writer knows), or one of
+    the command's `inputs`. Returns the path."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: a folder; pass a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
+    if any(Path(p).exists() and path.exists() and path.samefile(p) for p in inputs):
+        raise UserError(f"{flag} {path}: that is an input of this command; pass another name")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write in {path.parent}")
+    return path
+
+
+def writable_folder(path, flag):
+    """Refuse, before any work, an output folder that is a file or lies where nothing can be written (it may not
+    exist yet: it is made when written). Returns the path."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: " + ("a file of that name exists; pass a folder" if existing == path else
+                                              f"{existing} is a file, not a folder"))
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing}")
+    return path
+
+
+def _temp_name(path):
+    """Where atomic_write puts `path` while writing it: .<stem>.<pid>-<random><suffix>, next to it."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
+
+
+def remove_stale_temps(path):
+    """Delete the temporary files of `path` that writers killed before they finished left behind (those whose
+    process is gone); a checkpoint's can be gigabytes."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.stem}.*-*{path.suffix}"):
+        pid = tmp.name[len(path.stem) + 2:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path) on a temporary file next to `path`, then rename it into place, so a crash never leaves
+    a half-written file under the final name. A failure to write (disk full, read-only folder) removes the
+    temporary file and is a UserError that names `path`."""
+    path = Path(path)
+    remove_stale_temps(path)
+    tmp = _temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder may refuse this too; the error to report is the first one
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
 
 
@@ -155,6 +226,18 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     if not isinstance(ckpt, dict) or not set(needs) <= ckpt.keys():
         raise UserError(f"{path}: not {what}{hint}")
     return ckpt
+
+
+@contextmanager
+def contents_of(path, what):
+    """Use what a loaded file holds; a file of the right keys but the wrong contents (other shapes, settings of
+    another version, values of the wrong type) raises inside: a UserError that names it instead."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise UserError(f"{path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,14 +265,20 @@ def square_image(img, size, box=None):
     return np.asarray(img.convert("RGB").crop(box).resize((size, size), Image.BICUBIC))
 
 
+MAX_PIXELS = 50 * 10**6  # a larger "portrait" is an error or a decompression bomb (PIL warns from 89 MP)
+
+
 def load_image(path, size):
     """Any image PIL opens (RGB, RGBA, grayscale, palette, 16-bit), centre square crop -> uint8 (size, size, 3)."""
     try:
         img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:  # checked from the header, before the pixels are decoded
+            raise UserError(f"{path}: {img.width}x{img.height} pixels; a portrait needs far fewer (at most "
+                            f"{MAX_PIXELS // 10**6} megapixels): scale it down first")
         img.load()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read image ({e})") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits first
         a = np.asarray(img, dtype=np.float64)

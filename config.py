@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, bounded, check_device
+from common import MAX_SEED, UserError, bounded, check_device
 from diffusion import PREDICTIONS, SCHEDULES
 from letstalk import FUSIONS, SIZES
 
@@ -35,39 +35,43 @@ class TrainConfig:
     out: str = setting(None, "run folder (default: runs/<stage>)")
     cache: str = setting("runs/cache", "where rendered synthetic videos, cached frames and encoded latents are kept, "
                          "shared by the runs that ask for the same")
-    seed: int = setting(0, "seed of the weights, the data order and the synthetic world")
+    seed: int = setting(0, "seed of the weights, the data order and the synthetic world", low=0, high=MAX_SEED)
     device: str = setting(None, "cpu, cuda or cuda:N (default: cuda if this machine has a GPU); under torchrun "
                           "each rank's own GPU", resumable=True)
     steps: int = setting(100_000, "stop after this many optimizer steps (or earlier, with --max-minutes)",
-                         resumable=True, low=1)
+                         resumable=True, low=1, high=10**8)
     batch_size: int = setting(None, "clips (frames for the VAE) per micro-batch and rank (default: 32 VAE; "
-                              "diffusion 16, or 8 for size B and 4 for L, which fit an 80 GB GPU)", low=1)
-    accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step", low=1)
+                              "diffusion 16, or 8 for size B and 4 for L, which fit an 80 GB GPU)", low=1, high=4096)
+    accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step", low=1, high=1024)
     lr: float = setting(None, "peak learning rate (default: 5e-4 VAE; diffusion 3e-4 for size T, 1e-4 as the "
-                        "official code for S, B, L)", above=0)
-    warmup: int = setting(100, "steps of linear learning-rate warm-up (0: none)", low=0)
+                        "official code for S, B, L)", above=0, high=1)
+    warmup: int = setting(100, "steps of linear learning-rate warm-up (0: none)", low=0, high=10**8)
     cooldown: int = setting(0, "steps of linear learning-rate decay to 0 before --steps (0: none); a cooled-down "
                             "model samples cleaner images. Set --steps to a step you will reach", resumable=True,
-                            low=0)
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this", above=0)
-    eval_every: int = setting(250, "steps between evaluations (and, for diffusion, a sample grid PNG)", low=1)
-    save_minutes: float = setting(10.0, "minutes between checkpoints (one is always written at the end)", above=0)
+                            low=0, high=10**8)
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this", above=0, high=10**6)
+    eval_every: int = setting(250, "steps between evaluations (and, for diffusion, a sample grid PNG)", low=1,
+                              high=10**8)
+    save_minutes: float = setting(10.0, "minutes between checkpoints (one is always written at the end)", above=0,
+                                 high=10**6)
     # stage 1: the VAE
     resolution: int = setting(None, "frame size (default: 256 on a GPU as in the paper, 64 on a CPU)", stage="vae",
-                              low=16)
+                              low=16, high=1024)
     factor: int = setting(None, "VAE downsampling (default: 8 at 256 and above, else 4: latents of 32x32 and "
                           "16x16)", stage="vae", choices=(4, 8))
     vae_width: int = setting(32, "VAE channels at full resolution (32 trains fast on a CPU; try 64-128 for real "
-                             "data)", stage="vae", low=4)
+                             "data)", stage="vae", low=4, high=1024)
     videos: int = setting(300, "--data synthetic: how many videos of 4 s to render (every 20th shows held-out "
-                          "people and is kept for validation); 300 hold 26,000 distinct 8-frame clips", low=2)
+                          "people and is kept for validation); 300 hold 26,000 distinct 8-frame clips", low=2,
+                          high=100_000)
     # stage 2: the diffusion transformer
     vae: str = setting("runs/vae/ckpt.pt", "VAE checkpoint from `train.py --stage vae`", stage="diffusion")
     size: str = setting(None, "model size (default: B on a GPU, T on a CPU)", stage="diffusion",
                         choices=tuple(SIZES))
     frames: int = setting(None, "F per clip (default: 16 as the paper on a GPU, 8 on a CPU)", stage="diffusion",
-                          low=1)
-    motion: int = setting(2, "M motion frames before each clip (0: none)", stage="diffusion", low=0)
+                          low=1, high=256)
+    motion: int = setting(2, "M motion frames before each clip (0: none)", stage="diffusion", low=0,
+                         high=64)
     ref_fusion: str = setting("symbiotic", "how the portrait is fused (the paper: symbiotic)", stage="diffusion",
                               choices=FUSIONS)
     audio_fusion: str = setting("direct", "how the audio is fused (the paper: direct)", stage="diffusion",
@@ -77,12 +81,12 @@ class TrainConfig:
     schedule: str = setting("linear", "noise schedule: linear (DDPM, the official code) or cosine",
                             stage="diffusion", choices=SCHEDULES)
     min_snr_gamma: float = setting(None, "min-SNR loss weighting (default: off, plain Eq. 3; 5 is the usual value)",
-                                   stage="diffusion", above=0)
+                                   stage="diffusion", above=0, high=1000)
     mouth_weight: float = setting(1.0, "loss weight inside the mouth box (synthetic) or lower face (real data); 1: "
-                                  "off", stage="diffusion", low=0)
+                                  "off", stage="diffusion", low=0, high=100)
     blink_repeat: int = setting(1, "synthetic data: clips with a blink appear this many times per epoch, since a "
                                 "small model under-produces rare blinks; 1: off", stage="diffusion", resumable=True,
-                                low=1)
+                                low=1, high=1000)
     drop_audio: float = setting(0.1, "probability of dropping the audio (classifier-free guidance), independent of "
                                 "the reference", stage="diffusion", low=0, high=1)
     drop_ref: float = setting(0.1, "probability of dropping the reference (classifier-free guidance)",
@@ -96,6 +100,7 @@ class TrainConfig:
 
 
 RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"])  # what --resume may change
+PATHS = ("data", "cache", "vae")  # settings that name files or folders
 
 
 def flag(name):
@@ -177,8 +182,10 @@ def resumed_config(saved, settings, out):
     """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict), with the resumable ones the
     command line changed and the run folder where it is now. Repeating a saved setting is fine; changing one that
     is not resumable is a UserError (it would silently not happen)."""
+    def same(name, a, b):  # paths compare as the files they name: runs/vae/ckpt.pt is /home/me/runs/vae/ckpt.pt
+        return a == b or (name in PATHS and b is not None and Path(a).resolve() == Path(b).resolve())
     fixed = sorted(name for name, value in settings.items()
-                   if name not in (*RESUMABLE, "out") and value != saved.get(name))
+                   if name not in (*RESUMABLE, "out") and not same(name, value, saved.get(name)))
     if fixed:
         raise UserError(f"{', '.join(flag(k) for k in fixed)}: a resumed run keeps the settings in its checkpoint; "
                         f"only {', '.join(flag(k) for k in RESUMABLE)} and --max-minutes may change")

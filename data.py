@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_features, decode_audio, load_audio, write_wav
 from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, parallel_map,
-                    square_image, to_tensor, to_uint8, user_errors)
+                    square_image, to_tensor, to_uint8, user_errors, writable_folder)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The on-disk layout: ROOT/<name>/{video.mp4, audio.wav, meta.json}
@@ -97,6 +97,17 @@ def save_video(folder, video):
     os.replace(tmp, folder)
 
 
+def _read_meta(path):
+    """A video's meta.json as a dict; a UserError names the file when it is not JSON or lacks the frame count."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({e}); delete its folder and prepare or render it again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("num_frames"), int) or meta["num_frames"] < 1:
+        raise UserError(f"{path}: no frame count (num_frames); delete its folder and prepare or render it again")
+    return meta
+
+
 class VideoFolder:
     """A dataset root in the on-disk layout, as a sequence of Video (decoded on access).
 
@@ -106,13 +117,14 @@ class VideoFolder:
 
     def __init__(self, root, split="all"):
         self.root = Path(root)
-        folders = sorted(p.parent for p in self.root.glob("*/meta.json"))
+        folders = sorted(p.parent for p in self.root.glob("*/meta.json")
+                         if not p.parent.name.startswith("."))  # .<name>.partial: a save_video a kill cut short
         if not folders:
             raise UserError(f"{root}: no prepared videos (expected {root}/<name>/meta.json; "
                             "see `python world.py --help` and `python data.py prepare --help`)")
         val = folders[19::20] or folders[-1:]  # fewer than 20 videos: the last one is held out
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
-        self.meta = [json.loads((p / "meta.json").read_text()) for p in self.folders]
+        self.meta = [_read_meta(p / "meta.json") for p in self.folders]
 
     def __len__(self):
         return len(self.folders)
@@ -123,6 +135,9 @@ class VideoFolder:
 
     def __getitem__(self, i):
         frames, _ = read_video(self.folders[i] / "video.mp4")
+        if len(frames) < self.num_frames(i):
+            raise UserError(f"{self.folders[i]}: meta.json counts {self.num_frames(i)} frames, video.mp4 holds "
+                            f"{len(frames)}; delete the folder and prepare or render it again")
         return Video(frames, load_audio(self.folders[i] / "audio.wav"), self.meta[i])
 
 
@@ -191,6 +206,9 @@ def prepare_video(src, size, box=None):
         if box is None:
             raise UserError(f"{src}: no face in most of {len(samples)} frames looked at (give its box with --boxes)")
     images, times = decode_frames(src)
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= images[0].width and 0 <= y0 < y1 <= images[0].height):
+        raise UserError(f"{src}: the crop box {list(box)} is not inside the {images[0].width}x{images[0].height} frame")
     frames = [square_image(image, size, box) for image in images]
     wav, audio_start = decode_audio(src)
     if np.sqrt(np.mean(wav ** 2)) < 1e-4:
@@ -225,8 +243,17 @@ def _prepare_one(job):
 def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     """Convert every video under raw_dir (shard i of n: every n-th, from the i-th) into the layout under out_dir,
     in `workers` processes. Resumable: folders already complete are skipped. A file that is corrupt, silent or
-    without a face is skipped with one warning line. Returns (written, skipped, failed)."""
-    sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    without a face is skipped. Returns (written, already done, [why each skipped file was skipped])."""
+    out = Path(out_dir).resolve()
+    sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+                     and out not in p.resolve().parents)  # an output folder inside raw_dir is not raw material
+    # every video gets a folder of its own: a/b.mp4 -> a__b; two sources with one folder would lose one of them
+    folders = {}
+    for src in sources:
+        name = src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
+        if name in folders:
+            raise UserError(f"{folders[name]} and {src} would both be prepared into {out_dir}/{name}; rename one")
+        folders[name] = src
     sources = sources[shard[0]::shard[1]]
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in this shard")
@@ -237,15 +264,13 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         if not (folder / "meta.json").exists():
             jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
     errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
-    for error in errors:
-        tqdm.write(f"warning: skipped {error}", file=sys.stderr)
-    return len(jobs) - len(errors), len(sources) - len(jobs), len(errors)
+    return len(jobs) - len(errors), len(sources) - len(jobs), errors
 
 
 def check_output(out, size):
-    """Refuse, before any work, an output folder of the layout that is a file, or a frame size H.264 cannot take."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: a file of that name exists; pass a folder to write into")
+    """Refuse, before any work, an output folder of the layout that cannot be written, or a frame size H.264 cannot
+    take."""
+    writable_folder(out, "output folder")
     if size % 2:
         raise UserError(f"--size {size}: must be even (H.264 needs even frame sizes)")
 
@@ -490,11 +515,12 @@ def main(argv=None):
                        "with a warning; rerunning resumes where an interrupted run stopped.")
     p.add_argument("raw", type=Path, help="folder of raw videos (searched recursively)")
     p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--size", type=bounded(int, 16), default=256, help="output frame size, even (256 is the paper's)")
+    p.add_argument("--size", type=bounded(int, 16, 2048), default=256,
+                   help="output frame size, even (256 is the paper's)")
     p.add_argument("--boxes", type=Path, help="JSON file {video_stem: [x0, y0, x1, y1]} of square crop boxes in "
                    "source pixels, for the videos whose box the detector should not choose")
-    p.add_argument("--workers", type=bounded(int, 1), help="videos prepared at once, in worker processes (default: "
-                   "one per core)")
+    p.add_argument("--workers", type=bounded(int, 1, 1024),
+                   help="videos prepared at once, in worker processes (default: one per core)")
     p.add_argument("--shard", default="0/1", help="i/n: prepare every n-th video from the i-th, so that n machines "
                    "share a dataset (default: 0/1, all of them)")
     args = parser.parse_args(argv)
@@ -510,12 +536,23 @@ def main(argv=None):
                 boxes = {k: tuple(v) for k, v in json.loads(args.boxes.read_text()).items()}
             except (OSError, ValueError, TypeError, AttributeError) as e:
                 raise UserError(f"{args.boxes}: cannot read crop boxes ({e})") from None
-            wrong = next((k for k, v in boxes.items()
-                          if len(v) != 4 or not all(isinstance(x, (int, float)) for x in v)), None)
+            wrong = next((k for k, v in boxes.items() if not _valid_box(v)), None)
             if wrong is not None:
-                raise UserError(f"{args.boxes}: the box of {wrong} is {list(boxes[wrong])}, not [x0, y0, x1, y1]")
-        written, skipped, failed = prepare(args.raw, args.out, args.size, boxes, args.workers, shard)
-    print(f"prepared {written}, already done {skipped}, skipped {failed} (unreadable, silent or without a face)")
+                raise UserError(f"{args.boxes}: the box of {wrong} is {list(boxes[wrong])}, not [x0, y0, x1, y1] "
+                                "with 0 <= x0 < x1 and 0 <= y0 < y1, in pixels of the source video")
+        written, done, errors = prepare(args.raw, args.out, args.size, boxes, args.workers, shard)
+        if errors and not written and not done:
+            raise UserError(f"no video of {args.raw} could be prepared ({len(errors)} skipped); the first: {errors[0]}")
+        for error in errors:
+            print(f"warning: skipped {error}", file=sys.stderr)
+        print(f"prepared {written}, already done {done}, skipped {len(errors)} (unreadable, silent or without a "
+              "face)")
+
+
+def _valid_box(box):
+    """A crop box of --boxes: four finite numbers x0 < x1, y0 < y1, none negative or beyond any video's size."""
+    return (len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+            and all(math.isfinite(v) and 0 <= v <= 100_000 for v in box) and box[0] < box[2] and box[1] < box[3])
 
 
 if __name__ == "__main__":

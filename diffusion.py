@@ -22,6 +22,9 @@ SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 
 
+STEPS = 1000  # T, the paper's number of diffusion steps
+
+
 class Diffusion:
     """DDPM with fixed variances: the noise schedule, the forward process q(x_t | x_0), the training target and the
     reverse-process samplers (DDPM and DDIM).
@@ -32,7 +35,7 @@ class Diffusion:
     `config()` and sampling rebuilds the same Diffusion from it.
     """
 
-    def __init__(self, steps=1000, schedule="linear", prediction="eps"):
+    def __init__(self, steps=STEPS, schedule="linear", prediction="eps"):
         if schedule == "linear":  # DDPM's schedule: beta from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
         elif schedule == "cosine":  # Nichol & Dhariwal: alpha_bar follows a squared cosine, gentler at the ends

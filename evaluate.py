@@ -20,12 +20,13 @@ from tqdm import tqdm
 import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
 from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device, load_checkpoint,
-                    to_tensor, to_uint8, user_errors)
+                    to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from data import ClipPool, VideoFolder, build_frame_pool
+from diffusion import STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, frame_change, frechet,
                      frechet_distance, i3d_features, identity_ratio, load_inception, load_probe, load_torchscript,
                      mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
-from sample import DEFAULT_CKPT, generate, load_model
+from sample import DEFAULT_CKPT, MAX_SCALE, generate, load_model
 from world import SyntheticVideos, synth_video
 
 PORTRAIT_LEAD = 10  # frames rendered before each evaluated video; the portrait is the first of them
@@ -311,17 +312,18 @@ def main(argv=None):
                        formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=PROBE, help="where to write it (the default replaces the shipped "
                    "probe, which train.py's lip-sync logging and eval read)")
-    p.add_argument("--videos", type=bounded(int, 1), default=300, help="training videos (16 frames each)")
-    p.add_argument("--steps", type=bounded(int, 1), default=1500, help="optimizer steps of 64 frames")
+    p.add_argument("--videos", type=bounded(int, 1, 100_000), default=300, help="training videos (16 frames each)")
+    p.add_argument("--steps", type=bounded(int, 1, 10**6), default=1500, help="optimizer steps of 64 frames")
     p.add_argument("--cache", type=Path, default=Path("runs/probe"), help="where the frame pools are cached")
     evaluation = Parser(add_help=False)  # the options eval and ablation share
     evaluation.add_argument("--probe", type=Path, default=PROBE,
                             help="the synthetic-world probe (`python evaluate.py probe` trains one)")
-    evaluation.add_argument("--videos", type=bounded(int, 1), default=12, help="test videos generated")
-    evaluation.add_argument("--seconds", type=bounded(float, (8 + 2) / FPS), default=3.0,
+    evaluation.add_argument("--videos", type=bounded(int, 1, 10_000), default=12, help="test videos generated")
+    evaluation.add_argument("--seconds", type=bounded(float, (8 + 2) / FPS, 600), default=3.0,
                             help="length of each test video, at least two of FVD's 8-frame clips (stride 2)")
-    evaluation.add_argument("--steps", type=bounded(int, 1), default=10, help="DDIM steps per window")
-    evaluation.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
+    evaluation.add_argument("--steps", type=bounded(int, 1, STEPS), default=10, help="DDIM steps per window")
+    evaluation.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=2.0,
+                            help="classifier-free guidance on the audio")
     evaluation.add_argument("--split", choices=["test", "val"], default="test",
                             help="held-out identities and sentences to evaluate on")
     add_device(evaluation)
@@ -344,53 +346,64 @@ def main(argv=None):
                        "fusion setting (each portrait scheme with direct audio, each audio scheme with symbiotic "
                        "portrait) for the same budget and seed, then evaluate each. Interrupted runs resume; "
                        "finished ones are read from their eval.json.")
-    p.add_argument("--budget-min", type=bounded(float, above=0), default=15.0,
+    p.add_argument("--budget-min", type=bounded(float, above=0, high=10_080), default=15.0,
                    help="training minutes per fusion setting")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per setting, resumable")
     args = parser.parse_args(argv)
     with user_errors():
-        if args.command == "probe":
-            args.cache.mkdir(parents=True, exist_ok=True)
-            pools = {}
-            for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
-                path = args.cache / f"frames_{split}.pt"
-                if not path.exists():
-                    build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path)
-                pools[split] = ClipPool(path).data
-            probe, r = train_probe(pools["train"], pools["val"], args.steps)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
-            print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
-            return r
-        probe = None if getattr(args, "data", None) else load_probe(args.probe)  # real videos need no probe
-        check_device(args.device)
-        shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
-                      split=args.split, device=args.device)
-        if args.command == "ablation":
-            results = ablation(args.out, args.budget_min, probe, **shared)
-            print(ablation_table(results))
-            return results
-        for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
-            if getattr(args, flag) is not None and not getattr(args, flag).is_file():
-                raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
-        if args.i3d is not None and args.seconds * FPS < 24:  # FVD's statistics need at least two clips
-            raise UserError(f"--seconds {args.seconds}: FVD takes 16-frame clips every 8 frames; pass at least 0.96 "
-                            "for two per video")
-        extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
-        if args.data is not None:
-            if args.speech or args.sheet:
-                raise UserError("--speech and --sheet measure the synthetic world; drop them with --data")
-            shared.pop("split")
-            result = evaluate_folder(args.ckpt, args.data, **extractors, **shared)
-        else:
-            result = evaluate(args.ckpt, probe, speech=args.speech, sheet=args.sheet, **extractors, **shared)
-    path = args.json or Path("runs/eval") / f"{args.ckpt.stem}_{args.data.name if args.data else args.split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return run(args)
+
+
+def run(args):
+    """evaluate.py's work for the parsed command line; every output is checked before any work."""
+    if args.command == "probe":
+        writable_file(args.out, "--out", (".pt",))
+        writable_folder(args.cache, "--cache")
+        args.cache.mkdir(parents=True, exist_ok=True)
+        pools = {}
+        for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
+            path = args.cache / f"frames_{split}.pt"
+            if not path.exists():
+                build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path)
+            pools[split] = ClipPool(path).data
+        probe, r = train_probe(pools["train"], pools["val"], args.steps)
+        atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
+        print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
+        return r
+    probe = None if getattr(args, "data", None) else load_probe(args.probe)  # real videos need no probe
+    check_device(args.device)
+    shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
+                  split=args.split, device=args.device)
+    if args.command == "ablation":
+        writable_folder(args.out, "--out")
+        results = ablation(args.out, args.budget_min, probe, **shared)
+        print(ablation_table(results))
+        return results
+    for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
+        if getattr(args, flag) is not None and not getattr(args, flag).is_file():
+            raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
+    if args.i3d is not None and args.seconds * FPS < 24:  # FVD's statistics need at least two clips
+        raise UserError(f"--seconds {args.seconds}: FVD takes 16-frame clips every 8 frames; pass at least 0.96 "
+                        "for two per video")
+    if args.data is not None and (args.speech or args.sheet):
+        raise UserError("--speech and --sheet measure the synthetic world; drop them with --data")
+    if args.sheet:
+        writable_file(args.sheet, "--sheet", (".png",))
+    path = args.json
+    if path is None:  # the default folder is made; a folder the user names must exist
+        path = Path("runs/eval") / f"{args.ckpt.stem}_{args.data.name if args.data else args.split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    writable_file(path, "--json", (".json",))
+    extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
+    if args.data is not None:
+        shared.pop("split")
+        result = evaluate_folder(args.ckpt, args.data, **extractors, **shared)
+    else:
+        result = evaluate(args.ckpt, probe, speech=args.speech, sheet=args.sheet, **extractors, **shared)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     print(report(result) if args.data is None else report_folder(result))
     print(f"wrote {path}")
     return result
-
 
 if __name__ == "__main__":
     main()

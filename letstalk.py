@@ -27,6 +27,7 @@ only. `python letstalk.py --size B` prints parameter counts and GFLOPs of every 
 """
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -469,6 +470,12 @@ def forward_gflops(cfg, batch=1):
     return counter.get_total_flops() / 1e9
 
 
+def fail(message):
+    """A usage error: one line on stderr, exit status 2."""
+    print(f"error: {message} (`letstalk.py --help` lists the options)", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     """`python letstalk.py`: print parameters and GFLOPs of every fusion choice at one size (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="letstalk.py", description="Parameters and forward GFLOPs of a LetsTalk "
@@ -477,11 +484,12 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=16, help="F, frames per clip (default: 16)")
     parser.add_argument("--latent-size", type=int, default=32, help="h = w of the latents, even (default: 32, for "
                         "256x256 frames at VAE factor 8)")
+    parser.error = fail  # one line and exit 2, as every script of the project (this file imports none of them)
     args = parser.parse_args(argv)
-    if args.frames < 1:
-        parser.error(f"--frames {args.frames}: must be at least 1")
-    if args.latent_size < 2 or args.latent_size % 2:
-        parser.error(f"--latent-size {args.latent_size}: must be an even number (the model cuts 2x2 patches)")
+    if not 1 <= args.frames <= 256:
+        fail(f"--frames {args.frames}: must be from 1 to 256")
+    if not 2 <= args.latent_size <= 256 or args.latent_size % 2:
+        fail(f"--latent-size {args.latent_size}: must be an even number from 2 to 256 (the model cuts 2x2 patches)")
     print(f"LetsTalk-{args.size}: {SIZES[args.size]}, {args.frames} frames of {args.latent_size}x{args.latent_size}"
           f"x4 latents, 2 motion frames")
     print(f"{'ref fusion':>10} {'audio fusion':>12} | {'backbone':>9} {'audio enc':>9} {'fusion':>9} {'total':>9} |"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.models import inception_v3
 from tqdm import tqdm
 
-from common import UserError, load_checkpoint, to_tensor
+from common import UserError, contents_of, load_checkpoint, to_tensor
 from world import identity
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,9 +189,10 @@ PROBE = Path(__file__).resolve().parent / "checkpoints" / "probe.pt"  # the ship
 
 def load_probe(path):
     """The Probe whose weights `python evaluate.py probe` saved at `path`, in eval mode."""
-    probe = Probe()
-    probe.load_state_dict(load_checkpoint(path, needs=("head.weight",), what="a probe",
-                                          hint=" (train one: `python evaluate.py probe`)"))
+    probe, weights = Probe(), load_checkpoint(path, needs=("head.weight",), what="a probe",
+                                              hint=" (train one: `python evaluate.py probe`)")
+    with contents_of(path, "a probe"):
+        probe.load_state_dict(weights)
     return probe.eval()
 
 

@@ -23,14 +23,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, load_audio
-from common import (HelpFormatter, Parser, UserError, add_device, bounded, check_device, load_checkpoint,
-                    load_image, save_png, to_tensor, to_uint8, user_errors)
+from common import (MAX_SEED, HelpFormatter, Parser, UserError, add_device, bounded, check_device, load_checkpoint,
+                    contents_of, load_image, save_png, to_tensor, to_uint8, user_errors, writable_file,
+                    writable_folder)
 from data import write_mp4
-from diffusion import Diffusion
+from diffusion import STEPS, Diffusion
 from letstalk import LetsTalk, LetsTalkConfig
 from vae import psnr, vae_from_state
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "letstalk-tiny.pt"
+MAX_SCALE = 20.0  # classifier-free guidance scales above ~10 only saturate the frames; 20 catches typos
 
 
 def load_model(path, device):
@@ -38,10 +40,11 @@ def load_model(path, device):
     train.py: a run's ckpt.pt, or its `--export`."""
     ckpt = load_checkpoint(path, needs=("model", "ema", "vae", "diffusion"), what="a letstalk diffusion checkpoint",
                            hint=" (train one with `python train.py`, then pass --ckpt)")
-    model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"]))
-    model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval(), vae_from_state(ckpt["vae"], device), Diffusion(**ckpt["diffusion"]), \
-        ckpt.get("domain")
+    with contents_of(path, "a letstalk diffusion checkpoint"):
+        model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"]))
+        model.load_state_dict(ckpt["ema"])
+        return model.to(device).eval(), vae_from_state(ckpt["vae"], device), Diffusion(**ckpt["diffusion"]), \
+            ckpt.get("domain")
 
 
 DOMAIN_MARGIN_DB = 3.0  # held-out synthetic faces reconstruct up to ~2 dB below the worst training frame measured
@@ -132,34 +135,41 @@ def main(argv=None):
     parser.add_argument("audio", type=Path, help="speech: WAV of any common encoding, or any format FFmpeg reads")
     parser.add_argument("-o", "--out", type=Path, help="output .mp4 (default: <image>_<audio>.mp4 here)")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint from train.py")
-    parser.add_argument("--steps", type=bounded(int, 1), default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=bounded(int, 1, STEPS), default=25, help="DDIM steps")
     parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                         help="ddim (fast, deterministic) or ddpm (all 1000 ancestral steps)")
-    parser.add_argument("--audio-scale", type=float, default=2.0, help="classifier-free guidance on the audio")
-    parser.add_argument("--ref-scale", type=float, default=1.0, help="classifier-free guidance on the portrait (1: "
-                        "none, which saves a model pass per step)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    parser.add_argument("--size", type=int, default=256, help="frame size of the written video (upscaled from the "
-                        "model's resolution; 0 keeps the model's)")
+    parser.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=2.0,
+                        help="classifier-free guidance on the audio")
+    parser.add_argument("--ref-scale", type=bounded(float, 0, MAX_SCALE), default=1.0,
+                        help="classifier-free guidance on the portrait (1: none, which saves a model pass per step)")
+    parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0, help="seed of the initial noise")
+    parser.add_argument("--size", type=bounded(int, 0, 2048), default=256,
+                        help="frame size of the written video, even (upscaled from the model's resolution; 0 keeps "
+                        "the model's)")
     parser.add_argument("--frames", type=Path, help="also write every frame as a PNG into this folder")
     parser.add_argument("--grid", type=Path, help="also write a contact sheet PNG: reference | frames")
     add_device(parser)
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_{args.audio.stem}.mp4")
-    with user_errors():  # every check that can fail runs before the generation, which takes a while
-        check_device(args.device)
-        if args.size < 0 or args.size % 2:
-            raise UserError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
-        for flag, path in (("--out", out), ("--grid", args.grid)):
-            if path and not path.resolve().parent.is_dir():
-                raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
-        if args.frames and args.frames.exists() and not args.frames.is_dir():
-            raise UserError(f"--frames {args.frames}: a file of that name exists; pass a folder")
-        model, vae, diffusion, domain = load_model(args.ckpt, args.device)
-        image = load_image(args.image, vae.config.resolution)
-        wav = load_audio(args.audio)
-        if len(wav) < SAMPLES_PER_FRAME:
-            raise UserError(f"{args.audio}: the audio is shorter than one video frame (40 ms)")
+    with user_errors():
+        animate(args, out)
+
+
+def animate(args, out):
+    """sample.py's work: every check that can fail runs before the generation, which takes a while."""
+    check_device(args.device)
+    if args.size % 2:
+        raise UserError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
+    writable_file(out, "--out", (".mp4",), inputs=(args.image, args.audio, args.ckpt))
+    if args.grid:
+        writable_file(args.grid, "--grid", (".png",), inputs=(args.image,))
+    if args.frames:
+        writable_folder(args.frames, "--frames")
+    model, vae, diffusion, domain = load_model(args.ckpt, args.device)
+    image = load_image(args.image, vae.config.resolution)
+    wav = load_audio(args.audio)
+    if len(wav) < SAMPLES_PER_FRAME:
+        raise UserError(f"{args.audio}: the audio is shorter than one video frame (40 ms)")
     warning = out_of_domain(vae, image, domain)
     if warning:
         print(warning, file=sys.stderr)

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Parser, UserError, atomic_write, bounded, fail, load_checkpoint, save_png, to_tensor, to_uint8,
-                    user_errors)
+from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
+                    save_png, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
@@ -234,6 +234,10 @@ class DiffusionStage:
         self.probe = load_probe(PROBE) if synthetic and PROBE.exists() else None
         # every video encoded once (each rank its share), then fresh clips from all of them (data.py)
         folder = data_folder(cfg, self.resolution)
+        size = VideoFolder(folder)[0].frames.shape[1]
+        if size != self.resolution:
+            raise UserError(f"--data {cfg.data}: {size}x{size} frames, but the VAE {cfg.vae} was trained on "
+                            f"{self.resolution}x{self.resolution}; train a VAE on this data (--stage vae)")
         cache = Path(cfg.cache) / (f"latents_{folder.name}-{short_hash(str(folder.resolve()))}_vae-"
                                    f"{short_hash(Path(cfg.vae).read_bytes())}")  # a new VAE never reuses old latents
         encode_videos(VideoFolder(folder), self.vae, cache, device, rank(), world())
@@ -367,8 +371,9 @@ def export(run_ckpt, dst, frames=512):
     PSNR on `frames` training frames, so sample.py can tell when a portrait is unlike anything trained on."""
     ckpt = load_checkpoint(run_ckpt, needs=("model", "ema", "vae", "diffusion", "train_config"),
                            what="a diffusion run's checkpoint", hint=" (pass the run folder with --out)")
-    cfg = TrainConfig(**ckpt["train_config"])
-    vae = vae_from_state(ckpt["vae"])
+    with contents_of(run_ckpt, "a diffusion run's checkpoint"):
+        cfg = TrainConfig(**ckpt["train_config"])
+        vae = vae_from_state(ckpt["vae"])
     videos = VideoFolder(data_folder(cfg, vae.config.resolution), "train")
     n = min(len(videos), 32)
     x = torch.cat([to_tensor(videos[i].frames[:math.ceil(frames / n)]) for i in range(n)])
@@ -378,7 +383,6 @@ def export(run_ckpt, dst, frames=512):
            "model": {"config": ckpt["model"]["config"]}, "ema": half(ckpt["ema"]),
            "vae": {"config": ckpt["vae"]["config"], "weights": half(ckpt["vae"]["weights"])},
            "diffusion": ckpt["diffusion"], "domain": {"vae_min_psnr": worst}}
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dst, lambda tmp: torch.save(out, tmp))
     return out
 
@@ -387,9 +391,14 @@ def export(run_ckpt, dst, frames=512):
 # The loop
 
 
+DIVERGED = 1e4  # every loss here starts near 1 (unit-variance targets, frames in [-1, 1]): this far above, it diverged
+
+
 def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
     """Write the run's state atomically: a plain dict of tensors and numbers (loads with weights_only=True). Every
-    rank calls it (each hands over its RNG state); rank 0 writes."""
+    rank calls it (each hands over its RNG state); rank 0 writes. Weights that are not finite are never saved."""
+    if not all(torch.isfinite(p).all() for p in stage.model.parameters()):
+        raise UserError(f"the weights are not finite at step {step}; {path} was not overwritten")
     rng = rng_states()
     if rank() == 0:
         stage.before_save()
@@ -398,26 +407,47 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
         atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
+def trim_log(path, step):
+    """Drop the lines of a run's log.jsonl after `step`: a run resumed from its checkpoint at `step` logs the
+    steps after it again."""
+    def step_of(record):  # a step line, or the {"final": {...}} line that ends each piece of a run
+        return record["final"]["step"] if "final" in record else record["step"]
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and step_of(json.loads(line)) <= step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+
+
+def diverged(what, value, step, ckpt_path, saved_at, cfg):
+    """The UserError that stops a diverged run: which value went wrong, and which checkpoint is safe."""
+    safe = (f"the last checkpoint ({ckpt_path}, step {saved_at}) was written before and is intact" if saved_at
+            is not None else "no checkpoint was written")
+    return UserError(f"the {what} became {value:.4g} at step {step}: training diverged; {safe}. Lower --lr (now "
+                     f"{cfg.lr:g}) or check the data")
+
+
 def train(cfg, resume=False, max_minutes=None):
     """Run (or continue) training until cfg.steps or max_minutes. Returns the final evaluation dict."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    Path(cfg.cache).mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    stage = (VAEStage if cfg.stage == "vae" else DiffusionStage)(cfg, device)
+    stage = (VAEStage if cfg.stage == "vae" else DiffusionStage)(cfg, device)  # checks the data, then caches it
+    out.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
+        remove_stale_temps(ckpt_path)  # what a run killed while saving left
     # fused: one kernel updates every parameter (CPU and CUDA alike); the default steps them one by one
     optimizer = torch.optim.AdamW(stage.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
-    step, elapsed = 0, 0.0
+    step, elapsed, saved_at = 0, 0.0, None
     torch.manual_seed(cfg.seed * 1000 + rank())  # from here on each rank draws its own noise
     if resume:  # loaded on the CPU: the model and optimizer copy what they need to the device, RNG states stay
         ckpt = load_checkpoint(ckpt_path, needs=("step", "rng", "optimizer"), what="a letstalk run's checkpoint")
-        stage.load(ckpt)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        with contents_of(ckpt_path, "a letstalk run's checkpoint"):
+            stage.load(ckpt)
+            optimizer.load_state_dict(ckpt["optimizer"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
+        saved_at = step
         if len(ckpt["rng"]) == world():  # (a row is cloned: set_rng_state reads a view's storage from its start)
             torch.set_rng_state(ckpt["rng"][rank()].clone())
             if "cuda_rng" in ckpt and device.type == "cuda":  # the noise drawn on the GPU continues exactly too
@@ -434,6 +464,8 @@ def train(cfg, resume=False, max_minutes=None):
     is_main = rank() == 0
 
     start, last_save = time.time(), time.time()
+    if is_main and resume:
+        trim_log(out / "log.jsonl", step)
     log = open(out / "log.jsonl", "a") if is_main else None
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", dynamic_ncols=True, disable=not is_main)
     while step < cfg.steps and not any_rank(max_minutes is not None and time.time() - start >= 60 * max_minutes):
@@ -444,13 +476,15 @@ def train(cfg, resume=False, max_minutes=None):
         total, logs = 0.0, {}
         for micro in range(cfg.accum):
             loss, logs = stage.loss(step * cfg.accum + micro)
-            if not torch.isfinite(loss):
+            if any_rank(not loss.item() < DIVERGED):  # NaN fails the comparison too; every rank stops together
                 bar.close()
-                fail(f"the loss became {loss.item()} at step {step}; the last checkpoint ({ckpt_path}) is intact. "
-                     "Lower --lr or check the data.")
+                raise diverged("loss", mean_across_ranks(loss.item()), step, ckpt_path, saved_at, cfg)
             (loss / cfg.accum).backward()
             total += loss.item() / cfg.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), cfg.grad_clip).item()
+        if not math.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients)
+            bar.close()
+            raise diverged("gradient norm", grad_norm, step, ckpt_path, saved_at, cfg)
         optimizer.step()
         stage.after_step(step)
         step += 1
@@ -467,7 +501,7 @@ def train(cfg, resume=False, max_minutes=None):
             log.flush()
         if any_rank(time.time() - last_save > 60 * cfg.save_minutes):
             save_checkpoint(ckpt_path, cfg, step, stage, optimizer, elapsed + time.time() - start)
-            last_save = time.time()
+            last_save, saved_at = time.time(), step
     bar.close()
     result = {"step": step}
     if dist.is_initialized():  # DDP keeps replicas identical; check it, a desync would silently waste the run
@@ -492,7 +526,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
                         "its settings come from its checkpoint (only --max-minutes and "
                         f"{', '.join(flag(name) for name in RESUMABLE)} may change)")
-    parser.add_argument("--max-minutes", type=bounded(float, 0), default=None,
+    parser.add_argument("--max-minutes", type=bounded(float, 0, 10**6), default=None,
                         help="stop cleanly with a checkpoint after this much training time (0: set the run up, "
                         "train no step)")
     add_settings(parser)
@@ -503,7 +537,8 @@ def main(argv=None):
 
     if args.export:
         with user_errors():
-            export(Path(args.out or "runs/diffusion") / "ckpt.pt", args.export)
+            run = Path(args.out or "runs/diffusion") / "ckpt.pt"
+            export(run, writable_file(args.export, "--export", (".pt",), inputs=(run,)))
         print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
         return None
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
@@ -515,6 +550,8 @@ def main(argv=None):
     out = Path(args.out or f"runs/{args.stage or TrainConfig.stage}")
     try:
         with user_errors():
+            writable_folder(out, "--out")
+            writable_folder(args.cache or TrainConfig.cache, "--cache")
             if args.resume:
                 if not (out / "ckpt.pt").exists():
                     raise UserError(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Parser, UserError, load_checkpoint, load_image, save_png, to_tensor, to_uint8, user_errors
+from common import (Parser, contents_of, load_checkpoint, load_image, save_png, to_tensor, to_uint8, user_errors,
+                    writable_file)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def load_vae(path, device="cpu"):
     """The VAE of a checkpoint written by `train.py --stage vae` (or of any run that holds one), in eval mode."""
     ckpt = load_checkpoint(path, needs=("vae",), what="a letstalk checkpoint with a VAE",
                            hint=" (train one with `python train.py --stage vae`)")
-    return vae_from_state(ckpt["vae"], device)
+    with contents_of(path, "a letstalk checkpoint with a VAE"):
+        return vae_from_state(ckpt["vae"], device)
 
 
 def main(argv=None):
@@ -170,13 +172,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_recon.png")
     with user_errors():
-        if not out.resolve().parent.is_dir():
-            raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+        writable_file(out, "--out", (".png",), inputs=(args.image,))
         vae = load_vae(args.ckpt)
         x = to_tensor(load_image(args.image, vae.config.resolution))[None]
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x))
-    save_png(out, np.concatenate([to_uint8(x[0]), to_uint8(y[0])], axis=1))
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x))
+        save_png(out, np.concatenate([to_uint8(x[0]), to_uint8(y[0])], axis=1))
     print(f"PSNR {psnr(x, y).item():.2f} dB, wrote {out}")
 
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, frame_loudness, resample
-from common import HelpFormatter, Parser, bounded, parallel_map, save_png, user_errors
+from common import MAX_SEED, HelpFormatter, Parser, bounded, parallel_map, save_png, user_errors
 from data import Video, check_output, save_video
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,14 +386,15 @@ def main(argv=None):
                     "OUT/<split>_<index>/{video.mp4, audio.wav, meta.json}, with per-frame ground truth (mouth "
                     "openness, blink, head pose, mouth box) in meta.json.")
     parser.add_argument("out", type=Path, help="output folder")
-    parser.add_argument("--videos", type=bounded(int, 1), default=8, help="number of videos")
-    parser.add_argument("--seconds", type=bounded(float, 1 / FPS), default=4.0, help="length of each video in "
+    parser.add_argument("--videos", type=bounded(int, 1, 100_000), default=8, help="number of videos")
+    parser.add_argument("--seconds", type=bounded(float, 1 / FPS, 600), default=4.0, help="length of each video in "
                         "seconds, at least one frame")
-    parser.add_argument("--size", type=bounded(int, 16), default=64, help="frame size in pixels, even (64 for "
+    parser.add_argument("--size", type=bounded(int, 16, 1024), default=64, help="frame size in pixels, even (64 for "
                         "CPU, 256 as the paper)")
     parser.add_argument("--split", choices=list(SPLITS), default="train",
                         help="identities and sentences of this split (they never overlap across splits)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed gives the same videos")
+    parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0,
+                        help="world seed; the same seed gives the same videos")
     parser.add_argument("--still", action="store_true", help="also write each video's first frame as still.png (a "
                         "portrait for sample.py)")
     args = parser.parse_args(argv)

@@ -48,7 +48,11 @@ def test_overfitting_one_synthetic_batch():
 def test_diffusion_resumes_exactly_and_stops_on_a_time_budget(tmp_path, vae_ckpt):
     train.main(diffusion_args(tmp_path / "straight", vae_ckpt, "--steps", "6"))
     train.main(diffusion_args(tmp_path / "pieces", vae_ckpt, "--steps", "3"))
+    with open(tmp_path / "pieces" / "log.jsonl", "a") as log:  # killed after logging step 4, before saving it
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
     train.main(["--out", str(tmp_path / "pieces"), "--steps", "6", "--resume"])
+    steps = [json.loads(line).get("step") for line in (tmp_path / "pieces" / "log.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s is not None] == [1, 2, 3, 4, 5, 6]  # logged once each, across the resume
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "pieces" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
@@ -135,23 +139,43 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, vae_ckpt,
         Path(f).write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt("killed while saving")
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line, exit 130
         train.main(["--out", str(out), "--steps", "2", "--resume"])
+    assert e.value.code == common.INTERRUPTED
     assert (out / "ckpt.pt").read_bytes() == before
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, vae_ckpt, monkeypatch, capsys):
+@pytest.mark.parametrize("bad", [float("nan"), 1e22])
+def test_a_diverged_loss_stops_and_names_the_safe_checkpoint(bad, tmp_path, vae_ckpt, monkeypatch, capsys):
     out = tmp_path / "run"
-    train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))
-    monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, idx: (torch.tensor(float("nan")), {}))
+    train.main(diffusion_args(out, vae_ckpt, "--steps", "1", "--save-minutes", "1e-9"))  # a checkpoint every step
+    loss = train.DiffusionStage.loss
+    monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, i: (loss(self, i)[0] * bad, {}) if i >= 2 else
+                        loss(self, i))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--steps", "4", "--resume"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and "training diverged" in err and f"{out / 'ckpt.pt'}, step 2) was written" in err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    with pytest.raises(SystemExit) as e:  # a new run that diverges before its first checkpoint
+        train.main(diffusion_args(tmp_path / "new", vae_ckpt, "--steps", "4"))
+    assert e.value.code == 2 and "no checkpoint was written" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "ckpt.pt").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, vae_ckpt, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))
+    before = (out / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(train.DiffusionStage, "after_step", lambda self, step: next(self.model.parameters())
+                        .data.fill_(float("inf")))
+    with pytest.raises(SystemExit) as e:
         train.main(["--out", str(out), "--steps", "2", "--resume"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "loss became nan" in err and "intact" in err
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    assert e.value.code == 2 and "weights are not finite" in capsys.readouterr().err
+    assert (out / "ckpt.pt").read_bytes() == before
 
 
 def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):

@@ -1,0 +1,304 @@
+"""Hostile and clumsy input to every command, run in-process: each case ends with exit status 2 (Ctrl-C: 130), one
+line on stderr, no traceback, and no new file. Grouped by the kind of mistake (the classes of issue #28)."""
+
+import argparse
+import json
+import os
+import struct
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import common
+import config
+import data
+import evaluate
+import letstalk
+import sample
+import train
+import vae
+import world
+from common import INTERRUPTED, UserError, atomic_write
+
+ROOT = Path(__file__).resolve().parent.parent
+FACE, SPEECH = ROOT / "assets" / "face.png", ROOT / "assets" / "speech.wav"
+MAINS = {"bench": bench.main, "data": data.main, "evaluate": evaluate.main, "letstalk": letstalk.main,
+         "sample": sample.main, "train": train.main, "vae": vae.main, "world": world.main}
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """An empty working folder, so that a file a command leaves anywhere by default is seen."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    return tmp_path
+
+
+def refuse(command, argv, capsys, folder, words="", code=2, during_work=False):
+    """Run `command` with argv; check it ends with `code`, one line holding `words`, and no new file. A mistake
+    only the work can find (during_work) may follow its progress bars and leave the work done before it."""
+    before = sorted(folder.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        MAINS[command]([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().replace("\r", "\n").splitlines()
+    assert e.value.code == code, err
+    assert "Traceback" not in err and (during_work or len(lines) == 1), err
+    assert words in lines[-1] and lines[-1].startswith(("error: ", "interrupted")), err
+    assert during_work or sorted(folder.rglob("*")) == before
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Output paths: checked before any work
+
+
+@pytest.mark.parametrize("command, argv, words", [
+    ("sample", [FACE, SPEECH, "-o", "."], "a folder"),
+    ("sample", [FACE, SPEECH, "-o", "out.avi"], "must end in .mp4"),
+    ("sample", [FACE, SPEECH, "-o", "a_file/out.mp4"], "does not exist"),
+    ("sample", [FACE, SPEECH, "--grid", "sheet.xyz"], "must end in .png"),
+    ("sample", [FACE, SPEECH, "--frames", "a_file"], "a file of that name exists"),
+    ("vae", ["--ckpt", sample.DEFAULT_CKPT, "--image", FACE, "--out", "."], "a folder"),
+    ("vae", ["--ckpt", sample.DEFAULT_CKPT, "--image", FACE, "--out", "recon.xyz"], "must end in .png"),
+    ("evaluate", ["eval", "--json", "."], "a folder"),
+    ("evaluate", ["eval", "--json", "a_file/r.json"], "does not exist"),
+    ("evaluate", ["eval", "--sheet", "sheet.gif"], "must end in .png"),
+    ("evaluate", ["probe", "--out", "."], "a folder"),
+    ("evaluate", ["probe", "--cache", "a_file"], "a file of that name exists"),
+    ("evaluate", ["ablation", "--out", "a_file/runs"], "is a file"),
+    ("bench", ["--json", "."], "a folder"),
+    ("bench", ["--json", "tables.csv"], "must end in .json"),
+    ("train", ["--out", "a_file"], "a file of that name exists"),
+    ("train", ["--export", "."], "a folder"),
+    ("world", ["a_file"], "a file of that name exists"),
+    ("data", ["prepare", ".", "a_file"], "a file of that name exists"),
+])
+def test_an_output_that_cannot_be_written_is_refused_first(command, argv, words, here, capsys):
+    refuse(command, argv, capsys, here, words)
+
+
+def test_the_output_may_not_overwrite_an_input(here, capsys):
+    data.write_mp4(here / "talk.mp4", np.zeros((3, 16, 16, 3), np.uint8), np.zeros(1920, np.float32))
+    refuse("sample", [FACE, "talk.mp4", "-o", "talk.mp4"], capsys, here, "an input of this command")
+
+
+def test_a_failed_write_removes_its_temporary_file_and_names_the_path(tmp_path):
+    def disk_full(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(UserError, match="out.pt: cannot write .No space left on device"):
+        atomic_write(tmp_path / "out.pt", disk_full)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Numbers: every numeric option of every command is finite and bounded
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing, carrying the parser a main built."""
+
+
+def _numeric_options(parser, words=()):
+    """(subcommand words, option, action) of every option that takes a number, subcommands included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _numeric_options(sub, (*words, name))
+        elif action.option_strings and (action.type in (int, float) or hasattr(action.type, "bounds")):
+            yield words, action.option_strings[-1], action
+
+
+BASE = {"data": ["prepare", ".", "out"], "sample": [FACE, SPEECH], "world": ["out"],
+        "vae": ["--ckpt", sample.DEFAULT_CKPT, "--image", FACE]}  # positionals each command needs
+
+
+def test_every_numeric_option_refuses_nan_infinity_and_absurd_sizes(here, capsys, monkeypatch):
+    options = []
+    for command, main in MAINS.items():
+        def capture(self, args=None, namespace=None):
+            raise _Parsed(self)
+        with monkeypatch.context() as m:
+            m.setattr(argparse.ArgumentParser, "parse_args", capture)
+            with pytest.raises(_Parsed) as e:
+                main([])
+        options += [(command, words, option) for words, option, _ in _numeric_options(e.value.args[0])]
+    assert len(options) > 40  # every script's, train.py's settings included
+    for command, words, option in options:
+        for value in ("nan", "inf", "-inf", "1e300", "99999999999999999999"):
+            base = [*words, *BASE.get(command, [])] if command != "data" else BASE["data"]
+            refuse(command, [*base, option, value], capsys, here, option.lstrip("-").split("-")[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Inputs that would cost more than they weigh
+
+
+def _png_header_only(path, width, height):
+    """A PNG file that claims width x height pixels and holds almost nothing (a decompression bomb's header)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _float_wav(path, samples, rate):
+    raw = np.asarray(samples, "<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4 % 2**32, 4, 32)  # the byte rate wraps, as a broken writer's
+    path.write_bytes(b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(raw)) + b"WAVE" + b"fmt "
+                     + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw)
+
+
+def test_a_huge_image_is_refused_from_its_header(here, capsys, monkeypatch):
+    _png_header_only(here / "bomb.png", 40_000, 40_000)  # 1.6 gigapixels in 100 bytes
+    refuse("sample", ["bomb.png", SPEECH], capsys, here, "bomb.png")
+    refuse("vae", ["--ckpt", sample.DEFAULT_CKPT, "--image", "bomb.png"], capsys, here, "bomb.png")
+    monkeypatch.setattr(common, "MAX_PIXELS", 100)  # below PIL's own limit, ours: a real image, refused undecoded
+    refuse("sample", [FACE, SPEECH], capsys, here, "scale it down first")
+
+
+def test_an_absurd_sample_rate_and_non_finite_samples_are_refused(here, capsys):
+    _float_wav(here / "fast.wav", np.zeros(16_000), 2_000_000_000)
+    refuse("sample", [FACE, "fast.wav"], capsys, here, "sample rate of 2000000000 Hz")
+    _float_wav(here / "nan.wav", np.r_[np.zeros(8000), np.nan, np.zeros(8000)], 16_000)
+    refuse("sample", [FACE, "nan.wav"], capsys, here, "NaN or infinite")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Damaged files the user points at
+
+
+@pytest.fixture(scope="module")
+def folder32(tmp_path_factory):
+    """Two synthetic videos at 32x32."""
+    root = tmp_path_factory.mktemp("videos32")
+    world.main([str(root), "--videos", "2", "--seconds", "0.4", "--size", "32"])
+    return root
+
+
+def test_damaged_checkpoints_are_named(here, capsys):
+    (here / "run").mkdir()
+    good = torch.load(sample.DEFAULT_CKPT, weights_only=True)
+    whole = Path(sample.DEFAULT_CKPT).read_bytes()
+    for content in (b"", b"garbage" * 100, whole[:len(whole) // 2]):
+        (here / "run" / "ckpt.pt").write_bytes(content)
+        refuse("train", ["--out", "run", "--resume"], capsys, here, "ckpt.pt")
+        refuse("train", ["--out", "run", "--export", "x.pt"], capsys, here, "ckpt.pt")
+        refuse("sample", [FACE, SPEECH, "--ckpt", "run/ckpt.pt"], capsys, here, "ckpt.pt")
+    torch.save({"head.weight": torch.zeros(3, 3)}, here / "probe.pt")  # the right key, the wrong shape
+    refuse("evaluate", ["eval", "--probe", "probe.pt"], capsys, here, "probe.pt")
+    torch.save({k: v for k, v in good.items() if k != "ema"}, here / "no_ema.pt")
+    refuse("sample", [FACE, SPEECH, "--ckpt", "no_ema.pt"], capsys, here, "no_ema.pt")
+
+
+@pytest.mark.parametrize("damage, words, during_work", [
+    (lambda meta: "{not json", "meta.json: cannot read", False),
+    (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "num_frames"}), "no frame count", False),
+    (lambda meta: json.dumps({**meta, "num_frames": meta["num_frames"] + 50}), "video.mp4 holds", True),
+])
+def test_a_damaged_video_folder_is_named(damage, words, during_work, folder32, here, capsys):
+    root = here / "videos"
+    root.mkdir()
+    for video in folder32.iterdir():
+        (root / video.name).mkdir()
+        for f in video.iterdir():
+            (root / video.name / f.name).write_bytes(f.read_bytes())
+    meta_file = sorted(root.glob("*/meta.json"))[0]
+    meta_file.write_text(damage(json.loads(meta_file.read_text())))
+    refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c"],
+           capsys, here, words, during_work=during_work)
+
+
+def test_data_and_vae_of_different_sizes_are_refused(folder32, here, capsys):
+    refuse("train", ["--data", folder32, "--vae", sample.DEFAULT_CKPT, "--out", "run", "--cache", "c"], capsys, here,
+           "32x32 frames, but the VAE")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Preparation must not lose videos silently
+
+
+def _video(path, seconds=1.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.zeros((int(25 * seconds), 64, 64, 3), np.uint8)
+    frames[:, 16:48, 16:48] = 200
+    data.write_mp4(path, frames, 0.3 * np.sin(np.arange(int(16000 * seconds)) * 0.05).astype(np.float32))
+
+
+@pytest.mark.parametrize("names", [("a.mp4", "a.mov"), ("x/y.mp4", "x__y.mp4")])
+def test_sources_that_would_share_a_folder_are_refused(names, here, capsys):
+    for name in names:
+        _video(here / "raw" / name, 0.2)
+    refuse("data", ["prepare", "raw", "out", "--size", "32"], capsys, here, "would both be prepared")
+
+
+@pytest.mark.parametrize("box", ["[30, 0, 10, 20]", "[NaN, 0, 10, 10]", "[0, 0, Infinity, 10]", "[0, 0, 1e9, 1e9]",
+                                 "[-5, 0, 10, 15]", "[5, 5, 5, 5]", "[0, 0, 10]", '["a", 0, 10, 10]'])
+def test_bad_crop_boxes_are_refused_before_any_work(box, here, capsys):
+    _video(here / "raw" / "a.mp4", 0.2)
+    (here / "boxes.json").write_text('{"a": %s}' % box)
+    refuse("data", ["prepare", "raw", "out", "--boxes", "boxes.json"], capsys, here, "the box of a")
+
+
+def test_prepare_skips_its_own_output_a_box_outside_the_frame_and_fails_when_nothing_was_prepared(here, capsys):
+    _video(here / "raw" / "a.mp4")
+    (here / "boxes.json").write_text('{"a": [32, 32, 96, 96]}')  # the frame is 64x64
+    refuse("data", ["prepare", "raw", "out", "--size", "32", "--boxes", "boxes.json"], capsys, here,
+           "not inside the 64x64 frame", during_work=True)
+    assert list((here / "out").iterdir()) == []
+    (here / "boxes.json").write_text('{"a": [0, 0, 64, 64]}')
+    for _ in range(2):  # an output folder inside the raw one: its videos are not raw videos
+        data.main(["prepare", "raw", "raw/out", "--size", "32", "--boxes", "boxes.json"])
+    assert "prepared 0, already done 1, skipped 0" in capsys.readouterr().out
+    assert [p.name for p in (here / "raw" / "out").iterdir()] == ["a"]
+
+
+def test_a_half_written_video_folder_is_not_a_video(folder32, tmp_path):
+    root = tmp_path / "videos"
+    for video in folder32.iterdir():
+        (root / video.name).mkdir(parents=True)
+        for f in video.iterdir():
+            (root / video.name / f.name).write_bytes(f.read_bytes())
+    (root / ".late.partial").mkdir()
+    (root / ".late.partial" / "meta.json").write_text('{"num_frames": 10}')
+    assert len(data.VideoFolder(root)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Litter and noise
+
+
+def test_ctrl_c_is_one_line(here, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "load_model", interrupt)
+    refuse("sample", [FACE, SPEECH], capsys, here, "interrupted", code=INTERRUPTED)
+
+
+def test_a_cpu_index_is_refused(here, capsys):
+    refuse("sample", [FACE, SPEECH, "--device", "cpu:5"], capsys, here, "the CPU has no index")
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path):
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    stale = tmp_path / f".ckpt.{dead}-0badf00d.pt"
+    stale.write_bytes(b"x" * 1000)
+    mine = tmp_path / f".ckpt.{os.getpid()}-00000000.pt"  # a live writer's is left alone
+    mine.write_bytes(b"y")
+    atomic_write(tmp_path / "ckpt.pt", lambda tmp: Path(tmp).write_bytes(b"z"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", mine.name])
+
+
+def test_a_resume_takes_the_same_path_spelled_another_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = asdict(config.TrainConfig(vae="runs/vae/ckpt.pt", device="cpu"))
+    assert config.resumed_config(saved, {"vae": str(tmp_path / "runs/vae/../vae/ckpt.pt")}, "run").vae == saved["vae"]
+    with pytest.raises(UserError, match="--vae: a resumed run keeps"):
+        config.resumed_config(saved, {"vae": "runs/other/ckpt.pt"}, "run")
