@@ -5,12 +5,13 @@ LetsTalk diffuses VAE latents z_0. The forward process adds Gaussian noise in T 
     q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)                                      (Eq. 1-2)
 
 and the transformer learns to undo it by predicting the noise, L = || eps - eps_theta(z_t, t, c) ||^2 (Eq. 3).
-Sampling runs the reverse process from pure noise with DDIM. Nothing here knows about faces or transformers:
+Sampling runs the reverse process from pure noise with DDIM or DPM-Solver++(2M), its second-order multistep
+refinement at the same cost per step, or DDPM's ancestral sampler. Nothing here knows about faces or transformers:
 the model enters only as a function `denoise(x_t, t) -> (x0, eps)`, so training (train.py), sampling (sample.py)
 and evaluation share this one file.
 
 The official code follows DiT and also learns the variances (8 output channels, a hybrid loss) and samples with
-250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample with DDIM in 10-50.
+250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample in 10-50 steps.
 """
 
 import math
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
+SAMPLERS = ("ddim", "dpm++", "ddpm")
 
 
 STEPS = 1000  # T, the paper's number of diffusion steps
@@ -93,19 +95,47 @@ class Diffusion:
         return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1)}[self.prediction]
 
     @torch.no_grad()
-    def sample(self, denoise, shape, steps=25, eta=0.0, generator=None, device="cpu", progress=False):
+    def sample(self, denoise, shape, steps=25, sampler="ddim", generator=None, device="cpu", progress=False):
         """Draw x_0 from noise: denoise(x_t, t) -> (x0, eps) is the model (with guidance), shape the latents'.
 
-        DDIM (Song et al.) on `steps` evenly spaced timesteps; eta = 0 is deterministic DDIM, eta = 1 with
-        steps = self.steps is DDPM's ancestral sampler with the posterior variance.
+        One denoise call per step, on `steps` evenly spaced timesteps: "ddim" is deterministic DDIM (Song et al.);
+        "dpm++" is DPM-Solver++(2M) (Lu et al., 2022), which also uses the previous step's x0 for a second-order
+        step; "ddpm" is DDPM's ancestral sampler with the posterior variance, on all self.steps timesteps.
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler is one of {SAMPLERS}, got {sampler!r}")
+        steps = self.steps if sampler == "ddpm" else steps
         x = torch.randn(shape, generator=generator, device="cpu").to(device)
         times = torch.linspace(self.steps - 1, 0, steps).round().long().tolist()
+        last = None  # (x0, t) of the previous step, for DPM-Solver++'s second order
         for i, t in enumerate(tqdm(times, desc="denoise", leave=False, disable=not progress)):
             x0, eps = denoise(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
-            noise = torch.randn(shape, generator=generator, device="cpu").to(device)
-            x = self.ddim_step(x0, eps, t, times[i + 1] if i + 1 < len(times) else -1, eta, noise)
+            t_prev = times[i + 1] if i + 1 < len(times) else -1
+            if sampler == "dpm++" and last is not None and i + 2 < len(times):
+                x = self.dpm_step(x, x0, t, t_prev, *last)
+            else:  # DDIM; also DPM-Solver++'s first step and its last two (to t = 0, then to the clean end): those
+                # are the longest steps in log-SNR, where x0 extrapolated from a shorter step before overshoots
+                noise = torch.randn(shape, generator=generator, device="cpu").to(device)
+                x = self.ddim_step(x0, eps, t, t_prev, 1.0 if sampler == "ddpm" else 0.0, noise)
+            last = (x0, t)
         return x
+
+    def log_snr(self, t):
+        """lambda_t = log(alpha_t / sigma_t), half the log signal-to-noise ratio at timestep t: the time variable
+        of DPM-Solver, in which the probability-flow ODE is exactly solvable up to the model's x0."""
+        ab = self.alphas_cumprod[t].item()
+        return 0.5 * math.log(ab / (1 - ab))
+
+    def dpm_step(self, x, x0, t, t_prev, x0_last, t_last):
+        """One DPM-Solver++(2M) step from timestep t to t_prev, given x_t, the model's x0 at t and x0_last at the
+        timestep t_last before t (Lu et al. 2022, Alg. 2). With h = lambda_prev - lambda_t, r = (lambda_t -
+        lambda_last) / h and D = (1 + 1 / 2r) x0 - (1 / 2r) x0_last (x0 extrapolated to the middle of the step):
+        x_prev = (sigma_prev / sigma_t) x_t + alpha_prev (1 - e^-h) D. With D = x0 this is the DDIM step."""
+        ab, ab_prev = self.alphas_cumprod[t].item(), self.alphas_cumprod[t_prev].item()
+        h = self.log_snr(t_prev) - self.log_snr(t)
+        r = (self.log_snr(t) - self.log_snr(t_last)) / h
+        d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+        return math.sqrt((1 - ab_prev) / (1 - ab)) * x + math.sqrt(ab_prev) * (1 - math.exp(-h)) * d
 
     def ddim_step(self, x0, eps, t, t_prev, eta, noise):
         """One reverse step from timestep t to t_prev (-1: the clean end, alpha_bar = 1), given the model's

@@ -22,7 +22,7 @@ from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_a
 from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device, load_checkpoint,
                     to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from data import ClipPool, VideoFolder, build_frame_pool
-from diffusion import STEPS
+from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, frame_change, frechet,
                      frechet_distance, i3d_features, identity_ratio, load_inception, load_probe, load_torchscript,
                      mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
@@ -49,8 +49,8 @@ def eval_videos(n, seconds, resolution, split, seed):
 
 
 @torch.no_grad()
-def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, split="test", seed=0, inception=None,
-             i3d=None, expression=None, speech=(), sheet=None, device="cpu"):
+def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, sampler="ddim", audio_scale=2.0, split="test", seed=0,
+             inception=None, i3d=None, expression=None, speech=(), sheet=None, device="cpu"):
     """Evaluate a checkpoint on `videos` synthetic videos of `split` (held-out identities and sentences): each is
     animated from one of its frames with its own audio, with mismatched audio (the same recording shifted by half
     its length: the same voice, other words) and with silence. Returns a dict of every figure (see README)."""
@@ -62,12 +62,12 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, spl
     mels = torch.stack([audio_features(w, T) for w in wavs])
     conditions = {"matched": mels, "mismatched": mels.roll(T // 2, dims=1), "silent": torch.zeros_like(mels)}
     gen = generate(model, vae, diffusion, np.concatenate([refs] * 3), torch.cat(list(conditions.values())),
-                   steps=steps, audio_scale=audio_scale, seed=seed, device=device)
+                   steps=steps, sampler=sampler, audio_scale=audio_scale, seed=seed, device=device)
     gen = dict(zip(conditions, np.split(gen, 3)))
     fake = gen["matched"]
     truth = np.array([m["openness"] for m in metas])
-    result = {"checkpoint": str(ckpt), "videos": N, "frames": T, "steps": steps, "audio_scale": audio_scale,
-              "split": split, "resolution": res}
+    result = {"checkpoint": str(ckpt), "videos": N, "frames": T, "sampler": sampler, "steps": steps,
+              "audio_scale": audio_scale, "split": split, "resolution": res}
 
     # Fréchet distances on the probe's features: frames (FID), 8-frame clips of readings (FVD), expression (E-FID)
     feats = {k: probe_readings(probe, v, features=True) for k, v in (("real", real), ("other", other_real),
@@ -114,7 +114,8 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, audio_scale=2.0, spl
         f_real = features(real)
         result[name], result[f"{name}_floor"] = frechet(f_real, features(fake)), frechet(f_real, features(other_real))
     if speech:
-        result.update(unseen_speech(model, vae, diffusion, probe, refs, speech, steps, audio_scale, seed, device))
+        result.update(unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, audio_scale, seed,
+                                    device))
     if sheet is not None:
         write_sheet(sheet, refs[:2], real[:2], fake[:2], gen["mismatched"][:2])
     return result
@@ -140,8 +141,8 @@ def standard_extractors(inception=None, i3d=None, expression=None):
 
 
 @torch.no_grad()
-def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=10, audio_scale=2.0, seed=0, inception=None,
-                    i3d=None, expression=None, device="cpu"):
+def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=10, sampler="ddim", audio_scale=2.0, seed=0,
+                    inception=None, i3d=None, expression=None, device="cpu"):
     """The paper's Tables 1-2 on real held-out videos: those VideoFolder holds out of a prepared folder (every 20th).
     Each video's first frame is its portrait; the `seconds` after PORTRAIT_LEAD frames are generated from their
     audio and scored against the real ones: SSIM, and FID / FVD / E-FID with the extractors passed. The statistics
@@ -160,15 +161,15 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=10, audio_scale=
                             "shorter --seconds")
         real = video.frames[None, lead:lead + T]
         mel = audio_features(video.wav[lead * SAMPLES_PER_FRAME:(lead + T) * SAMPLES_PER_FRAME], T)[None]
-        fake = generate(model, vae, diffusion, video.frames[:1], mel, steps=steps, audio_scale=audio_scale,
-                        seed=seed, device=device, progress=False)
+        fake = generate(model, vae, diffusion, video.frames[:1], mel, steps=steps, sampler=sampler,
+                        audio_scale=audio_scale, seed=seed, device=device, progress=False)
         ssims.append(ssim(*(torch.from_numpy(v[0]).permute(0, 3, 1, 2).double() / 255 for v in (real, fake))))
         for name, features in extractors.items():
             for k, v in enumerate((real, fake)):
                 f = features(v)
                 stats.setdefault(name, [RunningStats(f.shape[1]), RunningStats(f.shape[1])])[k].update(f)
-    result = {"checkpoint": str(ckpt), "data": str(folder), "videos": len(ssims), "frames": T, "steps": steps,
-              "audio_scale": audio_scale, "ssim": torch.cat(ssims).mean().item()}
+    result = {"checkpoint": str(ckpt), "data": str(folder), "videos": len(ssims), "frames": T, "sampler": sampler,
+              "steps": steps, "audio_scale": audio_scale, "ssim": torch.cat(ssims).mean().item()}
     for name, (real_stats, fake_stats) in stats.items():
         result[name] = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
     return result
@@ -189,7 +190,7 @@ def trim_silence(wav):
 
 
 @torch.no_grad()
-def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, audio_scale, seed, device):
+def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, audio_scale, seed, device):
     """Speech the model never heard (WAV files; e.g. another TTS engine): the probe's openness on the generated
     frames against the speech's loudness envelope in dB, per file; mismatched: the envelope of the next file."""
     wavs = [trim_silence(load_audio(p)) for p in speech]
@@ -197,7 +198,7 @@ def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, audio_scale
     mels = torch.stack([audio_features(w, T) for w in wavs])
     loud = np.stack([frame_loudness(w, T) for w in wavs])
     gen = generate(model, vae, diffusion, refs[np.arange(len(wavs)) % len(refs)], mels, steps=steps,
-                   audio_scale=audio_scale, seed=seed, device=device)
+                   sampler=sampler, audio_scale=audio_scale, seed=seed, device=device)
     opening = probe_readings(probe, gen)[..., 0]
     return {"unseen_sync": per_clip_sync(opening, loud), "unseen_sync_mismatched":
             per_clip_sync(opening, np.roll(loud, -1, axis=0)), "unseen_files": len(wavs), "unseen_frames": T}
@@ -225,8 +226,8 @@ def report(r):
              if key in r]
     lines = [
         f"{r['videos']} videos x {r['frames']} frames of held-out identities and sentences ({r['split']} split), "
-        f"DDIM {r['steps']}, audio guidance {r['audio_scale']}. Synthetic world, probe features: NOT comparable "
-        "to the paper's Tables 1-2 (other data, other extractor).",
+        f"{r['sampler']} {r['steps']} steps, audio guidance {r['audio_scale']}. Synthetic world, probe features: NOT "
+        "comparable to the paper's Tables 1-2 (other data, other extractor).",
         "",
         "| | FID (probe) | FVD (probe) | SSIM | E-FID (probe) | Sync | Sync, mismatched audio |",
         "|---|---|---|---|---|---|---|",
@@ -258,8 +259,8 @@ def report_folder(r):
     """evaluate_folder's figures as markdown: the paper's Table 1-2 columns that real videos allow."""
     cell = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
     return "\n".join([
-        f"{r['videos']} held-out videos x {r['frames']} frames of {r['data']}, DDIM {r['steps']}, audio guidance "
-        f"{r['audio_scale']}.", "", "| | SSIM | FID (Inception) | FVD (I3D) | E-FID (expression) |",
+        f"{r['videos']} held-out videos x {r['frames']} frames of {r['data']}, {r['sampler']} {r['steps']} steps, "
+        f"audio guidance {r['audio_scale']}.", "", "| | SSIM | FID (Inception) | FVD (I3D) | E-FID (expression) |",
         "|---|---|---|---|---|",
         f"| generated | {r['ssim']:.3f} | {cell('fid_inception')} | {cell('fvd_i3d')} | {cell('efid_expression')} |"])
 
@@ -321,7 +322,8 @@ def main(argv=None):
     evaluation.add_argument("--videos", type=bounded(int, 1, 10_000), default=12, help="test videos generated")
     evaluation.add_argument("--seconds", type=bounded(float, (8 + 2) / FPS, 600), default=3.0,
                             help="length of each test video, at least two of FVD's 8-frame clips (stride 2)")
-    evaluation.add_argument("--steps", type=bounded(int, 1, STEPS), default=10, help="DDIM steps per window")
+    evaluation.add_argument("--steps", type=bounded(int, 1, STEPS), default=10, help="denoising steps per window")
+    evaluation.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="as sample.py's")
     evaluation.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=2.0,
                             help="classifier-free guidance on the audio")
     evaluation.add_argument("--split", choices=["test", "val"], default="test",
@@ -372,8 +374,8 @@ def run(args):
         return r
     probe = None if getattr(args, "data", None) else load_probe(args.probe)  # real videos need no probe
     check_device(args.device)
-    shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, audio_scale=args.audio_scale,
-                  split=args.split, device=args.device)
+    shared = dict(videos=args.videos, seconds=args.seconds, steps=args.steps, sampler=args.sampler,
+                  audio_scale=args.audio_scale, split=args.split, device=args.device)
     if args.command == "ablation":
         writable_folder(args.out, "--out")
         results = ablation(args.out, args.budget_min, probe, **shared)

@@ -37,3 +37,26 @@ def test_ddim_with_a_perfect_denoiser_returns_the_data():
     x0 = torch.randn(2, 3, 4, 4)
     out = d.sample(lambda x, t: d.split(x, t, x0), x0.shape, steps=10)
     assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_dpm_solver_integrates_the_probability_flow_more_accurately_than_ddim():
+    """Gaussian data x0 ~ N(mu, s^2): the ideal denoiser is closed-form, E[x0 | x_t] = mu + a s^2 (x_t - a mu) /
+    (a^2 s^2 + sigma^2), and the probability-flow ODE keeps z = (x_t - a mu) / sqrt(a^2 s^2 + sigma^2), so the
+    exact end of each path is mu + s z. At equal steps DPM-Solver++(2M) lands closer than DDIM, and both converge."""
+    d, mu, s = Diffusion(), 0.7, 0.3
+
+    def ideal(x, t):
+        a, sigma2 = d._ab(t, x).sqrt(), 1 - d._ab(t, x)
+        x0 = mu + a * s ** 2 * (x - a * mu) / (a ** 2 * s ** 2 + sigma2)
+        return x0, (x - a * x0) / sigma2.sqrt()
+
+    def error(sampler, steps):
+        out = d.sample(ideal, (4096,), steps, sampler, generator=torch.Generator().manual_seed(0))
+        x_T = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+        a, sigma2 = d.alphas_cumprod[999].sqrt(), 1 - d.alphas_cumprod[999]
+        exact = mu + s * (x_T - a * mu) / (a ** 2 * s ** 2 + sigma2).sqrt()
+        return (out - exact).abs().mean().item()
+
+    for steps, ratio in ((10, 1.0), (25, 0.6), (50, 0.2)):  # (measured: 0.93, 0.54, 0.13)
+        assert error("dpm++", steps) < ratio * error("ddim", steps), steps
+    assert error("dpm++", 50) < 0.2 * error("dpm++", 25)  # second order: 4x less error for 2x the steps
