@@ -23,13 +23,14 @@ from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, 
                     to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from data import ClipPool, VideoFolder, build_frame_pool
 from diffusion import SAMPLERS, STEPS
-from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, frame_change, frechet,
+from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, fidelity, frame_change, frechet,
                      frechet_distance, i3d_features, identity_ratio, load_inception, load_probe, load_torchscript,
                      mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
 from sample import DEFAULT_CKPT, MAX_SCALE, generate, load_model
-from world import SyntheticVideos, synth_video
+from world import Identity, SyntheticVideos, synth_video
 
 PORTRAIT_LEAD = 10  # frames rendered before each evaluated video; the portrait is the first of them
+FIDELITY_FRAMES = 3  # frames per video whose re-render fidelity is measured (about a second each)
 
 
 def eval_videos(n, seconds, resolution, split, seed):
@@ -108,6 +109,11 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, sampler="ddim", audi
     threshold = np.percentile(off_palette(reconstructed, real), 99.9)
     result["blob_threshold"] = float(threshold)
     result["blob_fraction"] = float((off_palette(fake, real) > threshold).mean())
+    # re-render fidelity: how cleanly frames are drawings of their person; the VAE's reconstructions set the ceiling
+    picks = np.linspace(0, T - 1, FIDELITY_FRAMES).round().astype(int)
+    people = [Identity.from_meta(m["identity"]) for m in metas]
+    for name, videos in (("fidelity_real", real), ("fidelity_vae", reconstructed), ("fidelity", fake)):
+        result[name] = fidelity(probe, videos[:, picks], people)
 
     # the standard extractors, where the user passed them
     for name, features in standard_extractors(inception, i3d, expression).items():
@@ -248,7 +254,10 @@ def report(r):
         f"Identity (colour distance to own / to another identity): background {r['identity_background_ratio']:.3f}, "
         f"skin {r['identity_skin_ratio']:.3f}. Off-palette pixels: {100 * r['blob_fraction']:.2f}% (colours "
         f"farther than {r['blob_threshold']:.1f} from every colour of the real video; 0.1% of the VAE's "
-        "reconstructions are)."]
+        "reconstructions are).",
+        f"Re-render fidelity (median PSNR to the closest drawing of the person, {FIDELITY_FRAMES} frames a video): "
+        f"generated {r['fidelity']:.1f} dB, VAE reconstructions {r['fidelity_vae']:.1f} dB (the ceiling), real "
+        f"frames {r['fidelity_real']:.1f} dB (the search's own limit)."]
     if "unseen_sync" in r:
         lines.append(f"Unseen speech ({r['unseen_files']} files): openness vs loudness r = {r['unseen_sync']:.2f}, "
                      f"mismatched {r['unseen_sync_mismatched']:.2f}.")

@@ -37,10 +37,10 @@ from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config
 from data import ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from letstalk import LetsTalk, config_for
-from metrics import PROBE, load_probe, per_clip_sync, probe_readings
+from metrics import PROBE, fidelity, load_probe, per_clip_sync, probe_readings
 from sample import generate
 from vae import VAE, VAEConfig, load_vae, psnr, vae_from_state, vae_loss, vae_state
-from world import render_folder
+from world import Identity, render_folder
 
 SYNTH_SECONDS = 4.0  # length of the synthetic videos --data synthetic renders
 VAL_FRAMES = 256  # held-out frames the VAE stage scores
@@ -256,6 +256,7 @@ class DiffusionStage:
         self.val = val_sampler.batch(0, 0, 8)
         video, _, _, ref = val_sampler.draws(0, 0, 8)
         self.val_portraits = np.stack([val_videos[v].frames[r] for v, r in zip(video, ref)])  # uint8 (8, H, W, 3)
+        self.val_people = [Identity.from_meta(val_videos.meta[v]["identity"]) for v in video] if self.probe else None
         # compile the DDP wrapper, not the model inside it, so DDP's gradient buckets still overlap the backward
         net = distributed(self.model, device)
         self.net = torch.compile(net) if cfg.compile else net
@@ -345,6 +346,9 @@ class DiffusionStage:
             opening, truth = probe_readings(self.probe, both)[..., 0], self.val["openness"].numpy()
             result["val_sync"] = per_clip_sync(opening[:n], truth)
             result["val_sync_mismatched"] = per_clip_sync(opening[n:], truth)
+            # re-render fidelity of each clip's middle frame: how cleanly it is a drawing of that person
+            middle = both.shape[1] // 2
+            result["val_fidelity"] = fidelity(self.probe, both[:n, middle:middle + 1], self.val_people)
         return result
 
     def before_save(self):

@@ -137,6 +137,11 @@ class Identity:
     mouth_w: float  # half-width of the mouth as a fraction of the face half-width (>= 0.32: a big mouth)
     eye_gap: float  # eye centre offset from the face centre line, fraction of the face half-width
 
+    @classmethod
+    def from_meta(cls, fields):
+        """The Identity a video's meta.json stores (as asdict wrote it: its colours became lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
 
 _HAIR = np.array([(20, 15, 10), (60, 35, 20), (110, 70, 35), (170, 120, 60), (220, 190, 120), (150, 150, 150),
                   (120, 40, 20), (230, 230, 225)], float)  # black, browns, blond, grey, red, white

@@ -21,13 +21,15 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     monkeypatch.setattr(evaluate, "generate", lambda *args, **kw: portraits.append(args[3]) or generate(*args, **kw))
     monkeypatch.setattr(evaluate, "ssim", lambda real, fake: scored.append(real) or ssim(real, fake))
     torch.save(metrics.Probe().state_dict(), tmp_path / "probe.pt")
+    monkeypatch.setattr(metrics, "RENDER_EVALS", 5)  # the fidelity search itself is tested in test_metrics.py
     result = evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--probe", str(tmp_path / "probe.pt"), "--videos",
                            "2", "--seconds", "0.4", "--steps", "1", "--json", str(tmp_path / "r.json"),
                            "--sheet", str(tmp_path / "sheet.png")])
     for key in ("sync", "sync_mismatched", "sync_real", "darkness_sync"):
         assert -1 <= result[key] <= 1
     for key in ("fid_probe", "fvd_probe", "efid_probe", "fid_probe_floor", "blob_fraction", "motion_silent",
-                "identity_skin_ratio", "blink_rate_ratio", "head_motion_ratio"):
+                "identity_skin_ratio", "blink_rate_ratio", "head_motion_ratio", "fidelity", "fidelity_vae",
+                "fidelity_real"):
         assert np.isfinite(result[key]) and result[key] >= 0
     assert 0 < result["ssim"] <= 1 and result["frames"] == 10
     out = capsys.readouterr().out
@@ -56,6 +58,7 @@ def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeyp
     """Five fusion settings, each trained (a few tiny steps) and evaluated; a second call reuses every result."""
     recipe = diffusion_args(tmp_path / "unused", vae_ckpt, "--steps", "2")[2:]  # the tiny run, minus --out
     monkeypatch.setattr(evaluate, "ABLATION_RECIPE", recipe)
+    monkeypatch.setattr(metrics, "RENDER_EVALS", 5)
     probe = metrics.Probe().eval()
     kwargs = dict(videos=2, seconds=0.4, steps=1)
     results = evaluate.ablation(tmp_path / "abl", 1.0, probe, **kwargs)

@@ -159,3 +159,17 @@ def test_standard_extractors_load_from_files(tmp_path):
         metrics.load_torchscript(tmp_path / "inception.pth", "--i3d", metrics.I3D_HELP)
     with pytest.raises(common.UserError, match="pytorch-fid"):
         metrics.load_inception(tmp_path / "missing.pth")
+
+
+def test_rerender_fidelity_is_high_for_drawings_of_the_person_and_low_otherwise():
+    """A frame the renderer drew scores far above the 30 dB of the same frame under noise of std 8, and against
+    someone else's drawings it scores below both: the search finds the mouth, eyes and pose, not another face."""
+    video = world.synth_video("test", 0, 0.4, 64)
+    person = world.Identity.from_meta(video.meta["identity"])
+    other = world.identity(person.id + 1)
+    probe = metrics.load_probe(metrics.PROBE)
+    frame = video.frames[5:6]
+    noisy = np.clip(frame + np.random.default_rng(0).normal(0, 8, frame.shape), 0, 255).astype(np.uint8)
+    clean, noise, wrong = (metrics.fidelity(probe, f[None], [p]) for f, p in ((frame, person), (noisy, person),
+                                                                              (frame, other)))
+    assert clean > 35 and 28 < noise < 31 and wrong < 22, (clean, noise, wrong)
