@@ -153,6 +153,8 @@ def load_audio(path):
         wav = decode_audio(path)[0]
     if not np.isfinite(wav).all():  # float WAVs can hold NaN or inf; they would poison every frame
         raise UserError(f"{path}: the audio holds NaN or infinite samples")
+    if np.abs(wav).max(initial=0) > 100:  # float samples live in [-1, 1]; far outside, the file is garbage
+        raise UserError(f"{path}: samples of magnitude {np.abs(wav).max():.3g}, far outside [-1, 1]")
     return wav
 
 

@@ -138,7 +138,11 @@ def parallel_map(fn, jobs, workers, desc):
         return [fn(job) for job in tqdm(jobs, desc=desc, unit="video", disable=not jobs)]
     # spawn, not fork: this process may hold torch's thread pools, which a forked child must not inherit
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="video"))
+        try:
+            return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="video"))
+        except BaseException:  # Ctrl-C or a failed job: drop the jobs not started rather than wait for them all
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,13 +154,15 @@ def writable_file(path, flag, suffixes=(), inputs=()):
     that name, a missing or read-only folder, a suffix not in `suffixes` (the formats the writer knows), or one of
     the command's `inputs`. Returns the path."""
     path = Path(path)
-    if path.is_dir():
+    if len(path.name.encode()) > MAX_NAME:
+        raise UserError(f"{flag} {path}: a file name of more than {MAX_NAME} bytes; pass a shorter one")
+    if _stat(path, flag) == "folder":
         raise UserError(f"{flag} {path}: a folder; pass a file name")
     if suffixes and path.suffix.lower() not in suffixes:
         raise UserError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
-    if any(Path(p).exists() and path.exists() and path.samefile(p) for p in inputs):
+    if path.exists() and any(Path(p).exists() and path.samefile(p) for p in inputs):
         raise UserError(f"{flag} {path}: that is an input of this command; pass another name")
-    if not path.parent.is_dir():
+    if _stat(path.parent, flag) != "folder":
         raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise UserError(f"{flag} {path}: cannot write in {path.parent}")
@@ -167,13 +173,27 @@ def writable_folder(path, flag):
     """Refuse, before any work, an output folder that is a file or lies where nothing can be written (it may not
     exist yet: it is made when written). Returns the path."""
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if any(len(part.encode()) > MAX_NAME for part in path.parts):
+        raise UserError(f"{flag} {path}: a name of more than {MAX_NAME} bytes; pass a shorter one")
+    existing = next(p for p in (path, *path.parents) if _stat(p, flag) != "missing")  # "." or "/" at the latest
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: " + ("a file of that name exists; pass a folder" if existing == path else
                                               f"{existing} is a file, not a folder"))
     if not os.access(existing, os.W_OK):
         raise UserError(f"{flag} {path}: cannot write in {existing}")
     return path
+
+
+MAX_NAME = 255 - 20  # file systems allow 255 bytes a name; atomic_write's temporary name adds up to 20
+
+
+def _stat(path, flag):
+    """'folder', 'file' (anything else that exists) or 'missing'; a path the system cannot even look up (too long,
+    a loop of links) is a UserError."""
+    try:
+        return "folder" if path.is_dir() else "file" if path.exists() else "missing"
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror}") from None
 
 
 def _temp_name(path):
@@ -236,7 +256,7 @@ def contents_of(path, what):
         yield
     except UserError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"{path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
@@ -270,6 +290,8 @@ MAX_PIXELS = 50 * 10**6  # a larger "portrait" is an error or a decompression bo
 
 def load_image(path, size):
     """Any image PIL opens (RGB, RGBA, grayscale, palette, 16-bit), centre square crop -> uint8 (size, size, 3)."""
+    if not Path(path).is_file():  # a folder, a device, a pipe: nothing an image can be read from
+        raise UserError(f"{path}: {'no such file' if not Path(path).exists() else 'not a regular file'}")
     try:
         img = Image.open(path)
         if img.width * img.height > MAX_PIXELS:  # checked from the header, before the pixels are decoded
@@ -282,6 +304,8 @@ def load_image(path, size):
         raise UserError(f"{path}: cannot read image ({e})") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits first
         a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise UserError(f"{path}: the image holds NaN or infinite values")
         img = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1e-9)).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent parts become white

@@ -245,7 +245,7 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     in `workers` processes. Resumable: folders already complete are skipped. A file that is corrupt, silent or
     without a face is skipped. Returns (written, already done, [why each skipped file was skipped])."""
     out = Path(out_dir).resolve()
-    sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+    sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
                      and out not in p.resolve().parents)  # an output folder inside raw_dir is not raw material
     # every video gets a folder of its own: a/b.mp4 -> a__b; two sources with one folder would lose one of them
     folders = {}
@@ -257,13 +257,16 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     sources = sources[shard[0]::shard[1]]
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in this shard")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for src in sources:
         folder = Path(out_dir) / src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
         if not (folder / "meta.json").exists():
             jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
     errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
+    if made and not any(out.iterdir()):  # nothing prepared: leave no empty folder behind
+        out.rmdir()
     return len(jobs) - len(errors), len(sources) - len(jobs), errors
 
 
@@ -527,11 +530,13 @@ def main(argv=None):
     with user_errors():
         check_output(args.out, args.size)
         i, _, n = args.shard.partition("/")
-        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        if not (i.isascii() and i.isdigit() and n.isascii() and n.isdigit() and int(i) < int(n)):
             raise UserError(f"--shard {args.shard}: give i/n with 0 <= i < n, e.g. 0/4")
         shard = (int(i), int(n))
         boxes = None
         if args.boxes is not None:
+            if not args.boxes.is_file():
+                raise UserError(f"{args.boxes}: cannot read crop boxes (not a regular file)")
             try:
                 boxes = {k: tuple(v) for k, v in json.loads(args.boxes.read_text()).items()}
             except (OSError, ValueError, TypeError, AttributeError) as e:
@@ -552,7 +557,7 @@ def main(argv=None):
 def _valid_box(box):
     """A crop box of --boxes: four finite numbers x0 < x1, y0 < y1, none negative or beyond any video's size."""
     return (len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-            and all(math.isfinite(v) and 0 <= v <= 100_000 for v in box) and box[0] < box[2] and box[1] < box[3])
+            and all(0 <= v <= 100_000 and math.isfinite(v) for v in box) and box[0] < box[2] and box[1] < box[3])
 
 
 if __name__ == "__main__":

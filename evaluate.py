@@ -56,6 +56,7 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, sampler="ddim", audi
     animated from one of its frames with its own audio, with mismatched audio (the same recording shifted by half
     its length: the same voice, other words) and with silence. Returns a dict of every figure (see README)."""
     model, vae, diffusion, _ = load_model(ckpt, device)
+    extractors = standard_extractors(inception, i3d, expression)  # a damaged file fails now, not after generating
     res = vae.config.resolution
     refs, real, wavs, metas = eval_videos(videos, seconds, res, split, seed)
     _, other_real, _, _ = eval_videos(videos, seconds, res, split, seed + 1)  # the floor: other real videos
@@ -116,7 +117,7 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=10, sampler="ddim", audi
         result[name] = fidelity(probe, videos[:, picks], people)
 
     # the standard extractors, where the user passed them
-    for name, features in standard_extractors(inception, i3d, expression).items():
+    for name, features in extractors.items():
         f_real = features(real)
         result[name], result[f"{name}_floor"] = frechet(f_real, features(fake)), frechet(f_real, features(other_real))
     if speech:
@@ -197,9 +198,10 @@ def trim_silence(wav):
 
 @torch.no_grad()
 def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, audio_scale, seed, device):
-    """Speech the model never heard (WAV files; e.g. another TTS engine): the probe's openness on the generated
-    frames against the speech's loudness envelope in dB, per file; mismatched: the envelope of the next file."""
-    wavs = [trim_silence(load_audio(p)) for p in speech]
+    """Speech the model never heard (16 kHz waveforms, audio.load_audio's; e.g. another TTS engine): the probe's
+    openness on the generated frames against the speech's loudness envelope in dB, per recording; mismatched: the
+    envelope of the next one."""
+    wavs = [trim_silence(w) for w in speech]
     T = min(len(w) for w in wavs) // SAMPLES_PER_FRAME
     mels = torch.stack([audio_features(w, T) for w in wavs])
     loud = np.stack([frame_loudness(w, T) for w in wavs])
@@ -400,17 +402,19 @@ def run(args):
         raise UserError("--speech and --sheet measure the synthetic world; drop them with --data")
     if args.sheet:
         writable_file(args.sheet, "--sheet", (".png",))
-    path = args.json
-    if path is None:  # the default folder is made; a folder the user names must exist
-        path = Path("runs/eval") / f"{args.ckpt.stem}_{args.data.name if args.data else args.split}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-    writable_file(path, "--json", (".json",))
+    path = args.json or Path("runs/eval") / f"{args.ckpt.stem}_{args.data.name if args.data else args.split}.json"
+    if args.json:  # a folder the user names must exist; the default one is made when the results are written
+        writable_file(path, "--json", (".json",))
+    else:
+        writable_folder(path.parent, "--json")
+    speech = [load_audio(p) for p in args.speech]  # read now: a bad file fails before the generation
     extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
     if args.data is not None:
         shared.pop("split")
         result = evaluate_folder(args.ckpt, args.data, **extractors, **shared)
     else:
-        result = evaluate(args.ckpt, probe, speech=args.speech, sheet=args.sheet, **extractors, **shared)
+        result = evaluate(args.ckpt, probe, speech=speech, sheet=args.sheet, **extractors, **shared)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     print(report(result) if args.data is None else report_folder(result))
     print(f"wrote {path}")

@@ -40,6 +40,8 @@ def load_model(path, device):
     train.py: a run's ckpt.pt, or its `--export`."""
     ckpt = load_checkpoint(path, needs=("model", "ema", "vae", "diffusion"), what="a letstalk diffusion checkpoint",
                            hint=" (train one with `python train.py`, then pass --ckpt)")
+    if not all(v.isfinite().all() for v in ckpt["ema"].values() if v.is_floating_point()):
+        raise UserError(f"{path}: its weights are not finite (a diverged run); use an earlier checkpoint")
     with contents_of(path, "a letstalk diffusion checkpoint"):
         model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"]))
         model.load_state_dict(ckpt["ema"])
@@ -160,11 +162,15 @@ def animate(args, out):
     check_device(args.device)
     if args.size % 2:
         raise UserError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
-    writable_file(out, "--out", (".mp4",), inputs=(args.image, args.audio, args.ckpt))
+    writable_file(out, "--out", (".mp4",), inputs=(args.image, args.audio, args.ckpt))  # (--grid's too, below)
+    inputs = (args.image, args.audio, args.ckpt)
     if args.grid:
-        writable_file(args.grid, "--grid", (".png",), inputs=(args.image,))
+        writable_file(args.grid, "--grid", (".png",), inputs=inputs)
     if args.frames:
         writable_folder(args.frames, "--frames")
+        if any(Path(p).resolve().parent == args.frames.resolve() for p in inputs):
+            raise UserError(f"--frames {args.frames}: holds an input of this command, which its PNGs could "
+                            "overwrite; pass another folder")
     model, vae, diffusion, domain = load_model(args.ckpt, args.device)
     image = load_image(args.image, vae.config.resolution)
     wav = load_audio(args.audio)
@@ -184,7 +190,10 @@ def animate(args, out):
     padded[:len(wav)] = wav[:len(padded)]
     write_mp4(out, frames, padded)
     if args.frames:
-        args.frames.mkdir(parents=True, exist_ok=True)
+        try:
+            args.frames.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
         for i, f in enumerate(frames):
             save_png(args.frames / f"{i:05d}.png", f)
     if args.grid:

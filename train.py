@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from audio import FPS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
                     save_png, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
@@ -233,14 +234,22 @@ class DiffusionStage:
         synthetic = cfg.data == "synthetic" and self.resolution == 64
         self.probe = load_probe(PROBE) if synthetic and PROBE.exists() else None
         # every video encoded once (each rank its share), then fresh clips from all of them (data.py)
+        need = cfg.frames + cfg.motion  # frames a clip spans with its motion frames, checked before any work
+        if cfg.data == "synthetic" and need > SYNTH_SECONDS * FPS:
+            raise UserError(f"--frames {cfg.frames} and --motion {cfg.motion} span {need} frames; the synthetic "
+                            f"videos have {SYNTH_SECONDS * FPS:.0f}")
         folder = data_folder(cfg, self.resolution)
-        size = VideoFolder(folder)[0].frames.shape[1]
+        videos = VideoFolder(folder)
+        if need > max(videos.meta[i]["num_frames"] for i in range(len(videos))):
+            raise UserError(f"--frames {cfg.frames} and --motion {cfg.motion} span {need} frames; no video of "
+                            f"{cfg.data} is that long")
+        size = videos[0].frames.shape[1]
         if size != self.resolution:
             raise UserError(f"--data {cfg.data}: {size}x{size} frames, but the VAE {cfg.vae} was trained on "
                             f"{self.resolution}x{self.resolution}; train a VAE on this data (--stage vae)")
         cache = Path(cfg.cache) / (f"latents_{folder.name}-{short_hash(str(folder.resolve()))}_vae-"
                                    f"{short_hash(Path(cfg.vae).read_bytes())}")  # a new VAE never reuses old latents
-        encode_videos(VideoFolder(folder), self.vae, cache, device, rank(), world())
+        encode_videos(videos, self.vae, cache, device, rank(), world())
         barrier()
         train_cache = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders])
         if cfg.blink_repeat > 1 and "blink" not in train_cache.entries[0]:
@@ -565,7 +574,8 @@ def main(argv=None):
                 if not (out / "ckpt.pt").exists():
                     raise UserError(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
                 saved = load_checkpoint(out / "ckpt.pt", needs=("train_config",), what="a letstalk run's checkpoint")
-                cfg = resumed_config(saved["train_config"], settings, out)
+                with contents_of(out / "ckpt.pt", "a letstalk run's checkpoint"):
+                    cfg = resumed_config(saved["train_config"], settings, out)
             else:
                 cfg = new_config(settings)
                 if (out / "ckpt.pt").exists():

@@ -172,7 +172,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_recon.png")
     with user_errors():
-        writable_file(out, "--out", (".png",), inputs=(args.image,))
+        writable_file(out, "--out", (".png",), inputs=(args.image, args.ckpt))
         vae = load_vae(args.ckpt)
         x = to_tensor(load_image(args.image, vae.config.resolution))[None]
         with torch.no_grad():

@@ -90,7 +90,7 @@ def test_eval_on_a_prepared_folder_scores_its_held_out_videos(tmp_path, diffusio
                             "0.96", "--steps", "1", "--inception", str(tmp_path / "fid.pth"), "--i3d",
                             str(tmp_path / "i3d.pt"), "--expression", str(tmp_path / "expression.pt"), "--json",
                             str(tmp_path / "r.json")])
-    assert result["videos"] == 1 and result["frames"] == 24 and 0 < result["ssim"] <= 1
+    assert result["videos"] == 1 and result["frames"] == 24 and -1 <= result["ssim"] <= 1  # the tiny model: noise
     assert all(np.isfinite(result[k]) and result[k] >= 0 for k in ("fid_inception", "fvd_i3d", "efid_expression"))
     assert "| generated |" in capsys.readouterr().out and json.loads((tmp_path / "r.json").read_text()) == result
     world.main([str(tmp_path / "big"), "--videos", "2", "--seconds", "1.2", "--size", "64"])

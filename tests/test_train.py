@@ -232,7 +232,8 @@ def test_the_cpu_demo_defaults_to_the_recipe_that_learns_lip_sync_in_minutes(tmp
     monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
     cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "t"), "--device", "cpu"])
     assert (cfg.size, cfg.prediction, cfg.mouth_weight) == ("T", "v", 5.0)
-    cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "e"), "--prediction", "eps", "--mouth-weight", "1"])
+    cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "e"), "--prediction", "eps", "--mouth-weight",
+                      "1"])
     assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # what the command line gives wins
 
 
