@@ -1,7 +1,7 @@
 """Portrait + speech -> talking video.
 
   python sample.py face.png speech.wav                 # writes face_speech.mp4 with the shipped demo checkpoint
-  python sample.py face.png speech.wav -o out.mp4 --ckpt runs/diffusion/ckpt.pt --steps 50 --audio-scale 3
+  python sample.py face.png speech.wav -o out.mp4 --ckpt runs/diffusion/ckpt.pt --steps 12 --audio-scale 3
 
 The whole audio is animated: ceil(duration x 25) frames, generated in windows of F frames. Each window after the
 first is conditioned on the last M frames of the previous one (motion frames, the official long-video variant), so
@@ -136,10 +136,13 @@ def main(argv=None):
     parser.add_argument("audio", type=Path, help="speech: WAV of any common encoding, or any format FFmpeg reads")
     parser.add_argument("-o", "--out", type=Path, help="output .mp4 (default: <image>_<audio>.mp4 here)")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint from train.py")
-    parser.add_argument("--steps", type=bounded(int, 1, STEPS), default=25, help="DDIM steps")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                        help="ddim (deterministic), dpm++ (DPM-Solver++(2M): the same cost per step, more accurate "
-                        "in few steps) or ddpm (all 1000 ancestral steps)")
+    # dpm++ 8 matched DDIM 25 on 16 held-out people (fidelity 22.7 vs 22.8 dB, sync 0.94 vs 0.95) with 3x fewer
+    # model passes (README, Sampling)
+    parser.add_argument("--steps", type=bounded(int, 1, STEPS), default=8, help="denoising steps")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm++",
+                        help="dpm++ (DPM-Solver++(2M): as accurate in 8 steps as ddim in 25), ddim (deterministic "
+                        "DDIM; `--sampler ddim --steps 25` was the default before) or ddpm (all 1000 ancestral "
+                        "steps)")
     parser.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=2.0,
                         help="classifier-free guidance on the audio")
     parser.add_argument("--ref-scale", type=bounded(float, 0, MAX_SCALE), default=1.0,
