@@ -81,12 +81,12 @@ def refuse(command, argv, capsys, folder, words="", code=2, during_work=False):
     ("data", ["prepare", ".", "a_file"], "a file of that name exists"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_first(command, argv, words, here, capsys):
-    refuse(command, argv, capsys, here, words)
+    assert refuse(command, argv, capsys, here, words)
 
 
 def test_the_output_may_not_overwrite_an_input(here, capsys):
     data.write_mp4(here / "talk.mp4", np.zeros((3, 16, 16, 3), np.uint8), np.zeros(1920, np.float32))
-    refuse("sample", [FACE, "talk.mp4", "-o", "talk.mp4"], capsys, here, "an input of this command")
+    assert refuse("sample", [FACE, "talk.mp4", "-o", "talk.mp4"], capsys, here, "an input of this command")
 
 
 def test_a_failed_write_removes_its_temporary_file_and_names_the_path(tmp_path):
@@ -158,17 +158,17 @@ def _float_wav(path, samples, rate):
 
 def test_a_huge_image_is_refused_from_its_header(here, capsys, monkeypatch):
     _png_header_only(here / "bomb.png", 40_000, 40_000)  # 1.6 gigapixels in 100 bytes
-    refuse("sample", ["bomb.png", SPEECH], capsys, here, "bomb.png")
-    refuse("vae", ["--ckpt", sample.DEFAULT_CKPT, "--image", "bomb.png"], capsys, here, "bomb.png")
+    assert refuse("sample", ["bomb.png", SPEECH], capsys, here, "bomb.png")
+    assert refuse("vae", ["--ckpt", sample.DEFAULT_CKPT, "--image", "bomb.png"], capsys, here, "bomb.png")
     monkeypatch.setattr(common, "MAX_PIXELS", 100)  # below PIL's own limit, ours: a real image, refused undecoded
-    refuse("sample", [FACE, SPEECH], capsys, here, "scale it down first")
+    assert refuse("sample", [FACE, SPEECH], capsys, here, "scale it down first")
 
 
 def test_an_absurd_sample_rate_and_non_finite_samples_are_refused(here, capsys):
     _float_wav(here / "fast.wav", np.zeros(16_000), 2_000_000_000)
-    refuse("sample", [FACE, "fast.wav"], capsys, here, "sample rate of 2000000000 Hz")
+    assert refuse("sample", [FACE, "fast.wav"], capsys, here, "sample rate of 2000000000 Hz")
     _float_wav(here / "nan.wav", np.r_[np.zeros(8000), np.nan, np.zeros(8000)], 16_000)
-    refuse("sample", [FACE, "nan.wav"], capsys, here, "NaN or infinite")
+    assert refuse("sample", [FACE, "nan.wav"], capsys, here, "NaN or infinite")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,13 +189,13 @@ def test_damaged_checkpoints_are_named(here, capsys):
     whole = Path(sample.DEFAULT_CKPT).read_bytes()
     for content in (b"", b"garbage" * 100, whole[:len(whole) // 2]):
         (here / "run" / "ckpt.pt").write_bytes(content)
-        refuse("train", ["--out", "run", "--resume"], capsys, here, "ckpt.pt")
-        refuse("train", ["--out", "run", "--export", "x.pt"], capsys, here, "ckpt.pt")
-        refuse("sample", [FACE, SPEECH, "--ckpt", "run/ckpt.pt"], capsys, here, "ckpt.pt")
+        assert refuse("train", ["--out", "run", "--resume"], capsys, here, "ckpt.pt")
+        assert refuse("train", ["--out", "run", "--export", "x.pt"], capsys, here, "ckpt.pt")
+        assert refuse("sample", [FACE, SPEECH, "--ckpt", "run/ckpt.pt"], capsys, here, "ckpt.pt")
     torch.save({"head.weight": torch.zeros(3, 3)}, here / "probe.pt")  # the right key, the wrong shape
-    refuse("evaluate", ["eval", "--probe", "probe.pt"], capsys, here, "probe.pt")
+    assert refuse("evaluate", ["eval", "--probe", "probe.pt"], capsys, here, "probe.pt")
     torch.save({k: v for k, v in good.items() if k != "ema"}, here / "no_ema.pt")
-    refuse("sample", [FACE, SPEECH, "--ckpt", "no_ema.pt"], capsys, here, "no_ema.pt")
+    assert refuse("sample", [FACE, SPEECH, "--ckpt", "no_ema.pt"], capsys, here, "no_ema.pt")
 
 
 @pytest.mark.parametrize("damage, words, during_work", [
@@ -212,13 +212,13 @@ def test_a_damaged_video_folder_is_named(damage, words, during_work, folder32, h
             (root / video.name / f.name).write_bytes(f.read_bytes())
     meta_file = sorted(root.glob("*/meta.json"))[0]
     meta_file.write_text(damage(json.loads(meta_file.read_text())))
-    refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c"],
+    assert refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c"],
            capsys, here, words, during_work=during_work)
 
 
 def test_data_and_vae_of_different_sizes_are_refused(folder32, here, capsys):
-    refuse("train", ["--data", folder32, "--vae", sample.DEFAULT_CKPT, "--out", "run", "--cache", "c"], capsys, here,
-           "32x32 frames, but the VAE")
+    assert refuse("train", ["--data", folder32, "--vae", sample.DEFAULT_CKPT, "--out", "run", "--cache", "c"],
+                  capsys, here, "32x32 frames, but the VAE")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _video(path, seconds=1.0):
 def test_sources_that_would_share_a_folder_are_refused(names, here, capsys):
     for name in names:
         _video(here / "raw" / name, 0.2)
-    refuse("data", ["prepare", "raw", "out", "--size", "32"], capsys, here, "would both be prepared")
+    assert refuse("data", ["prepare", "raw", "out", "--size", "32"], capsys, here, "would both be prepared")
 
 
 @pytest.mark.parametrize("box", ["[30, 0, 10, 20]", "[NaN, 0, 10, 10]", "[0, 0, Infinity, 10]", "[0, 0, 1e9, 1e9]",
@@ -244,13 +244,13 @@ def test_sources_that_would_share_a_folder_are_refused(names, here, capsys):
 def test_bad_crop_boxes_are_refused_before_any_work(box, here, capsys):
     _video(here / "raw" / "a.mp4", 0.2)
     (here / "boxes.json").write_text('{"a": %s}' % box)
-    refuse("data", ["prepare", "raw", "out", "--boxes", "boxes.json"], capsys, here, "the box of a")
+    assert refuse("data", ["prepare", "raw", "out", "--boxes", "boxes.json"], capsys, here, "the box of a")
 
 
 def test_prepare_skips_its_own_output_a_box_outside_the_frame_and_fails_when_nothing_was_prepared(here, capsys):
     _video(here / "raw" / "a.mp4")
     (here / "boxes.json").write_text('{"a": [32, 32, 96, 96]}')  # the frame is 64x64
-    refuse("data", ["prepare", "raw", "out", "--size", "32", "--boxes", "boxes.json"], capsys, here,
+    assert refuse("data", ["prepare", "raw", "out", "--size", "32", "--boxes", "boxes.json"], capsys, here,
            "not inside the 64x64 frame", during_work=True)
     assert not (here / "out").exists()  # nothing prepared, no folder left
     (here / "boxes.json").write_text('{"a": [0, 0, 64, 64]}')
@@ -279,11 +279,11 @@ def test_ctrl_c_is_one_line(here, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(sample, "load_model", interrupt)
-    refuse("sample", [FACE, SPEECH], capsys, here, "interrupted", code=INTERRUPTED)
+    assert refuse("sample", [FACE, SPEECH], capsys, here, "interrupted", code=INTERRUPTED)
 
 
 def test_a_cpu_index_is_refused(here, capsys):
-    refuse("sample", [FACE, SPEECH, "--device", "cpu:5"], capsys, here, "the CPU has no index")
+    assert refuse("sample", [FACE, SPEECH, "--device", "cpu:5"], capsys, here, "the CPU has no index")
 
 
 def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path):
@@ -310,51 +310,52 @@ def test_a_resume_takes_the_same_path_spelled_another_way(tmp_path, monkeypatch)
 
 def test_an_output_never_overwrites_an_input(here, capsys):
     (here / "speech.png").write_bytes(SPEECH.read_bytes())  # speech behind an image's suffix
-    refuse("sample", [FACE, "speech.png", "--grid", "speech.png"], capsys, here, "an input of this command")
+    assert refuse("sample", [FACE, "speech.png", "--grid", "speech.png"], capsys, here, "an input of this command")
     (here / "frames").mkdir()
     (here / "frames" / "00000.png").write_bytes(FACE.read_bytes())
-    refuse("sample", ["frames/00000.png", SPEECH, "--frames", "frames"], capsys, here, "holds an input")
+    assert refuse("sample", ["frames/00000.png", SPEECH, "--frames", "frames"], capsys, here, "holds an input")
     (here / "ck.png").write_bytes(Path(sample.DEFAULT_CKPT).read_bytes())
-    refuse("vae", ["--ckpt", "ck.png", "--image", FACE, "--out", "ck.png"], capsys, here, "an input of this command")
+    assert refuse("vae", ["--ckpt", "ck.png", "--image", FACE, "--out", "ck.png"], capsys, here,
+                  "an input of this command")
 
 
 @pytest.mark.parametrize("command, argv", [
     ("sample", [FACE, SPEECH, "-o", "x" * 300 + ".mp4"]), ("sample", [FACE, SPEECH, "-o", "x" * 240 + ".mp4"]),
     ("world", ["x" * 300]), ("train", ["--out", "x" * 300]), ("bench", ["--json", "x" * 300 + ".json"])])
 def test_a_name_too_long_for_the_file_system_is_refused(command, argv, here, capsys):
-    refuse(command, argv, capsys, here, "more than 235 bytes")
+    assert refuse(command, argv, capsys, here, "more than 235 bytes")
 
 
 def test_a_pipe_or_a_device_is_not_read_as_a_file(here, capsys):
     os.mkfifo(here / "pipe.png")
-    refuse("sample", ["pipe.png", SPEECH], capsys, here, "not a regular file")
+    assert refuse("sample", ["pipe.png", SPEECH], capsys, here, "not a regular file")
     _video(here / "raw" / "a.mp4", 0.2)
-    refuse("data", ["prepare", "raw", "out", "--boxes", "/dev/zero"], capsys, here, "not a regular file")
+    assert refuse("data", ["prepare", "raw", "out", "--boxes", "/dev/zero"], capsys, here, "not a regular file")
 
 
 def test_absurd_values_inside_files_are_refused(here, capsys):
     _float_wav(here / "loud.wav", np.full(16_000, 1e30), 16_000)
-    refuse("sample", [FACE, "loud.wav"], capsys, here, "far outside [-1, 1]")
+    assert refuse("sample", [FACE, "loud.wav"], capsys, here, "far outside [-1, 1]")
     ckpt = torch.load(sample.DEFAULT_CKPT, weights_only=True)
     next(v for v in ckpt["ema"].values() if v.is_floating_point()).fill_(float("nan"))
     torch.save(ckpt, here / "nan.pt")
-    refuse("sample", [FACE, SPEECH, "--ckpt", "nan.pt"], capsys, here, "not finite")
+    assert refuse("sample", [FACE, SPEECH, "--ckpt", "nan.pt"], capsys, here, "not finite")
     _video(here / "raw" / "a.mp4", 0.2)
     (here / "boxes.json").write_text('{"a": [0, 0, 1%s, 10]}' % ("0" * 400))
-    refuse("data", ["prepare", "raw", "out", "--boxes", "boxes.json"], capsys, here, "the box of a")
-    refuse("data", ["prepare", "raw", "out", "--shard", "\u00b2/3"], capsys, here, "--shard")
+    assert refuse("data", ["prepare", "raw", "out", "--boxes", "boxes.json"], capsys, here, "the box of a")
+    assert refuse("data", ["prepare", "raw", "out", "--shard", "\u00b2/3"], capsys, here, "--shard")
 
 
 @pytest.mark.parametrize("train_config", [7, {"bogus": 1}])
 def test_a_resume_from_a_damaged_run_names_its_checkpoint(train_config, here, capsys):
     (here / "run").mkdir()
     torch.save({"train_config": train_config}, here / "run" / "ckpt.pt")
-    refuse("train", ["--out", "run", "--resume"], capsys, here, "ckpt.pt: not a letstalk run's checkpoint")
+    assert refuse("train", ["--out", "run", "--resume"], capsys, here, "ckpt.pt: not a letstalk run's checkpoint")
 
 
 def test_what_the_work_would_find_late_is_found_first(here, capsys):
-    refuse("train", ["--vae", sample.DEFAULT_CKPT, "--frames", "256", "--motion", "64", "--out", "run", "--cache",
-                     "c"], capsys, here, "span 320 frames")
-    refuse("evaluate", ["eval", "--speech", "missing.wav"], capsys, here, "missing.wav")
+    assert refuse("train", ["--vae", sample.DEFAULT_CKPT, "--frames", "256", "--motion", "64", "--out", "run",
+                            "--cache", "c"], capsys, here, "span 320 frames")
+    assert refuse("evaluate", ["eval", "--speech", "missing.wav"], capsys, here, "missing.wav")
     (here / "text.pt").write_text("not weights")
-    refuse("evaluate", ["eval", "--inception", "text.pt", "--videos", "1"], capsys, here, "text.pt")
+    assert refuse("evaluate", ["eval", "--inception", "text.pt", "--videos", "1"], capsys, here, "text.pt")
