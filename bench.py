@@ -13,9 +13,10 @@ Tables (also written as JSON, --json):
   1c temporal attention alone at its short lengths (F + 2 motion frames): SDPA's default kernel against each kernel
      forced (CUDA) and a plain batched-matmul softmax, the candidates for making short sequences cheaper;
   2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled;
-  3  sampling speed: seconds of compute per second of video (and its inverse, x real time), DDIM with audio
-     guidance (2 model passes per step), per model size and batch, and for the shipped checkpoint. On CUDA at the
-     paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64);
+  3  sampling speed: seconds of compute per second of video (and its inverse, x real time) with audio guidance
+     (2 model passes per step), DDIM 25 and sample.py's default sampler (DPM-Solver++ in 8 steps), per model size
+     and batch, and for the shipped checkpoint. On CUDA at the paper's shape (16 frames of 256x256), on a CPU at
+     the demo's (8 frames of 64x64);
   4  data: clips per second the training sampler assembles on one CPU core from memory-mapped latents, at the
      demo's shape and the paper's (16 frames of 32x32x4 latents + 2 motion frames + mel windows), beside what the
      official code's best consumes (48.5 clips/s per H100, table 2's compiled B): a GPU must never wait for it.
@@ -40,7 +41,7 @@ from common import Parser, add_device, atomic_write, bounded, check_device, user
 from data import ClipSampler, VideoCache
 from diffusion import Diffusion
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
-from sample import DEFAULT_CKPT, generate, load_model
+from sample import DEFAULT_CKPT, SAMPLER, SAMPLER_STEPS, generate, load_model
 from vae import VAE, VAEConfig
 
 # dense bf16 tensor-core peaks (FLOP/s, NVIDIA's data sheets), the denominator of MFU. The first name contained
@@ -157,6 +158,10 @@ def block_table(device, frames, patches, width, heads, batch, repeats):
     return rows
 
 
+KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+           "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
 def matmul_attention(q, k, v):
     """softmax(Q K^T / sqrt(d)) V as two batched matrix products: (N, h, L, d) -> (N, h, L, d)."""
     return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
@@ -176,9 +181,7 @@ def temporal_kernel_table(device, frames, motion, patches, width, heads, batch, 
     and matmul_attention. speedup = default time / this kernel's time (above 1: faster than the default)."""
     kernels = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention}
     if device.type == "cuda":
-        kernels.update({name: forced_sdpa(backend) for name, backend in (
-            ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-            ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH))})
+        kernels.update({name: forced_sdpa(backend) for name, backend in KERNELS.items()})
     rows = []
     for F_ in frames:
         L = F_ + motion
@@ -250,6 +253,7 @@ def throughput_row(device, size, frames, latent, batch, repeats, compiled=False)
     row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "step_s": seconds,
            "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
            "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory,
+           "peak_mib_per_clip": None if memory is None else memory / batch,
            # counted in an eager step (the hooks would only see what a compiled graph chooses to save)
            "saved_mib": None if compiled else saved_for_backward_mib(step, model.parameters())}
     if device.type == "cuda":
@@ -265,10 +269,10 @@ def compiled_model(model):
     return torch.compile(model, dynamic=False)
 
 
-def sampling_table(device, sizes, shape, batches, steps, repeats, compiled=False):
-    """Table 3: sample.generate for one window, DDIM with audio guidance (2 model passes per step), with random
-    weights per size (and a random VAE for the portrait and the decoding) at each batch size, eager and (compiled)
-    torch.compile'd, plus the shipped checkpoint on a CPU."""
+def sampling_table(device, sizes, shape, batches, samplers, repeats, compiled=False):
+    """Table 3: sample.generate for one window with audio guidance (2 model passes per step), with each of
+    `samplers` ((name, steps) pairs) and random weights per size (and a random VAE for the portrait and the
+    decoding) at each batch size, eager and (compiled) torch.compile'd, plus the shipped checkpoint on a CPU."""
     frames, latent = shape
     factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
 
@@ -279,23 +283,26 @@ def sampling_table(device, sizes, shape, batches, steps, repeats, compiled=False
     if device.type == "cpu" and DEFAULT_CKPT.exists():
         models.append(("shipped", lambda _: load_model(DEFAULT_CKPT, device)[:3]))
     return [row for name, build in models
-            for row in sampling_rows(device, name, *build(name), batches, steps, repeats, compiled)]
+            for row in sampling_rows(device, name, *build(name), batches, samplers, repeats, compiled)]
 
 
-def sampling_rows(device, name, model, vae, diffusion, batches, steps, repeats, compiled):
-    """Table 3's rows for one model, per batch size, eager then (compiled) compiled; the model is freed on return."""
+def sampling_rows(device, name, model, vae, diffusion, batches, samplers, repeats, compiled):
+    """Table 3's rows for one model, per batch size, eager then (compiled) compiled, each sampler; the model is
+    freed on return."""
     F_, res = model.cfg.frames, vae.config.resolution
     rows = []
     for batch in batches:
         for use_compile in (False, True) if compiled else (False,):
             net = compiled_model(model) if use_compile else model
             image, mel = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(batch, F_, 20, 80)
-            seconds, memory = measure(lambda: generate(net, vae, diffusion, image, mel, steps=steps, progress=False,
-                                                       device=device), device, repeats)
-            video_seconds = batch * F_ / 25
-            rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_, "resolution": res,
-                         "steps": steps, "passes_per_step": 2, "seconds_per_video_second": seconds / video_seconds,
-                         "realtime_x": video_seconds / seconds, "peak_mib": memory})
+            for sampler, steps in samplers:
+                seconds, memory = measure(lambda: generate(net, vae, diffusion, image, mel, steps, sampler,
+                                                           progress=False, device=device), device, repeats)
+                video_seconds = batch * F_ / 25
+                rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_,
+                             "resolution": res, "sampler": sampler, "steps": steps, "passes_per_step": 2,
+                             "seconds_per_video_second": seconds / video_seconds,
+                             "realtime_x": video_seconds / seconds, "peak_mib": memory})
     return rows
 
 
@@ -384,7 +391,8 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
     peak = gpu_peak(device) if gpu else None
     peak_text = f" (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, the MFU denominator)" if peak else ""
-    print(f"device: {device_name}{peak_text}, {'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}")
+    print(f"device: {device_name}{peak_text}, {'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}, "
+          f"torch {torch.__version__}")
     measure_table = {
         "attention": lambda: attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
         "block": lambda: block_table(device, frames, patches, args.width, args.heads, batch, repeats),
@@ -393,7 +401,8 @@ def main(argv=None):
         "throughput": lambda: throughput_table(device, shapes, sizes, batch, repeats,
                                                compile_shape=shapes[0] if compiled else None),
         "sampling": lambda: sampling_table(device, sizes, paper if gpu else demo, sorted({1, batch}),
-                                           5 if args.quick else 25, 1 if args.quick else 2, compiled),
+                                           [(SAMPLER, SAMPLER_STEPS)] if args.quick else
+                                           [("ddim", 25), (SAMPLER, SAMPLER_STEPS)], 1 if args.quick else 2, compiled),
         "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
     tables = {name: measure_table[name]() for name in TABLES if name in chosen}
@@ -405,17 +414,18 @@ def main(argv=None):
         "temporal": ("1c. temporal attention alone, forward + backward: speedup over SDPA's default kernel",
                      ["L", "sequences", "kernel", "seconds", "speedup", "peak_mib"]),
         "throughput": ("2. training step (forward, backward, AdamW)",
-                       ["size", "frames", "latent", "compiled", "clips_s", "tokens_s", "tflop_s", "mfu", "peak_mib",
-                        "saved_mib"]),
-        "sampling": ("3. sampling one window, DDIM with audio guidance",
-                     ["model", "batch", "compiled", "frames", "resolution", "steps", "passes_per_step",
+                       ["size", "frames", "latent", "batch", "compiled", "clips_s", "tokens_s", "tflop_s", "mfu",
+                        "peak_mib", "peak_mib_per_clip", "saved_mib"]),
+        "sampling": ("3. sampling one window with audio guidance",
+                     ["model", "batch", "compiled", "frames", "resolution", "sampler", "steps", "passes_per_step",
                       "seconds_per_video_second", "realtime_x", "peak_mib"]),
         "data": ("4. data: clips assembled per second on one CPU core (memory-mapped latents)",
                  ["frames", "latent", "batch", "clips_s", "gpus_fed"]),
     }
     for name, rows in tables.items():
         show(columns[name][0], rows, columns[name][1])
-    result = {"device": device_name, "peak_bf16_flop_s": peak, "batch": batch, "width": args.width, **tables}
+    result = {"device": device_name, "torch": torch.__version__, "peak_bf16_flop_s": peak, "batch": batch,
+              "width": args.width, **tables}
     with user_errors():
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return tables

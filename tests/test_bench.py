@@ -58,11 +58,12 @@ def test_tables_can_be_chosen(tmp_path, capsys):
     tables = bench.main(["--quick", "--tables", "temporal", "--width", "64", "--heads", "4", "--device", "cpu",
                          "--json", str(tmp_path / "bench.json")])
     assert list(tables) == ["temporal"] and "1a." not in capsys.readouterr().out
-    assert list(json.loads((tmp_path / "bench.json").read_text())) == ["device", "peak_bf16_flop_s", "batch", "width",
-                                                                             "temporal"]
+    assert list(json.loads((tmp_path / "bench.json").read_text())) == [
+        "device", "torch", "peak_bf16_flop_s", "batch", "width", "temporal"]
     capsys.readouterr()
     for wrong in (["--tables", "attention,speed"], ["--sizes", "T,XL"], ["--device", "tpu7"], ["--batch", "0"],
                   ["--heads", "5"]):
         with pytest.raises(SystemExit) as e:
             bench.main(wrong)
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
