@@ -77,7 +77,7 @@ class TrainConfig:
     audio_fusion: str = setting("direct", "how the audio is fused (the paper: direct)", stage="diffusion",
                                 choices=FUSIONS)
     prediction: str = setting(None, "network target: eps (the paper's Eq. 3), v or x0 (default: eps for the GPU "
-                              "sizes, as the paper; v for size T, see --mouth-weight)", stage="diffusion",
+                              "sizes, as the paper; x0 for size T, see --mouth-weight)", stage="diffusion",
                               choices=PREDICTIONS)
     schedule: str = setting("linear", "noise schedule: linear (DDPM, the official code) or cosine",
                             stage="diffusion", choices=SCHEDULES)
@@ -85,7 +85,7 @@ class TrainConfig:
                                    stage="diffusion", above=0, high=1000)
     mouth_weight: float = setting(None, "loss weight inside the mouth box (synthetic) or lower face (real data); 1: "
                                   "off (default: 1 for the GPU sizes, as the paper; 5 for size T, whose short CPU "
-                                  "runs learn lip sync in minutes with v and 5, not with eps and 1)", stage="diffusion",
+                                  "runs learn lip sync in minutes with it, not without)", stage="diffusion",
                                   low=0, high=100)
     blink_repeat: int = setting(1, "synthetic data: clips with a blink appear this many times per epoch, since a "
                                 "small model under-produces rare blinks; 1: off", stage="diffusion", resumable=True,
@@ -159,9 +159,10 @@ def resolve(cfg):
     # saved_mib, README): batch 16 of B would not fit an 80 GB GPU beside the weights and AdamW
     cfg.batch_size = cfg.batch_size or {"B": 8, "L": 4}.get(cfg.size, 16)
     cfg.lr = cfg.lr or (3e-4 if cfg.size == "T" else 1e-4)
-    # the CPU demo's recipe (measured: val sync 0.80 after 200 steps with it, 0.06 after 366 with the paper's eps
-    # loss); the GPU sizes keep the paper's, which a long run on real data can afford
-    cfg.prediction = cfg.prediction or ("v" if cfg.size == "T" else "eps")
+    # a short CPU run's recipe, measured on the README's first-model commands (about 220 steps): x0 and x5 draws faces
+    # (val sync 0.92); v and x5 only coloured speckle around a moving mouth (0.88); v and x1 the same speckle (0.30);
+    # eps and x1, 366 steps on two cores, noise (0.06). The GPU sizes keep the paper's eps loss, which a long run on real data can afford
+    cfg.prediction = cfg.prediction or ("x0" if cfg.size == "T" else "eps")
     cfg.mouth_weight = cfg.mouth_weight if cfg.mouth_weight is not None else (5.0 if cfg.size == "T" else 1.0)
     cfg.compile = gpu if cfg.compile is None else cfg.compile
     if cfg.size in ("B", "L") and not gpu:

@@ -223,7 +223,7 @@ def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, mo
     for size, batch in (("S", 16), ("B", 8), ("L", 4)):
         cfg = train.main(["--size", size, "--vae", str(vae_ckpt), "--out", str(tmp_path / size), "--device", "cuda"])
         assert (cfg.frames, cfg.batch_size, cfg.lr, cfg.compile) == (16, batch, 1e-4, True)
-        assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # the paper's loss (size T on a CPU: v, x5)
+        assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # the paper's loss (size T on a CPU: x0, x5)
     cfg = train.main(["--stage", "vae", "--out", str(tmp_path / "vae"), "--device", "cuda"])
     assert (cfg.resolution, cfg.factor) == (256, 8)
 
@@ -231,7 +231,7 @@ def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, mo
 def test_the_cpu_demo_defaults_to_the_recipe_that_learns_lip_sync_in_minutes(tmp_path, vae_ckpt, monkeypatch):
     monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
     cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "t"), "--device", "cpu"])
-    assert (cfg.size, cfg.prediction, cfg.mouth_weight) == ("T", "v", 5.0)
+    assert (cfg.size, cfg.prediction, cfg.mouth_weight) == ("T", "x0", 5.0)
     cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "e"), "--prediction", "eps", "--mouth-weight",
                       "1"])
     assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # what the command line gives wins
