@@ -11,8 +11,9 @@ Tables (also written as JSON, --json):
   1b whole blocks: a full-attention block vs our spatial-temporal block, beside the ratio of their FLOP counts
      (projections and MLP cost the same in both, so the block saves far less than attention alone);
   1c temporal attention alone at its short lengths (F + 2 motion frames): SDPA's default kernel against each kernel
-     forced (CUDA) and a plain batched-matmul softmax, the candidates for making short sequences cheaper;
-  2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled;
+     forced and kernels.py's Triton kernel (CUDA), and a plain batched-matmul softmax;
+  2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled, the
+     compiled step on CUDA once per temporal kernel (train.py --temporal-kernel);
   3  sampling speed: seconds of compute per second of video (and its inverse, x real time) with audio guidance
      (2 model passes per step), DDIM 25 and sample.py's default sampler (DPM-Solver++ in 8 steps), per model size
      and batch, and for the shipped checkpoint. On CUDA at the paper's shape (16 frames of 256x256), on a CPU at
@@ -40,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import Parser, add_device, atomic_write, bounded, check_device, user_errors, writable_file
 from data import ClipSampler, VideoCache
 from diffusion import Diffusion
+from kernels import TEMPORAL_KERNELS, temporal_attention
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
 from sample import DEFAULT_CKPT, SAMPLER, SAMPLER_STEPS, generate, load_model
 from vae import VAE, VAEConfig
@@ -177,21 +179,24 @@ def forced_sdpa(backend):
 
 def temporal_kernel_table(device, frames, motion, patches, width, heads, batch, repeats):
     """Table 1c: forward + backward of temporal attention alone, batch * P sequences of F + motion frames, with
-    SDPA's own choice of kernel, each SDPA kernel forced (CUDA only: a CPU has one fused kernel and the math one)
-    and matmul_attention. speedup = default time / this kernel's time (above 1: faster than the default)."""
+    SDPA's own choice of kernel, each SDPA kernel forced and kernels.temporal_attention (CUDA only: a CPU has one
+    fused SDPA kernel and the math one), and matmul_attention. The heads are laid out as the model's projections
+    lay them out, (N, L, H, d) seen as (N, H, L, d). speedup = default time / this kernel's time (above 1: faster
+    than the default)."""
     kernels = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention}
     if device.type == "cuda":
         kernels.update({name: forced_sdpa(backend) for name, backend in KERNELS.items()})
+        kernels["triton"] = temporal_attention
     rows = []
     for F_ in frames:
         L = F_ + motion
-        qkv = [torch.randn(batch * patches, heads, L, width // heads, device=device, requires_grad=True)
+        qkv = [torch.randn(batch * patches, L, heads, width // heads, device=device, requires_grad=True)
                for _ in range(3)]
         times = {}
         for name, attend in kernels.items():
             def step():
                 with autocast(device):
-                    attend(*qkv).float().sum().backward()
+                    attend(*(t.transpose(1, 2) for t in qkv)).float().sum().backward()
             try:
                 times[name], memory = measure(step, device, repeats)
             except RuntimeError:  # this forced kernel does not take these shapes or dtype
@@ -203,11 +208,12 @@ def temporal_kernel_table(device, frames, motion, patches, width, heads, batch, 
 
 def throughput_table(device, shapes, sizes, batch, repeats, compile_shape=None):
     """Table 2: a full training step (forward, backward, AdamW) on random latents, per size and shape, plus the
-    same step torch.compile'd at compile_shape (None: no compiled rows)."""
-    runs = [(size, shape, False) for size in sizes for shape in shapes]
-    runs += [(size, compile_shape, True) for size in sizes] if compile_shape else []
-    rows = [throughput_row(device, size, frames, latent, batch, repeats, compiled)
-            for size, (frames, latent), compiled in runs]
+    same step torch.compile'd at compile_shape (None: no compiled rows), on CUDA once per temporal kernel."""
+    runs = [(size, shape, False, "sdpa") for size in sizes for shape in shapes]
+    temporal = TEMPORAL_KERNELS if device.type == "cuda" else ["sdpa"]
+    runs += [(size, compile_shape, True, kernel) for size in sizes for kernel in temporal] if compile_shape else []
+    rows = [throughput_row(device, size, frames, latent, batch, repeats, compiled, kernel)
+            for size, (frames, latent), compiled, kernel in runs]
     return [row for row in rows if row is not None]
 
 
@@ -227,10 +233,12 @@ def saved_for_backward_mib(step, params):
     return sum(n for address, n in storages.items() if address not in weights) / 2 ** 20
 
 
-def throughput_row(device, size, frames, latent, batch, repeats, compiled=False):
-    """One row of table 2 (None if it does not fit in memory); the model is freed on return, before the next."""
+def throughput_row(device, size, frames, latent, batch, repeats, compiled=False, temporal="sdpa"):
+    """One row of table 2 (None if it does not fit in memory), temporal attention computed by
+    TEMPORAL_KERNELS[temporal]; the model is freed on return, before the next."""
     cfg = config_for(size, frames=frames, latent_size=latent)
     model = LetsTalk(cfg).to(device)
+    model.set_temporal_kernel(TEMPORAL_KERNELS[temporal])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.py
     net = compiled_model(model) if compiled else model
     s = latent
@@ -250,7 +258,8 @@ def throughput_row(device, size, frames, latent, batch, repeats, compiled=False)
         out_of_memory(f"table 2, size {size} at {frames}x{latent}x{latent}x4{', compiled' if compiled else ''}")
         return None
     step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
-    row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "step_s": seconds,
+    row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "temporal": temporal,
+           "step_s": seconds,
            "clips_s": batch / seconds, "tokens_s": batch * frames * (s // 2) ** 2 / seconds,
            "tflop_s": step_flops / seconds / 1e12, "peak_mib": memory,
            "peak_mib_per_clip": None if memory is None else memory / batch,
@@ -414,8 +423,8 @@ def main(argv=None):
         "temporal": ("1c. temporal attention alone, forward + backward: speedup over SDPA's default kernel",
                      ["L", "sequences", "kernel", "seconds", "speedup", "peak_mib"]),
         "throughput": ("2. training step (forward, backward, AdamW)",
-                       ["size", "frames", "latent", "batch", "compiled", "clips_s", "tokens_s", "tflop_s", "mfu",
-                        "peak_mib", "peak_mib_per_clip", "saved_mib"]),
+                       ["size", "frames", "latent", "batch", "compiled", "temporal", "clips_s", "tokens_s", "tflop_s",
+                        "mfu", "peak_mib", "peak_mib_per_clip", "saved_mib"]),
         "sampling": ("3. sampling one window with audio guidance",
                      ["model", "batch", "compiled", "frames", "resolution", "sampler", "steps", "passes_per_step",
                       "seconds_per_video_second", "realtime_x", "peak_mib"]),

@@ -14,6 +14,7 @@ import torch
 
 from common import MAX_SEED, UserError, bounded, check_device
 from diffusion import PREDICTIONS, SCHEDULES
+from kernels import TEMPORAL_KERNELS
 from letstalk import FUSIONS, SIZES
 
 STAGES = ("vae", "diffusion")
@@ -100,6 +101,10 @@ class TrainConfig:
                          "n)))", stage="diffusion", low=0, high=1)
     compile: bool = setting(None, "torch.compile the model; --no-compile for eager (default: on a GPU, where it "
                             "is faster once compiled, a minute or two in)", stage="diffusion", resumable=True)
+    temporal_kernel: str = setting(None, "temporal attention's kernel: sdpa, or triton (kernels.py: one program per "
+                                   "short sequence; CUDA only) (default: triton on a GPU, where a compiled size-B step "
+                                   "took 254 ms against 274 on an H200; else sdpa)", stage="diffusion",
+                                   choices=tuple(TEMPORAL_KERNELS), resumable=True)
 
 
 RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"])  # what --resume may change
@@ -161,10 +166,12 @@ def resolve(cfg):
     cfg.lr = cfg.lr or (3e-4 if cfg.size == "T" else 1e-4)
     # a short CPU run's recipe, measured on the README's first-model commands (about 220 steps): x0 and x5 draws faces
     # (val sync 0.92); v and x5 only coloured speckle around a moving mouth (0.88); v and x1 the same speckle (0.30);
-    # eps and x1, 366 steps on two cores, noise (0.06). The GPU sizes keep the paper's eps loss, which a long run on real data can afford
+    # eps and x1, 366 steps on two cores, noise (0.06). The GPU sizes keep the paper's eps loss, which a long run on
+    # real data can afford
     cfg.prediction = cfg.prediction or ("x0" if cfg.size == "T" else "eps")
     cfg.mouth_weight = cfg.mouth_weight if cfg.mouth_weight is not None else (5.0 if cfg.size == "T" else 1.0)
     cfg.compile = gpu if cfg.compile is None else cfg.compile
+    choose_temporal_kernel(cfg, gpu)
     if cfg.size in ("B", "L") and not gpu:
         raise UserError(f"--size {cfg.size} needs a GPU (one step on this CPU would take minutes). On a CPU, train "
                         "the tiny model: `python train.py --size T`; on GPUs: `torchrun --nproc_per_node=N train.py "
@@ -172,6 +179,13 @@ def resolve(cfg):
     if not Path(cfg.vae).is_file():
         raise UserError(f"--vae {cfg.vae}: no VAE checkpoint; train one first with `python train.py --stage vae`")
     return cfg
+
+
+def choose_temporal_kernel(cfg, gpu):
+    """Fill in --temporal-kernel's default for the device (triton on a GPU), in place; refuse triton on a CPU."""
+    cfg.temporal_kernel = cfg.temporal_kernel or ("triton" if gpu else "sdpa")
+    if cfg.temporal_kernel == "triton" and not gpu:
+        raise UserError("--temporal-kernel triton: a GPU kernel; on a CPU use sdpa (the default there)")
 
 
 def new_config(settings):
@@ -199,8 +213,11 @@ def resumed_config(saved, settings, out):
                         f"only {', '.join(flag(k) for k in RESUMABLE)} and --max-minutes may change")
     cfg = TrainConfig(**{**saved, "out": str(out), **{k: v for k, v in settings.items() if k in RESUMABLE}})
     try:  # a run from a GPU machine may be continued on a CPU with --device cpu
-        check_device(cfg.device)
+        gpu = check_device(cfg.device).type == "cuda"
     except UserError as e:
         raise UserError(f"{e} (the run was saved with --device {saved['device']})") from None
+    # the kernel changes the speed, not the run: unless given, the default of the device the run continues on
+    cfg.temporal_kernel = settings.get("temporal_kernel")
+    choose_temporal_kernel(cfg, gpu)
     return cfg
 

@@ -117,19 +117,21 @@ class Attention(nn.Module):
 
     Queries come from x (N, Lq, D); keys and values from `context` (N, Lk, D), which defaults to x. So one module
     serves self-attention, cross-attention (direct fusion) and self-attention with extra keys (siamese fusion).
+    `attend` computes Eq. 5 on the (N, H, L, d) heads: SDPA, or a kernel with its signature (set_temporal_kernel).
     """
 
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
         self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        self.attend = F.scaled_dot_product_attention
 
     def forward(self, x, context=None):
         """x (N, Lq, D), context (N, Lk, D) or None (self-attention) -> (N, Lq, D)."""
         context = x if context is None else context
         q = rearrange(self.q(x), "n l (h d) -> n h l d", h=self.heads)
         k, v = rearrange(self.kv(context), "n l (two h d) -> two n h l d", two=2, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attend(q, k, v)
         return self.proj(rearrange(out, "n h l d -> n l (h d)"))
 
 
@@ -354,6 +356,13 @@ class LetsTalk(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
         self.initialize()
+
+    def set_temporal_kernel(self, attend):
+        """Compute every block's temporal attention with `attend`, a function with the signature of
+        F.scaled_dot_product_attention: kernels.temporal_attention on a GPU, whose sequences of F + M frames are
+        far shorter than SDPA's kernels are built for. The weights and the result stay the same."""
+        for block in self.blocks:
+            block.temporal_attn.attend = attend
 
     def initialize(self):
         """Xavier-uniform linear weights and zero biases, N(0, 0.02) for the timestep MLP, and zeros for the last

@@ -37,6 +37,7 @@ from common import (Parser, UserError, atomic_write, bounded, contents_of, load_
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
+from kernels import TEMPORAL_KERNELS
 from letstalk import LetsTalk, config_for
 from metrics import PROBE, fidelity, load_probe, per_clip_sync, probe_readings
 from sample import generate
@@ -227,6 +228,7 @@ class DiffusionStage:
                           frames=cfg.frames, motion=cfg.motion, ref_fusion=cfg.ref_fusion,
                           audio_fusion=cfg.audio_fusion)
         self.model = LetsTalk(mcfg).to(device)
+        self.model.set_temporal_kernel(TEMPORAL_KERNELS[cfg.temporal_kernel])  # the EMA, only sampled, keeps SDPA
         self.ema = LetsTalk(mcfg).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.diffusion = Diffusion(schedule=cfg.schedule, prediction=cfg.prediction)

@@ -1,12 +1,17 @@
 """Shared fixtures: tiny checkpoints trained by our own train.py, once per test session."""
 
+import os
 import wave
 
 import av
 import numpy as np
 import pytest
 
-import train
+# kernels.py's Triton kernels run in Triton's interpreter on the tests' CPU tensors (read when the kernels are
+# defined, so before train.py imports them)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import train  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,9 @@ def test_a_gpu_run_resumes_from_a_checkpoint_read_on_the_cpu(tmp_path, vae_ckpt,
     monkeypatch.setattr(config, "check_device", lambda name: torch.device(name))
     build = train.DiffusionStage
     monkeypatch.setattr(train, "DiffusionStage", lambda cfg, device: build(cfg, torch.device("cpu")))
-    assert train.main(["--out", str(tmp_path / "run"), "--resume", "--device", "cuda", "--steps", "2"])["step"] == 2
+    # sdpa: the Triton kernel (a GPU's default) would run in its slow CPU interpreter here, and is tested elsewhere
+    argv = ["--out", str(tmp_path / "run"), "--resume", "--device", "cuda", "--steps", "2", "--temporal-kernel", "sdpa"]
+    assert train.main(argv)["step"] == 2
 
 
 def test_ddp_vae_stage_stays_in_sync(tmp_path):
@@ -180,6 +183,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, vae_ckpt, monkeypatch, cap
 
 def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
     cases = [(["--size", "B", "--device", "cpu", "--out", str(tmp_path / "b")], "needs a GPU"),
+             (["--temporal-kernel", "triton", "--device", "cpu", "--out", str(tmp_path / "k")], "a GPU kernel"),
              (["--vae", str(tmp_path / "none.pt"), "--out", str(tmp_path / "v"), "--device", "cpu"], "--stage vae"),
              (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")], "not a folder"),
              (["--resume", "--out", str(tmp_path / "nothing")], "nothing to resume"),
@@ -187,6 +191,7 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
              (["--resume", "--out", str(tmp_path / "run"), "--size", "S", "--lr", "1", "--frames", "4"],
               "--lr, --size: a resumed run"),  # --frames 4 is the run's own: repeating a setting is fine
              (["--resume", "--out", str(tmp_path / "run"), "--device", "tpu7"], "not a device"),
+             (["--resume", "--out", str(tmp_path / "run"), "--temporal-kernel", "triton"], "a GPU kernel"),
              # numbers out of range stop at the command line, not minutes later in the data or the first step
              (["--batch-size", "0", "--out", str(tmp_path / "z")], "--batch-size: 0: must be at least 1"),
              (["--drop-audio", "1.5", "--out", str(tmp_path / "z")], "must be at least 0 and at most 1"),
@@ -222,7 +227,8 @@ def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, mo
     monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
     for size, batch in (("S", 16), ("B", 8), ("L", 4)):
         cfg = train.main(["--size", size, "--vae", str(vae_ckpt), "--out", str(tmp_path / size), "--device", "cuda"])
-        assert (cfg.frames, cfg.batch_size, cfg.lr, cfg.compile) == (16, batch, 1e-4, True)
+        assert (cfg.frames, cfg.batch_size, cfg.lr, cfg.compile, cfg.temporal_kernel) == (16, batch, 1e-4, True,
+                                                                                          "triton")
         assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # the paper's loss (size T on a CPU: x0, x5)
     cfg = train.main(["--stage", "vae", "--out", str(tmp_path / "vae"), "--device", "cuda"])
     assert (cfg.resolution, cfg.factor) == (256, 8)
@@ -231,10 +237,19 @@ def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, mo
 def test_the_cpu_demo_defaults_to_the_recipe_that_learns_lip_sync_in_minutes(tmp_path, vae_ckpt, monkeypatch):
     monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
     cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "t"), "--device", "cpu"])
-    assert (cfg.size, cfg.prediction, cfg.mouth_weight) == ("T", "x0", 5.0)
+    assert (cfg.size, cfg.prediction, cfg.mouth_weight, cfg.temporal_kernel) == ("T", "x0", 5.0, "sdpa")
     cfg = train.main(["--vae", str(vae_ckpt), "--out", str(tmp_path / "e"), "--prediction", "eps", "--mouth-weight",
                       "1"])
     assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # what the command line gives wins
+
+
+def test_a_gpu_run_continues_on_a_cpu_with_the_cpus_temporal_kernel(tmp_path, vae_ckpt, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
+    saved = asdict(train.main(diffusion_args(tmp_path / "run", vae_ckpt)))
+    saved.update(device="cuda", temporal_kernel="triton")  # as a GPU run saves it
+    assert config.resumed_config(saved, {"device": "cpu"}, tmp_path / "run").temporal_kernel == "sdpa"
+    del saved["temporal_kernel"]  # a checkpoint from before the setting existed
+    assert config.resumed_config(saved, {"device": "cpu"}, tmp_path / "run").temporal_kernel == "sdpa"
 
 
 def test_help_lists_every_setting(capsys):
