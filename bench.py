@@ -14,9 +14,9 @@ Tables (also written as JSON, --json):
      forced and kernels.py's Triton kernel (CUDA), and a plain batched-matmul softmax;
   2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled, the
      compiled step on CUDA once per temporal kernel (train.py --temporal-kernel);
-  3  sampling speed: seconds of compute per second of video (and its inverse, x real time) with audio guidance
-     (2 model passes per step), DDIM 25 and sample.py's default sampler (DPM-Solver++ in 8 steps), per model size
-     and batch, and for the shipped checkpoint. On CUDA at the paper's shape (16 frames of 256x256), on a CPU at
+  3  sampling speed: seconds of compute per second of video (and its inverse, x real time): DDIM 25 with audio
+     guidance x2 (2 model passes per step, the paper's way and the old default) and sample.py's default
+     (DPM-Solver++ in 8 steps, no guidance: 1 pass), per model size and batch, and for the shipped checkpoint. On CUDA at the paper's shape (16 frames of 256x256), on a CPU at
      the demo's (8 frames of 64x64);
   4  data: clips per second the training sampler assembles on one CPU core from memory-mapped latents, at the
      demo's shape and the paper's (16 frames of 32x32x4 latents + 2 motion frames + mel windows), beside what the
@@ -43,7 +43,7 @@ from data import ClipSampler, VideoCache
 from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS, temporal_attention
 from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
-from sample import DEFAULT_CKPT, SAMPLER, SAMPLER_STEPS, generate, load_model
+from sample import AUDIO_SCALE, DEFAULT_CKPT, SAMPLER, SAMPLER_STEPS, generate, load_model
 from vae import VAE, VAEConfig
 
 # dense bf16 tensor-core peaks (FLOP/s, NVIDIA's data sheets), the denominator of MFU. The first name contained
@@ -279,8 +279,8 @@ def compiled_model(model):
 
 
 def sampling_table(device, sizes, shape, batches, samplers, repeats, compiled=False):
-    """Table 3: sample.generate for one window with audio guidance (2 model passes per step), with each of
-    `samplers` ((name, steps) pairs) and random weights per size (and a random VAE for the portrait and the
+    """Table 3: sample.generate for one window with each of `samplers` ((name, steps, audio guidance scale):
+    a scale of 1 runs the model once per step, any other twice) and random weights per size (and a random VAE for the portrait and the
     decoding) at each batch size, eager and (compiled) torch.compile'd, plus the shipped checkpoint on a CPU."""
     frames, latent = shape
     factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
@@ -304,12 +304,13 @@ def sampling_rows(device, name, model, vae, diffusion, batches, samplers, repeat
         for use_compile in (False, True) if compiled else (False,):
             net = compiled_model(model) if use_compile else model
             image, mel = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(batch, F_, 20, 80)
-            for sampler, steps in samplers:
-                seconds, memory = measure(lambda: generate(net, vae, diffusion, image, mel, steps, sampler,
+            for sampler, steps, audio_scale in samplers:
+                seconds, memory = measure(lambda: generate(net, vae, diffusion, image, mel, steps, sampler, audio_scale,
                                                            progress=False, device=device), device, repeats)
                 video_seconds = batch * F_ / 25
                 rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_,
-                             "resolution": res, "sampler": sampler, "steps": steps, "passes_per_step": 2,
+                             "resolution": res, "sampler": sampler, "steps": steps, "audio_scale": audio_scale,
+                             "passes_per_step": 1 if audio_scale == 1 else 2,
                              "seconds_per_video_second": seconds / video_seconds,
                              "realtime_x": video_seconds / seconds, "peak_mib": memory})
     return rows
@@ -410,8 +411,9 @@ def main(argv=None):
         "throughput": lambda: throughput_table(device, shapes, sizes, batch, repeats,
                                                compile_shape=shapes[0] if compiled else None),
         "sampling": lambda: sampling_table(device, sizes, paper if gpu else demo, sorted({1, batch}),
-                                           [(SAMPLER, SAMPLER_STEPS)] if args.quick else
-                                           [("ddim", 25), (SAMPLER, SAMPLER_STEPS)], 1 if args.quick else 2, compiled),
+                                           [(SAMPLER, SAMPLER_STEPS, AUDIO_SCALE)] if args.quick else
+                                           [("ddim", 25, 2.0), (SAMPLER, SAMPLER_STEPS, AUDIO_SCALE)],
+                                           1 if args.quick else 2, compiled),
         "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
     tables = {name: measure_table[name]() for name in TABLES if name in chosen}
@@ -425,9 +427,9 @@ def main(argv=None):
         "throughput": ("2. training step (forward, backward, AdamW)",
                        ["size", "frames", "latent", "batch", "compiled", "temporal", "clips_s", "tokens_s", "tflop_s",
                         "mfu", "peak_mib", "peak_mib_per_clip", "saved_mib"]),
-        "sampling": ("3. sampling one window with audio guidance",
-                     ["model", "batch", "compiled", "frames", "resolution", "sampler", "steps", "passes_per_step",
-                      "seconds_per_video_second", "realtime_x", "peak_mib"]),
+        "sampling": ("3. sampling one window",
+                     ["model", "batch", "compiled", "frames", "resolution", "sampler", "steps", "audio_scale",
+                      "passes_per_step", "seconds_per_video_second", "realtime_x", "peak_mib"]),
         "data": ("4. data: clips assembled per second on one CPU core (memory-mapped latents)",
                  ["frames", "latent", "batch", "clips_s", "gpus_fed"]),
     }

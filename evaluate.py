@@ -26,7 +26,7 @@ from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, fidelity, frame_change, frechet,
                      frechet_distance, i3d_features, identity_ratio, load_inception, load_probe, load_torchscript,
                      mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
-from sample import DEFAULT_CKPT, MAX_SCALE, SAMPLER, SAMPLER_STEPS, generate, load_model
+from sample import AUDIO_SCALE, DEFAULT_CKPT, MAX_SCALE, SAMPLER, SAMPLER_STEPS, generate, load_model
 from world import Identity, SyntheticVideos, synth_video
 
 PORTRAIT_LEAD = 10  # frames rendered before each evaluated video; the portrait is the first of them
@@ -50,8 +50,8 @@ def eval_videos(n, seconds, resolution, split, seed):
 
 
 @torch.no_grad()
-def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=2.0, split="test",
-             seed=0, inception=None, i3d=None, expression=None, speech=(), sheet=None, device="cpu"):
+def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=AUDIO_SCALE,
+             split="test", seed=0, inception=None, i3d=None, expression=None, speech=(), sheet=None, device="cpu"):
     """Evaluate a checkpoint on `videos` synthetic videos of `split` (held-out identities and sentences): each is
     animated from one of its frames with its own audio, with mismatched audio (the same recording shifted by half
     its length: the same voice, other words) and with silence. Returns a dict of every figure (see README)."""
@@ -148,8 +148,8 @@ def standard_extractors(inception=None, i3d=None, expression=None):
 
 
 @torch.no_grad()
-def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=2.0, seed=0,
-                    inception=None, i3d=None, expression=None, device="cpu"):
+def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=SAMPLER,
+                    audio_scale=AUDIO_SCALE, seed=0, inception=None, i3d=None, expression=None, device="cpu"):
     """The paper's Tables 1-2 on real held-out videos: those VideoFolder holds out of a prepared folder (every 20th).
     Each video's first frame is its portrait; the `seconds` after PORTRAIT_LEAD frames are generated from their
     audio and scored against the real ones: SSIM, and FID / FVD / E-FID with the extractors passed. The statistics
@@ -336,8 +336,8 @@ def main(argv=None):
     evaluation.add_argument("--steps", type=bounded(int, 1, STEPS), default=SAMPLER_STEPS,
                             help="denoising steps per window (default: sample.py's)")
     evaluation.add_argument("--sampler", choices=SAMPLERS, default=SAMPLER, help="as sample.py's (default: its own)")
-    evaluation.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=2.0,
-                            help="classifier-free guidance on the audio")
+    evaluation.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=AUDIO_SCALE,
+                            help="classifier-free guidance on the audio (default: sample.py's)")
     evaluation.add_argument("--split", choices=["test", "val"], default="test",
                             help="held-out identities and sentences to evaluate on")
     add_device(evaluation)
