@@ -16,8 +16,8 @@ Tables (also written as JSON, --json):
      compiled step on CUDA once per temporal kernel (train.py --temporal-kernel);
   3  sampling speed: seconds of compute per second of video (and its inverse, x real time): DDIM 25 with audio
      guidance x2 (2 model passes per step, the paper's way and the old default) and sample.py's default
-     (DPM-Solver++ in 8 steps, no guidance: 1 pass), per model size and batch, and for the shipped checkpoint. On CUDA at the paper's shape (16 frames of 256x256), on a CPU at
-     the demo's (8 frames of 64x64);
+     (DPM-Solver++ in 8 steps, no guidance: 1 pass), per model size and batch, and for the shipped checkpoint.
+     On CUDA at the paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64);
   4  data: clips per second the training sampler assembles on one CPU core from memory-mapped latents, at the
      demo's shape and the paper's (16 frames of 32x32x4 latents + 2 motion frames + mel windows), beside what the
      official code's best consumes (48.5 clips/s per H100, table 2's compiled B): a GPU must never wait for it.
@@ -280,8 +280,9 @@ def compiled_model(model):
 
 def sampling_table(device, sizes, shape, batches, samplers, repeats, compiled=False):
     """Table 3: sample.generate for one window with each of `samplers` ((name, steps, audio guidance scale):
-    a scale of 1 runs the model once per step, any other twice) and random weights per size (and a random VAE for the portrait and the
-    decoding) at each batch size, eager and (compiled) torch.compile'd, plus the shipped checkpoint on a CPU."""
+    a scale of 1 runs the model once per step, any other twice) and random weights per size (and a random VAE for
+    the portrait and the decoding) at each batch size, eager and (compiled) torch.compile'd, plus the shipped
+    checkpoint on a CPU."""
     frames, latent = shape
     factor = 8 if latent >= 32 else 4  # 256x256 frames for the paper's 32x32 latents, 64x64 for the CPU demo's
 
