@@ -96,7 +96,9 @@ class TrainConfig:
     drop_ref: float = setting(0.1, "probability of dropping the reference (classifier-free guidance)",
                               stage="diffusion", low=0, high=1)
     drop_motion: float = setting(0.3, "probability of dropping the motion frames, so the model also learns to "
-                                 "start a video", stage="diffusion", low=0, high=1)
+                                 "draw a clip from the portrait alone rather than only copy the frames before it "
+                                 "(sample.py always gives motion frames: the portrait's, then its own)",
+                                 stage="diffusion", low=0, high=1)
     ema: float = setting(0.999, "EMA decay of the weights sample.py uses (warmed up: min(decay, (1 + n) / (10 + "
                          "n)))", stage="diffusion", low=0, high=1)
     compile: bool = setting(None, "torch.compile the model; --no-compile for eager (default: on a GPU, where it "

@@ -328,7 +328,7 @@ class LetsTalk(nn.Module):
       mel    (B, F, 20, 80)   per-frame mel windows
       motion (B, M, C, h, w)  latents of the M frames before the clip (required when cfg.motion > 0)
       drop_* (B,) bool        replace that condition by its learned null embedding (classifier-free guidance;
-                              a dropped motion means "the start of a video")
+                              a dropped motion means "no history": the clip drawn from the portrait alone)
     returns (B, F, C, h, w).
     """
 

@@ -140,19 +140,21 @@ def test_no_jump_at_window_borders():
 
 
 def test_windows_shorter_than_the_motion_frames_continue_the_last_m_latents():
-    """With F = 1 frame per window and M = 2 motion frames, every window is conditioned on the last two latents
-    generated so far, which span windows; the first window's single latent stands in for the frame before it."""
+    """With F = 1 frame per window and M = 2 motion frames, every window is conditioned on the last two latents so
+    far, which span windows; before the first window the portrait stands still for two frames."""
     torch.manual_seed(0)
     model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=1, motion=2,
                                     audio_layers=1)).eval()
     vae = VAE(VAEConfig(resolution=16, factor=4, width=8)).eval()
-    motions, latents, decode = [], [], vae.decode
-    model.register_forward_pre_hook(lambda module, args: motions.append(args[4].clone()))
+    motions, refs, latents, decode = [], [], [], vae.decode
+    model.register_forward_pre_hook(lambda module, args: motions.append(args[4].clone()) or refs.append(args[2]))
     vae.decode = lambda z: latents.append(z * vae.latent_scale) or decode(z)
     steps = 2
-    sample.generate(model, vae, Diffusion(), np.zeros((1, 16, 16, 3), np.uint8), torch.randn(1, 4, 20, 80),
-                    steps=steps, audio_scale=1.0, progress=False)  # one model pass per step
-    z = torch.cat(latents)  # the 4 generated latents, one per window
+    portrait = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    sample.generate(model, vae, Diffusion(), portrait, torch.randn(1, 4, 20, 80), steps=steps, audio_scale=1.0,
+                    progress=False)  # one model pass per step
+    z, ref = torch.cat(latents), refs[0]  # the 4 generated latents (one per window) and the portrait's
+    assert torch.allclose(ref, vae.encode(sample.to_tensor(portrait)) * vae.latent_scale)
     assert len(latents) == 4 and [m.shape[1] for m in motions] == [2] * 4 * steps
-    for w, want in ((1, z[[0, 0]]), (2, z[[0, 1]]), (3, z[[1, 2]])):
+    for w, want in ((0, torch.cat([ref, ref])), (1, torch.cat([ref, z[:1]])), (2, z[[0, 1]]), (3, z[[1, 2]])):
         assert torch.allclose(motions[w * steps][0], want, atol=1e-6), f"window {w}"
