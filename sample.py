@@ -96,7 +96,7 @@ def generate(model, vae, diffusion, images, mels, steps=25, sampler="ddim", audi
     shape = (B, F_, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     # the last M latents so far, the next window's motion frames. Before the first window the portrait stands still
     # for M frames, as the official sample_long.py starts a video (we used to start from no motion frames, the
-    # learned null: 2.4 dB less re-render fidelity on 16 held-out people; README, Sampling)
+    # learned null: 2.3 dB less re-render fidelity for the shipped checkpoint on 16 held-out people; README, Sampling)
     history = ref[:, None].repeat(1, M, 1, 1, 1)
     # the passes this guidance needs, each a batch of B: (drop the portrait, drop the audio)
     passes = {"both": (False, False)}
