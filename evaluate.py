@@ -23,9 +23,9 @@ from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, 
                     to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from data import ClipPool, VideoFolder, build_frame_pool
 from diffusion import SAMPLERS, STEPS
-from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, clip_windows, fidelity, frame_change, frechet,
-                     frechet_distance, i3d_features, identity_ratio, load_inception, load_probe, load_torchscript,
-                     mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
+from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
+                     frame_change, frechet, frechet_distance, i3d_features, identity_ratio, load_inception, load_probe,
+                     load_torchscript, mouth_darkness, off_palette, per_clip_sync, probe_readings, ssim, train_probe)
 from sample import AUDIO_SCALE, DEFAULT_CKPT, MAX_SCALE, SAMPLER, SAMPLER_STEPS, generate, load_model
 from world import Identity, SyntheticVideos, synth_video
 
@@ -102,6 +102,8 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
     result["head_motion_ratio"] = float(reads["fake"][..., 2:].std(1).mean() / reads["real"][..., 2:].std(1).mean())
     result["motion_real"], result["motion_speech"] = frame_change(real), frame_change(fake)
     result["motion_silent"] = frame_change(gen["silent"])
+    if T > model.cfg.frames:
+        result["border_jump"] = border_jump(fake, model.cfg.frames)
 
     # identity and artefacts
     identities = [m["identity"] for m in metas]
@@ -252,7 +254,9 @@ def report(r):
         f"(real frames {r['darkness_sync_real']:.2f}).",
         f"Diversity, generated / real: blink rate {r['blink_rate_ratio']:.2f}x, mouth motion "
         f"{r['mouth_motion_ratio']:.2f}x, head motion {r['head_motion_ratio']:.2f}x. Frame-to-frame change: real "
-        f"{r['motion_real']:.4f}, generated {r['motion_speech']:.4f}, generated from silence {r['motion_silent']:.4f}.",
+        f"{r['motion_real']:.4f}, generated {r['motion_speech']:.4f}, generated from silence {r['motion_silent']:.4f}"
+        + (f"; across window borders {r['border_jump']:.2f}x the change inside windows." if "border_jump" in r
+           else "."),
         f"Identity (colour distance to own / to another identity): background {r['identity_background_ratio']:.3f}, "
         f"skin {r['identity_skin_ratio']:.3f}. Off-palette pixels: {100 * r['blob_fraction']:.2f}% (colours "
         f"farther than {r['blob_threshold']:.1f} from every colour of the real video; 0.1% of the VAE's "

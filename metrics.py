@@ -385,3 +385,12 @@ def frame_change(videos):
     return float(np.abs(np.diff(videos.astype(np.float32) / 255, axis=1)).mean())
 
 
+def border_jump(videos, window):
+    """Seams of a video generated in windows of `window` frames (sample.generate): the mean absolute change from
+    frame to frame across window borders over that inside windows, for videos uint8 (N, T, H, W, 3) with T >
+    window. About 1 where each window continues the last one smoothly (real videos: 1 for any window)."""
+    change = np.abs(np.diff(videos.astype(np.float32), axis=1)).mean(axis=(0, 2, 3, 4))  # (T - 1,): t -> t + 1
+    border = np.arange(1, len(change) + 1) % window == 0
+    return float(change[border].mean() / change[~border].mean())
+
+

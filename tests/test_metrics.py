@@ -173,3 +173,13 @@ def test_rerender_fidelity_is_high_for_drawings_of_the_person_and_low_otherwise(
     clean, noise, wrong = (metrics.fidelity(probe, f[None], [p]) for f, p in ((frame, person), (noisy, person),
                                                                               (frame, other)))
     assert clean > 35 and 28 < noise < 31 and wrong < 22, (clean, noise, wrong)
+
+
+def test_border_jump_is_the_change_across_window_borders_over_the_change_inside():
+    t = np.arange(24, dtype=np.float32)
+    smooth = np.broadcast_to((2 * t)[None, :, None, None, None], (2, 24, 4, 4, 3)).astype(np.uint8)
+    assert metrics.border_jump(smooth, 8) == pytest.approx(1.0)  # a steady ramp: no seam, whatever the window
+    stepped = (2 * t + 12 * (t // 8))[None, :, None, None, None]  # each window starts 12 higher: 14 at its border
+    videos = np.broadcast_to(stepped, (2, 24, 4, 4, 3)).astype(np.uint8)
+    assert metrics.border_jump(videos, 8) == pytest.approx(7.0)
+    assert metrics.border_jump(videos, 6) == pytest.approx(2 / ((18 * 2 + 2 * 14) / 20))  # the jumps fall inside
