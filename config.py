@@ -66,7 +66,12 @@ class TrainConfig:
                           "people and is kept for validation); 300 hold 26,000 distinct 8-frame clips", low=2,
                           high=100_000)
     # stage 2: the diffusion transformer
-    vae: str = setting("runs/vae/ckpt.pt", "VAE checkpoint from `train.py --stage vae`", stage="diffusion")
+    vae: str = setting(None, "VAE checkpoint from `train.py --stage vae` (default: runs/vae/ckpt.pt, or --init's "
+                       "own VAE)", stage="diffusion")
+    init: str = setting(None, "fine-tune: start the model and its EMA from the EMA weights of this diffusion "
+                        "checkpoint (a run's ckpt.pt or an --export) with a fresh optimizer; its model shape, "
+                        "--prediction and --schedule must be this run's, and its VAE is the default --vae",
+                        stage="diffusion")
     size: str = setting(None, "model size (default: B on a GPU, T on a CPU)", stage="diffusion",
                         choices=tuple(SIZES))
     frames: int = setting(None, "F per clip (default: 16 as the paper on a GPU, 8 on a CPU)", stage="diffusion",
@@ -110,7 +115,7 @@ class TrainConfig:
 
 
 RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"])  # what --resume may change
-PATHS = ("data", "cache", "vae")  # settings that name files or folders
+PATHS = ("data", "cache", "vae", "init")  # settings that name files or folders
 
 
 def flag(name):
@@ -178,6 +183,9 @@ def resolve(cfg):
         raise UserError(f"--size {cfg.size} needs a GPU (one step on this CPU would take minutes). On a CPU, train "
                         "the tiny model: `python train.py --size T`; on GPUs: `torchrun --nproc_per_node=N train.py "
                         f"--size {cfg.size} --data DIR` with DIR from `python data.py prepare`.")
+    if cfg.init and not Path(cfg.init).is_file():
+        raise UserError(f"--init {cfg.init}: no such checkpoint (a diffusion run's ckpt.pt, or its --export)")
+    cfg.vae = cfg.vae or cfg.init or "runs/vae/ckpt.pt"  # a diffusion checkpoint holds the VAE of its latents
     if not Path(cfg.vae).is_file():
         raise UserError(f"--vae {cfg.vae}: no VAE checkpoint; train one first with `python train.py --stage vae`")
     return cfg

@@ -40,7 +40,7 @@ from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS
 from letstalk import LetsTalk, config_for
 from metrics import PROBE, fidelity, load_probe, per_clip_sync, probe_readings
-from sample import generate
+from sample import generate, load_model
 from vae import VAE, VAEConfig, load_vae, psnr, vae_from_state, vae_loss, vae_state
 from world import Identity, render_folder
 
@@ -232,6 +232,8 @@ class DiffusionStage:
         self.ema = LetsTalk(mcfg).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.diffusion = Diffusion(schedule=cfg.schedule, prediction=cfg.prediction)
+        if cfg.init:  # checked before the data is touched (a resumed run then loads its own weights over these)
+            self.start_from(cfg.init)
         # with ground truth and a probe (evaluate.py probe), evaluations also measure lip sync
         synthetic = cfg.data == "synthetic" and self.resolution == 64
         self.probe = load_probe(PROBE) if synthetic and PROBE.exists() else None
@@ -371,6 +373,27 @@ class DiffusionStage:
         return {"model": {"config": asdict(self.model.cfg), "weights": self.model.state_dict()},
                 "ema": self.ema.state_dict(), "vae": vae_state(self.vae),
                 "diffusion": self.diffusion.config(), "seen": self.seen}
+
+    @torch.no_grad()
+    def start_from(self, path):
+        """--init: the model and its EMA start from the EMA weights of the diffusion checkpoint at `path`, which
+        must have been trained on this run's VAE latents, with this run's model shape and diffusion."""
+        model, vae, diffusion, _ = load_model(path, "cpu")
+        theirs, ours = asdict(model.cfg), asdict(self.model.cfg)
+        differ = [f"{k} {theirs[k]}, here {ours[k]}" for k in ours if theirs[k] != ours[k]]
+        differ += [f"{k} {v}, here {self.diffusion.config()[k]}" for k, v in diffusion.config().items()
+                   if v != self.diffusion.config()[k]]
+        if differ:
+            raise UserError(f"--init {path}: its model differs from the one these settings build ({'; '.join(differ)})"
+                            "; pass the settings it was trained with")
+        # an --export keeps the VAE in fp16: the VAE it was exported from is the same one to fp16 precision
+        same_vae = all(a.shape == b.shape and torch.equal(a.half(), b.half()) for a, b in
+                       zip(vae.state_dict().values(), self.vae.state_dict().values()))
+        if not same_vae or len(vae.state_dict()) != len(self.vae.state_dict()):
+            raise UserError(f"--init {path}: trained on the latents of another VAE than --vae {self.cfg.vae}; leave "
+                            "--vae out to use its own")
+        self.model.load_state_dict(model.state_dict())
+        self.ema.load_state_dict(model.state_dict())
 
     def load(self, ckpt):
         """Restore the model and EMA weights and the clips seen from a checkpoint written by save_checkpoint."""

@@ -303,3 +303,28 @@ def test_export_writes_what_sample_needs(tmp_path, diffusion_ckpt, capsys):
     assert diffusion.config() == exported["diffusion"] and 0 < domain["vae_min_psnr"] < 100
     run = torch.load(diffusion_ckpt, weights_only=True)["ema"]
     assert all(torch.allclose(p.float(), run[k], atol=1e-2) for k, p in model.state_dict().items() if k in run)
+
+
+def test_init_fine_tunes_a_checkpoint_only_on_its_own_vae_and_shape(tmp_path, diffusion_ckpt, capsys):
+    """--init: the run starts from an export's EMA weights, with the export's VAE unless --vae names the same one;
+    another shape, prediction or VAE is refused before any work."""
+    export = tmp_path / "model.pt"
+    train.main(["--out", str(diffusion_ckpt.parent), "--export", str(export)])
+    cache = str(diffusion_ckpt.parent.parent / "cache")
+    small = ["--cache", cache, "--size", "T", "--frames", "4", "--videos", "2", "--device", "cpu",
+             "--init", str(export)]
+    train.main(["--out", str(tmp_path / "ft"), *small, "--max-minutes", "0"])  # its own VAE: no --vae
+    saved = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    wanted = torch.load(export, weights_only=True)["ema"]
+    for weights in (saved["ema"], saved["model"]["weights"]):
+        assert all(torch.equal(weights[k], v.float()) for k, v in wanted.items())
+    other_vae = torch.load(diffusion_ckpt.parent.parent / "vae" / "ckpt.pt", weights_only=True)
+    next(iter(other_vae["vae"]["weights"].values())).add_(0.1)
+    torch.save(other_vae, tmp_path / "other_vae.pt")
+    capsys.readouterr()
+    for extra, message in ((["--frames", "8"], "frames 4, here 8"), (["--prediction", "v"], "prediction x0, here v"),
+                           (["--vae", str(tmp_path / "other_vae.pt")], "another VAE")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", str(tmp_path / "bad"), *small, *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
