@@ -41,7 +41,7 @@ from kernels import TEMPORAL_KERNELS
 from letstalk import LetsTalk, config_for
 from metrics import PROBE, fidelity, load_probe, per_clip_sync, probe_readings
 from sample import generate, load_model
-from vae import VAE, VAEConfig, load_vae, psnr, vae_from_state, vae_loss, vae_state
+from vae import VAE, VAEConfig, load_vae, psnr, same_latents, vae_from_state, vae_loss, vae_state
 from world import Identity, render_folder
 
 SYNTH_SECONDS = 4.0  # length of the synthetic videos --data synthetic renders
@@ -138,11 +138,17 @@ def data_folder(cfg, resolution):
 
 
 class VAEStage:
-    """Reconstruction of single frames (vae.vae_loss); evaluation: PSNR on held-out identities or videos."""
+    """Reconstruction of single frames (vae.vae_loss); evaluation: PSNR on held-out identities or videos. With
+    --init, a decoder fine-tune: the encoder and latent_scale of the checkpoint's VAE stay as they are (a diffusion
+    model trained on its latents can then use the new decoder), the decoder learns from noised latents."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
-        self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.vae_width)).to(device)
+        if cfg.init:
+            self.model = load_vae(cfg.init, device).train()
+            self.model.encoder.requires_grad_(False)
+        else:
+            self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.vae_width)).to(device)
         # every 8th frame of every video, cached once per video (each rank its share) and memory-mapped
         folder = data_folder(cfg, cfg.resolution)
         cache = Path(cfg.cache) / f"frames_{folder.name}-{short_hash(str(folder.resolve()))}"
@@ -165,19 +171,31 @@ class VAEStage:
         indices = batch_indices(micro_step, self.cfg.batch_size * world(), int(self.train.offsets[-1]), self.cfg.seed)
         video, position = self.train.locate(np.array(indices[rank()::world()]))
         x = to_tensor(np.stack([self.train.entries[v]["frames"][i].numpy() for v, i in zip(video, position)]))
-        return vae_loss(self.net, x.to(self.device), self.model.config.kl_weight)
+        return vae_loss(self.net, x.to(self.device), self.model.config.kl_weight, self.cfg.latent_noise)
 
     @torch.no_grad()
     def evaluate(self, step, out):
-        """Mean PSNR of the eval-mode VAE on the held-out frames -> {"val_psnr": float}."""
+        """Mean PSNR of the eval-mode VAE on the held-out frames -> {"val_psnr": float}, and with --latent-noise S
+        {"val_psnr_noised": float}: the same frames decoded from latents noised by S (the top of the range)."""
         self.model.eval()
-        scores = torch.cat([psnr(self.model.decode(self.model.encode(x)), x) for x in self.val_frames.split(64)])
+        latents = [self.model.encode(x) for x in self.val_frames.split(64)]
+        logs = {"val_psnr": torch.cat([psnr(self.model.decode(z), x) for z, x in
+                                       zip(latents, self.val_frames.split(64))]).mean().item()}
+        if self.cfg.latent_noise:
+            noise = torch.Generator(self.device).manual_seed(0)  # the same noise at every evaluation
+            sigma = self.cfg.latent_noise / self.model.latent_scale
+            logs["val_psnr_noised"] = torch.cat([
+                psnr(self.model.decode(z + sigma * torch.randn(z.shape, generator=noise, device=z.device)), x)
+                for z, x in zip(latents, self.val_frames.split(64))]).mean().item()
         self.model.train()
-        return {"val_psnr": scores.mean().item()}
+        return logs
 
     @torch.no_grad()
     def before_save(self):
-        """Measure latent_scale = 1 / std of the (mean) latents of training frames, so the checkpoint is usable."""
+        """Measure latent_scale = 1 / std of the (mean) latents of training frames, so the checkpoint is usable; a
+        decoder fine-tune keeps the one its encoder came with."""
+        if self.cfg.init:
+            return
         self.model.eval()
         x = to_tensor(self.frames(self.train, 512)).to(self.device)
         z = torch.cat([self.model.encode(chunk) for chunk in x.split(64)])
@@ -386,10 +404,7 @@ class DiffusionStage:
         if differ:
             raise UserError(f"--init {path}: its model differs from the one these settings build ({'; '.join(differ)})"
                             "; pass the settings it was trained with")
-        # an --export keeps the VAE in fp16: the VAE it was exported from is the same one to fp16 precision
-        same_vae = all(a.shape == b.shape and torch.equal(a.half(), b.half()) for a, b in
-                       zip(vae.state_dict().values(), self.vae.state_dict().values()))
-        if not same_vae or len(vae.state_dict()) != len(self.vae.state_dict()):
+        if not same_latents(vae, self.vae):
             raise UserError(f"--init {path}: trained on the latents of another VAE than --vae {self.cfg.vae}; leave "
                             "--vae out to use its own")
         self.model.load_state_dict(model.state_dict())
@@ -403,15 +418,23 @@ class DiffusionStage:
 
 
 @torch.no_grad()
-def export(run_ckpt, dst, frames=512):
+def export(run_ckpt, dst, vae_path=None, frames=512):
     """Write the part of a diffusion run's checkpoint that sample.py needs: the EMA weights, the VAE and the
     diffusion settings, in fp16 (sampling casts back to float32; half the bytes), plus `domain`: the VAE's worst
-    PSNR on `frames` training frames, so sample.py can tell when a portrait is unlike anything trained on."""
+    PSNR on `frames` training frames, so sample.py can tell when a portrait is unlike anything trained on.
+    `vae_path`: a checkpoint whose VAE replaces the run's, which must encode the same latents (a decoder
+    fine-tuned by `--stage vae --init`)."""
     ckpt = load_checkpoint(run_ckpt, needs=("model", "ema", "vae", "diffusion", "train_config"),
                            what="a diffusion run's checkpoint", hint=" (pass the run folder with --out)")
     with contents_of(run_ckpt, "a diffusion run's checkpoint"):
         cfg = TrainConfig(**ckpt["train_config"])
         vae = vae_from_state(ckpt["vae"])
+    if vae_path:
+        other = load_vae(vae_path)
+        if not same_latents(other, vae):
+            raise UserError(f"--vae {vae_path}: its encoder is not the one {run_ckpt} was trained on; only a decoder "
+                            f"fine-tuned from it (`train.py --stage vae --init {run_ckpt}`) can replace it")
+        vae = other
     videos = VideoFolder(data_folder(cfg, vae.config.resolution), "train")
     n = min(len(videos), 32)
     x = torch.cat([to_tensor(videos[i].frames[:math.ceil(frames / n)]) for i in range(n)])
@@ -419,7 +442,7 @@ def export(run_ckpt, dst, frames=512):
     half = lambda weights: {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}  # noqa: E731
     out = {"stage": "export", "step": ckpt["step"], "train_config": ckpt["train_config"],
            "model": {"config": ckpt["model"]["config"]}, "ema": half(ckpt["ema"]),
-           "vae": {"config": ckpt["vae"]["config"], "weights": half(ckpt["vae"]["weights"])},
+           "vae": {"config": asdict(vae.config), "weights": half(vae.state_dict())},
            "diffusion": ckpt["diffusion"], "domain": {"vae_min_psnr": worst}}
     atomic_write(dst, lambda tmp: torch.save(out, tmp))
     return out
@@ -476,7 +499,8 @@ def train(cfg, resume=False, max_minutes=None):
     if rank() == 0:
         remove_stale_temps(ckpt_path)  # what a run killed while saving left
     # fused: one kernel updates every parameter (CPU and CUDA alike); the default steps them one by one
-    optimizer = torch.optim.AdamW(stage.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
+    trained = [p for p in stage.model.parameters() if p.requires_grad]  # a decoder fine-tune freezes the encoder
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0, fused=True)
     step, elapsed, saved_at = 0, 0.0, None
     torch.manual_seed(cfg.seed * 1000 + rank())  # from here on each rank draws its own noise
     if resume:  # loaded on the CPU: the model and optimizer copy what they need to the device, RNG states stay
@@ -524,7 +548,7 @@ def train(cfg, resume=False, max_minutes=None):
                 raise diverged("loss", mean_across_ranks(loss.item()), step, ckpt_path, saved_at, cfg)
             (loss / cfg.accum).backward()
             total += loss.item() / cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), cfg.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
         if not math.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients)
             bar.close()
             raise diverged("gradient norm", grad_norm, step, ckpt_path, saved_at, cfg)
@@ -574,14 +598,16 @@ def main(argv=None):
                         "train no step)")
     add_settings(parser)
     parser.add_argument("--export", type=Path, metavar="PATH", help="write the sampling part of --out's checkpoint "
-                        "(EMA weights, VAE, fp16) to PATH for sample.py, and exit")
+                        "(EMA weights, VAE, fp16) to PATH for sample.py, and exit; with --vae, that checkpoint's "
+                        "fine-tuned decoder (--stage vae --init) replaces the run's")
     args = parser.parse_args(argv)
     settings = given(args)
 
     if args.export:
         with user_errors():
             run = Path(args.out or "runs/diffusion") / "ckpt.pt"
-            export(run, writable_file(args.export, "--export", (".pt",), inputs=(run,)))
+            inputs = (run, Path(args.vae)) if args.vae else (run,)
+            export(run, writable_file(args.export, "--export", (".pt",), inputs=inputs), args.vae)
         print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
         return None
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():

@@ -102,12 +102,20 @@ class VAE(nn.Module):
         mean, logvar = self.moments(x)
         return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
 
-    def forward(self, x):
+    def forward(self, x, latent_noise=0.0):
         """The training pass, (B, 3, H, W) -> (reconstruction (B, 3, H, W), mean, logvar (B, 4, h, w) each): z is
         sampled from q(z|x) by the reparameterisation trick and decoded unclamped. (A forward pass, so that
-        DistributedDataParallel sees it and averages the gradients across GPUs.)"""
+        DistributedDataParallel sees it and averages the gradients across GPUs.)
+
+        latent_noise > 0 (a decoder fine-tune, `train.py --stage vae --init`): each frame's z also gets Gaussian
+        noise of a std drawn from U(0, latent_noise), measured in the diffusion model's units (z * latent_scale,
+        unit variance). A diffusion model's latents are never exactly an encoder's: a decoder trained only on the
+        encoder's draws their small errors as speckle, one trained on noised latents draws through them."""
         mean, logvar = self.moments(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        if latent_noise:
+            sigma = torch.rand(len(z), 1, 1, 1, device=z.device) * latent_noise / self.latent_scale
+            z = z + sigma * torch.randn_like(z)
         return self.decoder(z), mean, logvar
 
     def decode(self, z):
@@ -122,14 +130,15 @@ def kl_divergence(mean, logvar):
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
 
 
-def vae_loss(vae, x, kl_weight):
+def vae_loss(vae, x, kl_weight, latent_noise=0.0):
     """The VAE objective on frames x (B, 3, H, W) in [-1, 1], for a VAE (or its DistributedDataParallel wrapper):
 
         L = mean|x - x'| + mean (x - x')^2 + kl_weight * KL(q(z|x) || N(0, I)),   x' = decode(z), z ~ q(z|x)
 
-    L1 keeps edges sharp, MSE punishes large errors (it is what PSNR measures). Returns (loss, logs dict).
+    L1 keeps edges sharp, MSE punishes large errors (it is what PSNR measures). With latent_noise, z is also noised
+    (VAE.forward). Returns (loss, logs dict).
     """
-    reconstruction, mean, logvar = vae(x)
+    reconstruction, mean, logvar = vae(x, latent_noise)
     err = reconstruction - x
     l1, mse, kl = err.abs().mean(), err.pow(2).mean(), kl_divergence(mean, logvar)
     return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
@@ -139,6 +148,15 @@ def psnr(x, y):
     """Peak signal-to-noise ratio in dB of images in [-1, 1], one value per image: (B, 3, H, W) x 2 -> (B,)."""
     mse = (x - y).pow(2).flatten(1).mean(1) / 4  # on the [0, 1] scale, where the peak is 1
     return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+def same_latents(a, b):
+    """True if VAEs a and b give any frame the same diffusion latents: the same encoder weights and latent_scale, to
+    fp16 precision (an --export keeps its VAE in fp16). Their decoders may differ: `train.py --stage vae --init`
+    fine-tunes only the decoder, so a diffusion model trained on a's latents can be decoded by b."""
+    ours, theirs = ({**v.encoder.state_dict(), "latent_scale": v.latent_scale} for v in (a, b))
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and torch.equal(ours[k].half(), theirs[k].half()) for k in ours)
 
 
 def vae_state(vae):

@@ -328,3 +328,39 @@ def test_init_fine_tunes_a_checkpoint_only_on_its_own_vae_and_shape(tmp_path, di
             train.main(["--out", str(tmp_path / "bad"), *small, *extra])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_decoder_fine_tune_keeps_the_latents_and_replaces_the_exported_decoder(tmp_path, diffusion_ckpt, capsys):
+    """--stage vae --init: only the decoder of the checkpoint's VAE trains (encoder and latent_scale exactly kept);
+    --export --vae puts it in the export, and a diffusion --init accepts it beside the VAE it came from. An encoder
+    that differs, a shape change or --latent-noise without --init are refused."""
+    cache = str(diffusion_ckpt.parent.parent / "cache")
+    run = tmp_path / "decoder" / "ckpt.pt"
+    train.main(["--stage", "vae", "--init", str(diffusion_ckpt), "--latent-noise", "0.3", "--out", str(run.parent),
+                "--cache", cache, "--videos", "2", "--batch-size", "4", "--steps", "2", "--device", "cpu"])
+    before, after = load_vae(diffusion_ckpt), load_vae(run)
+    assert all(torch.equal(v, after.encoder.state_dict()[k]) for k, v in before.encoder.state_dict().items())
+    assert torch.equal(before.latent_scale, after.latent_scale)
+    assert not torch.equal(before.decoder[0].weight, after.decoder[0].weight)
+    assert "val_psnr_noised" in json.loads((run.parent / "log.jsonl").read_text().splitlines()[-1])["final"]
+    train.main(["--out", str(diffusion_ckpt.parent), "--export", str(tmp_path / "model.pt"), "--vae", str(run)])
+    _, exported, _, _ = sample.load_model(tmp_path / "model.pt", "cpu")
+    assert torch.equal(exported.decoder[0].weight, after.decoder[0].weight.half().float())
+    small = ["--cache", cache, "--size", "T", "--frames", "4", "--videos", "2", "--device", "cpu", "--max-minutes", "0"]
+    train.main(["--out", str(tmp_path / "ft"), *small, "--init", str(tmp_path / "model.pt"),
+                "--vae", str(diffusion_ckpt)])  # the same latents: accepted
+    other = torch.load(run, weights_only=True)
+    other["vae"]["weights"]["encoder.0.weight"].add_(0.1)
+    torch.save(other, tmp_path / "other.pt")
+    capsys.readouterr()
+    for argv, message in (
+            (["--out", str(diffusion_ckpt.parent), "--export", str(tmp_path / "x.pt"), "--vae",
+              str(tmp_path / "other.pt")], "its encoder is not the one"),
+            (["--stage", "vae", "--init", str(run), "--resolution", "64", "--out", str(tmp_path / "z")],
+             "a fine-tune keeps them (drop --resolution)"),
+            (["--stage", "vae", "--latent-noise", "0.3", "--out", str(tmp_path / "z")], "pass the checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "z").exists()

@@ -42,6 +42,22 @@ def test_encode_samples_when_training_and_is_deterministic_in_eval():
     assert torch.equal(model.encode(x), model.encode(x)) and torch.equal(model.encode(x), model.moments(x)[0])
 
 
+def test_latent_noise_is_drawn_per_frame_in_the_diffusion_models_units():
+    """VAE.forward(x, S): each frame's latent gets noise of a std drawn from U(0, S) / latent_scale (S in the unit-
+    variance units of z * latent_scale), so the decoder sees what a diffusion model's errors look like."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(resolution=16, factor=4, width=8))
+    last = vae.encoder[-1]  # its second half is the log-variance: clamped to -30, the posterior adds next to nothing
+    with torch.no_grad():
+        last.weight[4:].zero_(), last.bias[4:].fill_(-100.0), vae.latent_scale.fill_(4.0)
+    vae.decoder = torch.nn.Identity()  # so forward returns the latent it would decode
+    x = torch.rand(512, 3, 16, 16) * 2 - 1
+    z, mean, _ = vae(x, latent_noise=0.6)
+    std = ((z - mean) * vae.latent_scale).flatten(1).std(1)  # each frame's noise, in diffusion units
+    assert std.max() < 0.6 * 1.3 and 0.27 < std.mean() < 0.33 and std.min() < 0.05
+    assert torch.allclose(vae(x)[0], mean, atol=1e-5)  # 0 (the default): the plain VAE
+
+
 def test_vae_overfits_one_small_batch():
     torch.manual_seed(0)
     frames = [world.render_frame(world.identity(i), 64, i / 4, 0.3, 0.0, (0.0, 0.0, 0.0))[0] for i in range(4)]
