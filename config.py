@@ -180,7 +180,7 @@ def resolve(cfg):
         cfg.resolution = cfg.resolution or (256 if gpu else 64)
         cfg.factor = cfg.factor or (8 if cfg.resolution >= 256 else 4)
         cfg.vae_width = cfg.vae_width or 32
-        # a fine-tune starts from trained weights: 1e-4 (measured with --latent-noise 0.3), a fifth of a new VAE's
+        # a fine-tune starts from trained weights: 1e-4, a fifth of a new VAE's (README: the --latent-noise table)
         cfg.batch_size, cfg.lr = cfg.batch_size or 32, cfg.lr or (1e-4 if cfg.init else 5e-4)
         if cfg.resolution % (2 * cfg.factor):
             raise UserError(f"--resolution {cfg.resolution}: must be a multiple of {2 * cfg.factor}, twice --factor "

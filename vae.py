@@ -10,7 +10,9 @@ so the transformer sees 64x fewer positions. The paper reuses Stable Diffusion's
 Residual blocks with GroupNorm, no attention (the faces are small; convolutions see enough of them).
 
 `python vae.py --ckpt runs/vae/ckpt.pt --image face.png` writes a side-by-side reconstruction and prints PSNR;
-training is `python train.py --stage vae` (see train.py).
+training is `python train.py --stage vae` (see train.py), and `python train.py --stage vae --init CKPT
+--latent-noise S` fine-tunes only the decoder of a trained VAE to draw clean frames from a diffusion model's
+slightly-off latents (VAE.forward).
 """
 
 import math
