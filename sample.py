@@ -47,7 +47,7 @@ def load_model(path, device):
     """(the EMA denoiser, the VAE, the Diffusion, the domain statistics or None) of a checkpoint written by
     train.py: a run's ckpt.pt, or its `--export`."""
     ckpt = load_checkpoint(path, needs=("model", "ema", "vae", "diffusion"), what="a letstalk diffusion checkpoint",
-                           hint=" (train one with `python train.py`, then pass --ckpt)")
+                           hint=" (a run's ckpt.pt or its --export: train one with `python train.py`)")
     if not all(v.isfinite().all() for v in ckpt["ema"].values() if v.is_floating_point()):
         raise UserError(f"{path}: its weights are not finite (a diverged run); use an earlier checkpoint")
     with contents_of(path, "a letstalk diffusion checkpoint"):
