@@ -41,7 +41,7 @@ from kernels import TEMPORAL_KERNELS
 from letstalk import LetsTalk, config_for
 from metrics import PROBE, fidelity, load_probe, per_clip_sync, probe_readings
 from sample import generate, load_model
-from vae import VAE, VAEConfig, load_vae, psnr, same_latents, vae_from_state, vae_loss, vae_state
+from vae import VAE, VAEConfig, load_vae, latents_id, psnr, vae_from_state, vae_loss, vae_state
 from world import Identity, render_folder
 
 SYNTH_SECONDS = 4.0  # length of the synthetic videos --data synthetic renders
@@ -116,9 +116,9 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-def short_hash(data):
-    """Eight hex digits that tell one text or file content from another."""
-    return hashlib.sha256(data if isinstance(data, bytes) else data.encode()).hexdigest()[:8]
+def short_hash(text):
+    """Eight hex digits that tell one text from another."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def data_folder(cfg, resolution):
@@ -234,6 +234,7 @@ def loss_region(pool_item_boxes, resolution, latent_size, mouth_weight, shape):
     return weight + (mouth_weight - 1) * inside.float()[:, :, None]
 
 
+
 class DiffusionStage:
     """The LetsTalk denoiser trained with L_simple (Eq. 3) on VAE latents of clips, plus an EMA copy."""
 
@@ -270,7 +271,7 @@ class DiffusionStage:
             raise UserError(f"--data {cfg.data}: {size}x{size} frames, but the VAE {cfg.vae} was trained on "
                             f"{self.resolution}x{self.resolution}; train a VAE on this data (--stage vae)")
         cache = Path(cfg.cache) / (f"latents_{folder.name}-{short_hash(str(folder.resolve()))}_vae-"
-                                   f"{short_hash(Path(cfg.vae).read_bytes())}")  # a new VAE never reuses old latents
+                                   f"{latents_id(self.vae)[:8]}")  # a new encoder never reuses old latents
         encode_videos(videos, self.vae, cache, device, rank(), world())
         barrier()
         train_cache = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders])
@@ -404,7 +405,7 @@ class DiffusionStage:
         if differ:
             raise UserError(f"--init {path}: its model differs from the one these settings build ({'; '.join(differ)})"
                             "; pass the settings it was trained with")
-        if not same_latents(vae, self.vae):
+        if latents_id(vae) != latents_id(self.vae):
             raise UserError(f"--init {path}: trained on the latents of another VAE than --vae {self.cfg.vae}; leave "
                             "--vae out to use its own")
         self.model.load_state_dict(model.state_dict())
@@ -431,7 +432,7 @@ def export(run_ckpt, dst, vae_path=None, frames=512):
         vae = vae_from_state(ckpt["vae"])
     if vae_path:
         other = load_vae(vae_path)
-        if not same_latents(other, vae):
+        if latents_id(other) != latents_id(vae):
             raise UserError(f"--vae {vae_path}: its encoder is not the one {run_ckpt} was trained on; only a decoder "
                             f"fine-tuned from it (`train.py --stage vae --init {run_ckpt}`) can replace it")
         vae = other

@@ -15,6 +15,7 @@ training is `python train.py --stage vae` (see train.py), and `python train.py -
 slightly-off latents (VAE.forward).
 """
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,13 +153,15 @@ def psnr(x, y):
     return -10 * torch.log10(mse.clamp(min=1e-10))
 
 
-def same_latents(a, b):
-    """True if VAEs a and b give any frame the same diffusion latents: the same encoder weights and latent_scale, to
-    fp16 precision (an --export keeps its VAE in fp16). Their decoders may differ: `train.py --stage vae --init`
-    fine-tunes only the decoder, so a diffusion model trained on a's latents can be decoded by b."""
-    ours, theirs = ({**v.encoder.state_dict(), "latent_scale": v.latent_scale} for v in (a, b))
-    return ours.keys() == theirs.keys() and all(
-        ours[k].shape == theirs[k].shape and torch.equal(ours[k].half(), theirs[k].half()) for k in ours)
+def latents_id(vae):
+    """The fingerprint of the diffusion latents `vae` gives any frame (a hex string): a SHA-256 of its encoder
+    weights and latent_scale, to fp16 precision (an --export keeps its VAE in fp16). Decoders do not count:
+    `train.py --stage vae --init` fine-tunes only the decoder, so a diffusion model trained on one VAE's latents can
+    be decoded by another with the same id, and cached latents stay valid."""
+    h = hashlib.sha256()
+    for name, tensor in sorted({**vae.encoder.state_dict(), "latent_scale": vae.latent_scale}.items()):
+        h.update(name.encode() + tensor.detach().cpu().half().numpy().tobytes())
+    return h.hexdigest()
 
 
 def vae_state(vae):

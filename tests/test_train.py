@@ -270,6 +270,7 @@ def test_region_weights_cover_the_mouth_box():
     assert lower_face[:4].eq(1).all() and lower_face[5:7, 2:6].eq(3).all()
 
 
+
 def test_blink_repeat_draws_the_clips_with_a_blink_more_often(tmp_path, vae_ckpt, monkeypatch):
     stages, loss = [], train.DiffusionStage.loss
     monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, i: stages.append(self) or loss(self, i))
@@ -332,7 +333,8 @@ def test_init_fine_tunes_a_checkpoint_only_on_its_own_vae_and_shape(tmp_path, di
 
 def test_a_decoder_fine_tune_keeps_the_latents_and_replaces_the_exported_decoder(tmp_path, diffusion_ckpt, capsys):
     """--stage vae --init: only the decoder of the checkpoint's VAE trains (encoder and latent_scale exactly kept);
-    --export --vae puts it in the export, and a diffusion --init accepts it beside the VAE it came from. An encoder
+    --export --vae puts it in the export, and a diffusion --init accepts it beside the VAE it came from, whose cached
+    latents a run with it reuses. An encoder
     that differs, a shape change or --latent-noise without --init are refused."""
     cache = str(diffusion_ckpt.parent.parent / "cache")
     run = tmp_path / "decoder" / "ckpt.pt"
@@ -349,6 +351,9 @@ def test_a_decoder_fine_tune_keeps_the_latents_and_replaces_the_exported_decoder
     small = ["--cache", cache, "--size", "T", "--frames", "4", "--videos", "2", "--device", "cpu", "--max-minutes", "0"]
     train.main(["--out", str(tmp_path / "ft"), *small, "--init", str(tmp_path / "model.pt"),
                 "--vae", str(diffusion_ckpt)])  # the same latents: accepted
+    cached = sorted(Path(cache).glob("latents_*"))
+    train.main(["--out", str(tmp_path / "ft2"), *small, "--vae", str(run)])  # and already cached: none encoded anew
+    assert sorted(Path(cache).glob("latents_*")) == cached
     other = torch.load(run, weights_only=True)
     other["vae"]["weights"]["encoder.0.weight"].add_(0.1)
     torch.save(other, tmp_path / "other.pt")
