@@ -16,7 +16,9 @@ import argparse
 import math
 import multiprocessing
 import os
+import pickle
 import sys
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -239,10 +241,14 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not {what}{hint}")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; an empty, truncated or foreign file is not one
+        raise UserError(f"{path}: not {what} (not a whole file written by torch.save){hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001  (truncated, not a torch file, or one that would need to run code)
-        raise UserError(f"{path}: not {what} ({type(e).__name__}){hint}") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not {what} (it holds objects that only running code could load){hint}") from None
+    except Exception as e:  # noqa: BLE001  (a damaged archive)
+        raise UserError(f"{path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]}){hint}") from None
     if not isinstance(ckpt, dict) or not set(needs) <= ckpt.keys():
         raise UserError(f"{path}: not {what}{hint}")
     return ckpt

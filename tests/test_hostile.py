@@ -191,7 +191,10 @@ def test_damaged_checkpoints_are_named(here, capsys):
         (here / "run" / "ckpt.pt").write_bytes(content)
         assert refuse("train", ["--out", "run", "--resume"], capsys, here, "ckpt.pt")
         assert refuse("train", ["--out", "run", "--export", "x.pt"], capsys, here, "ckpt.pt")
-        assert refuse("sample", [FACE, SPEECH, "--ckpt", "run/ckpt.pt"], capsys, here, "ckpt.pt")
+        assert refuse("sample", [FACE, SPEECH, "--ckpt", "run/ckpt.pt"], capsys, here,
+                      "ckpt.pt: not a letstalk diffusion checkpoint (not a whole file written by torch.save)")
+    torch.save({"ema": argparse.Namespace(steps=1)}, here / "code.pt")  # loading would run code: refused
+    assert refuse("sample", [FACE, SPEECH, "--ckpt", "code.pt"], capsys, here, "only running code could load")
     torch.save({"head.weight": torch.zeros(3, 3)}, here / "probe.pt")  # the right key, the wrong shape
     assert refuse("evaluate", ["eval", "--probe", "probe.pt"], capsys, here, "probe.pt")
     torch.save({k: v for k, v in good.items() if k != "ema"}, here / "no_ema.pt")
