@@ -234,6 +234,15 @@ def loss_region(pool_item_boxes, resolution, latent_size, mouth_weight, shape):
     return weight + (mouth_weight - 1) * inside.float()[:, :, None]
 
 
+def motion_region(x0, motion_weight):
+    """Per-latent-pixel loss weights (B, F, 1, h, w) of clips x0 (B, F, C, h, w), largest where the clip moves:
+    1 + (motion_weight - 1) d / mean(d), d each latent pixel's distance from its clip's mean frame (mean over
+    channels), mean(d) over the batch, so still clips keep weights near 1. A head that drifts by a pixel changes
+    only its outline, a blink only the eyes: a few latent pixels that plain Eq. 3 weighs like the still
+    background. Not in the paper."""
+    d = (x0 - x0.mean(1, keepdim=True)).abs().mean(2, keepdim=True)
+    return 1 + (motion_weight - 1) * d / d.mean().clamp_min(1e-8)
+
 
 class DiffusionStage:
     """The LetsTalk denoiser trained with L_simple (Eq. 3) on VAE latents of clips, plus an EMA copy."""
@@ -314,7 +323,7 @@ class DiffusionStage:
 
     def loss(self, micro_step):
         """L_simple (Eq. 3) on this rank's fresh clips of micro-batch `micro_step`, with random t, noise and
-        condition drops; optional mouth and min-SNR weights -> (scalar loss, {clips_seen, videos_seen}): the
+        condition drops; optional mouth, motion and min-SNR weights -> (scalar loss, {clips_seen, videos_seen}): the
         distinct clips (video, start) and videos drawn so far by all ranks (whose draws every rank can replay)."""
         cfg = self.cfg
         batch = self.sampler.batch(micro_step, rank(), cfg.batch_size)
@@ -332,6 +341,8 @@ class DiffusionStage:
         if cfg.mouth_weight != 1:
             boxes = batch.get("mouth_box")
             err = err * loss_region(boxes, self.resolution, x0.shape[-1], cfg.mouth_weight, x0.shape).to(err.device)
+        if cfg.motion_weight != 1:
+            err = err * motion_region(x0, cfg.motion_weight)
         weight = self.diffusion.loss_weight(t, cfg.min_snr_gamma)
         loss = (err.flatten(1).mean(1) * weight).mean()
         return loss, {"clips_seen": int(self.seen["clips"].sum()), "videos_seen": int(self.seen["videos"].sum())}

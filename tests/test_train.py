@@ -270,6 +270,18 @@ def test_region_weights_cover_the_mouth_box():
     assert lower_face[:4].eq(1).all() and lower_face[5:7, 2:6].eq(3).all()
 
 
+def test_motion_weights_follow_what_moves_in_each_clip():
+    x0 = torch.randn(2, 1, 4, 8, 8).repeat(1, 6, 1, 1, 1)  # two still clips of 6 frames
+    x0[0, ::2, :, 3, 5] += 2.0  # clip 0: one latent pixel flickers
+    w = train.motion_region(x0, 4.0)
+    assert w.shape == (2, 6, 1, 8, 8)
+    assert torch.allclose(w.mean(), torch.tensor(4.0))  # mean W over the batch
+    moving = torch.zeros(8, 8, dtype=torch.bool)
+    moving[3, 5] = True
+    assert w[0, :, 0][:, moving].gt(100).all()
+    assert torch.allclose(w[0, :, 0][:, ~moving], torch.tensor(1.0), atol=1e-3)  # still: 1 (up to rounding)
+    assert torch.allclose(w[1], torch.tensor(1.0), atol=1e-3)
+
 
 def test_blink_repeat_draws_the_clips_with_a_blink_more_often(tmp_path, vae_ckpt, monkeypatch):
     stages, loss = [], train.DiffusionStage.loss
