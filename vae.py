@@ -160,7 +160,7 @@ def latents_id(vae):
     be decoded by another with the same id, and cached latents stay valid."""
     h = hashlib.sha256()
     for name, tensor in sorted({**vae.encoder.state_dict(), "latent_scale": vae.latent_scale}.items()):
-        h.update(name.encode() + tensor.detach().cpu().half().numpy().tobytes())
+        h.update(f"{name}{tuple(tensor.shape)}".encode() + tensor.detach().cpu().half().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -346,8 +346,8 @@ def test_init_fine_tunes_a_checkpoint_only_on_its_own_vae_and_shape(tmp_path, di
 def test_a_decoder_fine_tune_keeps_the_latents_and_replaces_the_exported_decoder(tmp_path, diffusion_ckpt, capsys):
     """--stage vae --init: only the decoder of the checkpoint's VAE trains (encoder and latent_scale exactly kept);
     --export --vae puts it in the export, and a diffusion --init accepts it beside the VAE it came from, whose cached
-    latents a run with it reuses. An encoder
-    that differs, a shape change or --latent-noise without --init are refused."""
+    latents a run with it reuses. An encoder that differs, a shape change or --latent-noise without --init are
+    refused."""
     cache = str(diffusion_ckpt.parent.parent / "cache")
     run = tmp_path / "decoder" / "ckpt.pt"
     train.main(["--stage", "vae", "--init", str(diffusion_ckpt), "--latent-noise", "0.3", "--out", str(run.parent),
