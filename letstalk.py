@@ -62,7 +62,7 @@ class LetsTalkConfig:
     patch: int = 2
     frames: int = 16  # F, frames generated per window
     motion: int = 2  # M, motion frames from the previous window (0: the model takes none)
-    mel_window: int = 20  # mel frames per video frame (data.MEL_WINDOW)
+    mel_window: int = 20  # mel frames per video frame (audio.MEL_WINDOW)
     n_mels: int = 80
     audio_tokens: int = 5  # K audio tokens per frame (the official code: 32 wav2vec tokens of width 768)
     audio_layers: int = 2  # transformer layers of the audio encoder
