@@ -47,7 +47,8 @@ def read_wav(path):
 
     Supports PCM 8-bit (unsigned), 16/24/32-bit (signed), IEEE float 32/64-bit, WAVE_FORMAT_EXTENSIBLE, any number
     of channels and any sample rate. Returns (samples, sample_rate) with samples float32 of shape (T, channels)
-    in [-1, 1]. Raises UserError for anything that is not a complete WAV file.
+    in [-1, 1] for the integer encodings, float ones as stored (load_audio rejects non-finite or huge values).
+    Raises UserError for anything that is not a complete WAV file.
 
     A WAV written to a pipe (ffmpeg, sox) cannot know its length when it writes the header: its data chunk claims
     0 or 0xFFFFFFFF bytes. Such a chunk runs to the end of the file.

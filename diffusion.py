@@ -11,7 +11,7 @@ the model enters only as a function `denoise(x_t, t) -> (x0, eps)`, so training 
 and evaluation share this one file.
 
 The official code follows DiT and also learns the variances (8 output channels, a hybrid loss) and samples with
-250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample in 10-50 steps.
+250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample in 8-50 steps.
 """
 
 import math
@@ -29,7 +29,7 @@ STEPS = 1000  # T, the paper's number of diffusion steps
 
 class Diffusion:
     """DDPM with fixed variances: the noise schedule, the forward process q(x_t | x_0), the training target and the
-    reverse-process samplers (DDPM and DDIM).
+    reverse-process samplers (DDPM, DDIM and DPM-Solver++(2M)).
 
     `prediction` says what the network outputs: eps, the noise (Eq. 3, the paper's choice); x0, the clean latents
     (sharp at high noise, but errors scale with the signal); or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho:

@@ -194,10 +194,10 @@ class SiameseTower(nn.Module):
 class AudioEncoder(nn.Module):
     """Per-frame mel windows (B, F, 20, 80) -> K audio tokens per frame (B, F, K, D).
 
-    A 1D convolution over the window's 20 mel frames (halving them to 10), a sin-cos position, a few transformer
-    layers, then average pooling to K tokens. The official code instead takes 32 tokens of width 768 from a
-    pretrained wav2vec; we learn from the mel spectrogram because no pretrained speech model can be downloaded
-    here, and a tiny model on a synthetic world does not need one.
+    Two 1D convolutions over the window's 20 mel frames (the second, stride 2, halving them to 10), a sin-cos
+    position, a few transformer layers, then average pooling to K tokens. The official code instead takes 32 tokens
+    of width 768 from a pretrained wav2vec; we learn from the mel spectrogram because no pretrained speech model can
+    be downloaded here, and a tiny model on a synthetic world does not need one.
     """
 
     def __init__(self, cfg):
@@ -365,8 +365,9 @@ class LetsTalk(nn.Module):
             block.temporal_attn.attend = attend
 
     def initialize(self):
-        """Xavier-uniform linear weights and zero biases, N(0, 0.02) for the timestep MLP, and zeros for the last
-        layer of every residual branch and of the final layer (adaLN-Zero): a new model predicts zero."""
+        """Xavier-uniform linear weights and zero biases, N(0, 0.02) for the timestep MLP, and zeros for every
+        block's adaLN modulation (its gates start at 0: adaLN-Zero), the cross-attention and temporal output layers
+        and the final layer: every block starts as the identity and a new model predicts zero."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

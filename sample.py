@@ -76,14 +76,14 @@ def out_of_domain(vae, image, domain):
 
 
 @torch.no_grad()
-def generate(model, vae, diffusion, images, mels, steps=25, sampler="ddim", audio_scale=AUDIO_SCALE, ref_scale=1.0,
-             seed=0, device="cpu", progress=True):
+def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=AUDIO_SCALE,
+             ref_scale=1.0, seed=0, device="cpu", progress=True):
     """Animate portraits uint8 (B, H, W, 3), each with its per-frame mel windows (B, N, 20, 80)
     (audio.audio_features), with the model's Diffusion. Returns frames uint8 (B, N, H, W, 3) at the model's
     resolution.
 
     A guidance scale of 1 needs no pass of its own: with both at 1 (the default) the model runs once per step,
-    with audio guidance only twice, with both three times.
+    with audio guidance only twice, with portrait guidance (alone or with audio guidance) three times.
     """
     cfg = model.cfg
     F_, M = cfg.frames, cfg.motion
@@ -153,7 +153,8 @@ def main(argv=None):
                         help=f"classifier-free guidance on the audio (default: {AUDIO_SCALE}, none, one model pass per "
                         "step; 2 was the default before, two passes)")
     parser.add_argument("--ref-scale", type=bounded(float, 0, MAX_SCALE), default=1.0,
-                        help="classifier-free guidance on the portrait (1: none, which saves a model pass per step)")
+                        help="classifier-free guidance on the portrait (1: none; any other scale costs two more model "
+                        "passes per step without audio guidance, one more with it)")
     parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0, help="seed of the initial noise")
     parser.add_argument("--size", type=bounded(int, 0, 2048), default=256,
                         help="frame size of the written video, even (upscaled from the model's resolution; 0 keeps "

@@ -155,9 +155,9 @@ def psnr(x, y):
 
 def latents_id(vae):
     """The fingerprint of the diffusion latents `vae` gives any frame (a hex string): a SHA-256 of its encoder
-    weights and latent_scale, to fp16 precision (an --export keeps its VAE in fp16). Decoders do not count:
-    `train.py --stage vae --init` fine-tunes only the decoder, so a diffusion model trained on one VAE's latents can
-    be decoded by another with the same id, and cached latents stay valid."""
+    weights (names, shapes and values) and latent_scale, to fp16 precision (an --export keeps its VAE in fp16).
+    Decoders do not count: `train.py --stage vae --init` fine-tunes only the decoder, so a diffusion model trained
+    on one VAE's latents can be decoded by another with the same id, and cached latents stay valid."""
     h = hashlib.sha256()
     for name, tensor in sorted({**vae.encoder.state_dict(), "latent_scale": vae.latent_scale}.items()):
         h.update(f"{name}{tuple(tensor.shape)}".encode() + tensor.detach().cpu().half().numpy().tobytes())
