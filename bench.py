@@ -359,12 +359,13 @@ TABLES = ("attention", "block", "temporal", "throughput", "sampling", "data")
 
 
 def main(argv=None):
-    """`python bench.py`: measure and print tables 1a-3, write them as JSON, return them (argv=None: sys.argv)."""
+    """`python bench.py`: measure and print tables 1a-4, write them as JSON, return them (argv=None: sys.argv)."""
     parser = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     add_device(parser)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
-    parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated "
-                        f"(default: all, {','.join(TABLES)})")
+    parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated: "
+                        "attention (1a), block (1b), temporal (1c), throughput (2), sampling (3), data (4) "
+                        "(default: all of them)")
     parser.add_argument("--width", type=bounded(int, 1, 8192), default=768,
                         help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
     parser.add_argument("--heads", type=bounded(int, 1, 256), default=12,

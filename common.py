@@ -240,7 +240,8 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     not a dict holding every key of `needs`; `hint` says what to do."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not {what}{hint}")
+        raise UserError(f"{path}: a folder, not {what}{hint}" if path.is_dir() else
+                        f"{path}: no such file; expected {what}{hint}")
     if not zipfile.is_zipfile(path):  # what torch.save writes; an empty, truncated or foreign file is not one
         raise UserError(f"{path}: not {what} (not a whole file written by torch.save){hint}")
     try:

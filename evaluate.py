@@ -264,6 +264,10 @@ def report(r):
         f"Re-render fidelity (median PSNR to the closest drawing of the person, {FIDELITY_FRAMES} frames a video): "
         f"generated {r['fidelity']:.1f} dB, VAE reconstructions {r['fidelity_vae']:.1f} dB (the ceiling), real "
         f"frames {r['fidelity_real']:.1f} dB (the search's own limit)."]
+    few = [name for name in ("FID", "FVD") if r[f"{name.lower()}_probe_samples"] < r[f"{name.lower()}_probe_dim"]]
+    if few:  # a covariance of n < d samples is singular: the distance then mostly measures n
+        lines.append(f"{' and '.join(few)}: fewer samples than feature dimensions, so these distances and their floors "
+                     "say more about the sample size than about the model; evaluate more --videos or --seconds.")
     if "unseen_sync" in r:
         lines.append(f"Unseen speech ({r['unseen_files']} files): openness vs loudness r = {r['unseen_sync']:.2f}, "
                      f"mismatched {r['unseen_sync_mismatched']:.2f}.")
@@ -296,6 +300,12 @@ ABLATION = [("symbiotic", "direct"), ("direct", "direct"), ("siamese", "direct")
             ("symbiotic", "symbiotic")]
 ABLATION_RECIPE = ["--size", "T", "--prediction", "v", "--mouth-weight", "5", "--seed", "0",
                    "--eval-every", "1000000"]  # the demo's recipe; no evaluations inside the budget
+
+
+def results_path(ckpt, split):
+    """Where `eval` writes its results by default: runs/eval/NAME_SPLIT.json, NAME the checkpoint's file name, or its
+    run folder's for a run's ckpt.pt, so that evaluating runs/a/ckpt.pt and runs/b/ckpt.pt keeps both."""
+    return Path("runs/eval") / f"{ckpt.parent.name if ckpt.stem == 'ckpt' else ckpt.stem}_{split}.json"
 
 
 def ablation(root, budget_min, probe, **eval_args):
@@ -357,7 +367,8 @@ def main(argv=None):
     p.add_argument("--sheet", type=Path, help="write a contact sheet PNG: reference | real; generated; other audio")
     p.add_argument("--data", type=Path, help="a folder from `data.py prepare`: evaluate on its held-out videos (SSIM, "
                    "and FID / FVD / E-FID with the extractors passed) instead of the synthetic world")
-    p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/<ckpt>_<split>.json)")
+    p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/NAME_SPLIT.json, NAME the "
+                   "checkpoint's, or for a run's ckpt.pt its run folder's)")
     p = sub.add_parser("ablation", parents=[evaluation], formatter_class=HelpFormatter,
                        help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
                        description="Train size T (the demo's recipe: " + " ".join(ABLATION_RECIPE) + ") once per "
@@ -407,7 +418,7 @@ def run(args):
         raise UserError("--speech and --sheet measure the synthetic world; drop them with --data")
     if args.sheet:
         writable_file(args.sheet, "--sheet", (".png",))
-    path = args.json or Path("runs/eval") / f"{args.ckpt.stem}_{args.data.name if args.data else args.split}.json"
+    path = args.json or results_path(args.ckpt, args.data.name if args.data else args.split)
     if args.json:  # a folder the user names must exist; the default one is made when the results are written
         writable_file(path, "--json", (".json",))
     else:

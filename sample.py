@@ -147,11 +147,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=bounded(int, 1, STEPS), default=SAMPLER_STEPS, help="denoising steps")
     parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLER,
                         help="dpm++ (DPM-Solver++(2M): as accurate in 8 steps as ddim in 25), ddim (deterministic "
-                        "DDIM; `--sampler ddim --steps 25` was the default before) or ddpm (all 1000 ancestral "
-                        "steps)")
+                        "DDIM) or ddpm (all 1000 ancestral steps, whatever --steps says)")
     parser.add_argument("--audio-scale", type=bounded(float, 0, MAX_SCALE), default=AUDIO_SCALE,
-                        help=f"classifier-free guidance on the audio (default: {AUDIO_SCALE}, none, one model pass per "
-                        "step; 2 was the default before, two passes)")
+                        help=f"classifier-free guidance on the audio (default: {AUDIO_SCALE}, none: one model pass per "
+                        "step; any other scale takes two)")
     parser.add_argument("--ref-scale", type=bounded(float, 0, MAX_SCALE), default=1.0,
                         help="classifier-free guidance on the portrait (1: none; any other scale costs two more model "
                         "passes per step without audio guidance, one more with it)")
@@ -200,6 +199,9 @@ def animate(args, out):
     padded = np.zeros(len(frames) * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
     padded[:len(wav)] = wav[:len(padded)]
     write_mp4(out, frames, padded)
+    steps = diffusion.steps if args.sampler == "ddpm" else args.steps
+    print(f"wrote {out}: {len(frames)} frames, {len(frames) / FPS:.2f} s ({args.ckpt}, {args.sampler} in {steps} "
+          "steps)")
     if args.frames:
         try:
             args.frames.mkdir(parents=True, exist_ok=True)
@@ -207,9 +209,10 @@ def animate(args, out):
             raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
         for i, f in enumerate(frames):
             save_png(args.frames / f"{i:05d}.png", f)
+        print(f"wrote {len(frames)} PNGs into {args.frames}")
     if args.grid:
         save_png(args.grid, contact_sheet(image, frames))
-    print(f"wrote {out}: {len(frames)} frames, {len(frames) / FPS:.2f} s")
+        print(f"wrote {args.grid}")
 
 
 if __name__ == "__main__":

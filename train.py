@@ -545,9 +545,11 @@ def train(cfg, resume=False, max_minutes=None):
     # the bar counts what ends the run: the time budget when there is one (the steps it allows are not known), else
     # the steps
     budget = None if max_minutes is None else 60 * max_minutes
-    bar = tqdm(total=budget or cfg.steps, initial=0 if budget else step, desc=cfg.stage, dynamic_ncols=True,
-               disable=not is_main, **({"bar_format": "{l_bar}{bar}| {n:.0f}/{total:.0f} s of the time budget "
-                                        "[{elapsed}<{remaining}{postfix}]"} if budget else {"unit": "step"}))
+    if budget is None:
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=cfg.stage, dynamic_ncols=True, disable=not is_main)
+    else:
+        bar = tqdm(total=budget, desc=cfg.stage, dynamic_ncols=True, disable=not is_main,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of the time budget [{elapsed}<{remaining}{postfix}]")
     while step < cfg.steps and not any_rank(max_minutes is not None and time.time() - start >= 60 * max_minutes):
         tick = time.time()
         for group in optimizer.param_groups:
@@ -570,7 +572,7 @@ def train(cfg, resume=False, max_minutes=None):
         step += 1
         total = mean_across_ranks(total)
         bar.set_postfix(step=step, loss=f"{total:.4f}", refresh=False)
-        bar.update(min(time.time() - start, budget) - bar.n if budget else 1)
+        bar.update(1 if budget is None else min(time.time() - start, budget) - bar.n)
         record = {"step": step, "loss": total, "lr": lr_at(step - 1), "grad_norm": grad_norm,
                   "it_s": 1 / max(time.time() - tick, 1e-9), **logs}
         if is_main and step % cfg.eval_every == 0:

@@ -1,6 +1,7 @@
 """Tests of evaluate.py: the whole evaluation of a checkpoint, its command line, and the fusion ablation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,8 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     assert 0 < result["ssim"] <= 1 and result["frames"] == 10
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "| generated |" in out and "floor" in out
+    assert "FID and FVD: fewer samples than feature dimensions" in out  # 20 frames, 128 features
+    assert "fewer samples" not in evaluate.report({**result, "fid_probe_samples": 1200, "fvd_probe_samples": 300})
     assert json.loads((tmp_path / "r.json").read_text())["sync"] == result["sync"]
     assert Image.open(tmp_path / "sheet.png").size == (2 * 9 * 32, 2 * 6 * 32)
     real = (scored[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (videos x frames, H, W, 3)
@@ -97,3 +100,11 @@ def test_eval_on_a_prepared_folder_scores_its_held_out_videos(tmp_path, diffusio
     with pytest.raises(SystemExit) as e:
         evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--data", str(tmp_path / "big")])
     assert e.value.code == 2 and "prepare it with --size 32" in capsys.readouterr().err
+
+
+def test_two_runs_evaluated_by_default_keep_both_results():
+    """Every run saves ckpt.pt: the default results file is named after the run's folder, so evaluating two runs
+    (EXERCISES.md, exercise 13) does not overwrite the first one's figures."""
+    a, b = evaluate.results_path(Path("runs/a/ckpt.pt"), "test"), evaluate.results_path(Path("runs/b/ckpt.pt"), "test")
+    assert a != b and a.parent == b.parent == Path("runs/eval")
+    assert evaluate.results_path(Path("checkpoints/letstalk-tiny.pt"), "val").name == "letstalk-tiny_val.json"

@@ -44,7 +44,9 @@ def test_sample_writes_a_video_as_long_as_the_audio(tmp_path, inputs, diffusion_
         assert float(a.duration * a.time_base) == pytest.approx(n / 25, abs=0.01)
     assert len(list((tmp_path / "frames").glob("*.png"))) == n
     assert Image.open(tmp_path / "g.png").size == (64 * 9, 64)
-    assert f"{n} frames" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # every file written is named, and how the video was sampled
+    assert f"{n} frames" in printed and f"{n} PNGs into {tmp_path / 'frames'}" in printed
+    assert f"wrote {tmp_path / 'g.png'}" in printed and f"{diffusion_ckpt}, dpm++ in 2 steps" in printed
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "CMYK"])
