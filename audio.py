@@ -39,7 +39,13 @@ MEL_WINDOW = (2 * AUDIO_MARGIN + 1) * MELS_PER_FRAME  # 20 mel frames per video 
 # 1. Reading: WAV files, any other format, resampling
 
 
-MIN_RATE, MAX_RATE = 4_000, 384_000  # the sample rates read_wav accepts
+MIN_RATE, MAX_RATE = 4_000, 384_000  # the sample rates we read: an absurd one would make resample allocate gigabytes
+
+
+def check_rate(path, rate):
+    """Refuse a sample rate outside MIN_RATE..MAX_RATE, before any sample is decoded."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise UserError(f"{path}: a sample rate of {rate} Hz (speech is recorded at {MIN_RATE}-{MAX_RATE} Hz)")
 
 
 def read_wav(path):
@@ -83,8 +89,7 @@ def read_wav(path):
         samples = samples[:len(samples) - len(samples) % (width * channels)]
     if channels < 1 or width < 1 or len(samples) % (width * channels):
         raise UserError(f"{path}: corrupt WAV header ({channels} channels, {rate} Hz, {bits} bits)")
-    if not MIN_RATE <= rate <= MAX_RATE:  # an absurd rate would make the resampler allocate gigabytes
-        raise UserError(f"{path}: a sample rate of {rate} Hz (speech is recorded at {MIN_RATE}-{MAX_RATE} Hz)")
+    check_rate(path, rate)
     if tag == 1 and bits == 8:
         x = (np.frombuffer(samples, np.uint8).astype(np.float32) - 128) / 128
     elif tag == 1 and bits in (16, 32):
@@ -95,7 +100,8 @@ def read_wav(path):
     elif tag == 3 and bits in (32, 64):
         x = np.frombuffer(samples, f"<f{width}").astype(np.float32)
     else:
-        raise UserError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits)")
+        raise UserError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits); convert it to PCM or "
+                        "float WAV, or to any format FFmpeg reads (FLAC, MP3...)")
     return x.reshape(-1, channels), rate
 
 
@@ -168,6 +174,7 @@ def decode_audio(path):
                 raise UserError(f"{path}: no audio stream")
             stream = container.streams.audio[0]
             rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+            check_rate(path, rate)
             frames = list(container.decode(stream))
             chunks = [frame.to_ndarray() for frame in frames]
     except av.FFmpegError as e:

@@ -418,7 +418,8 @@ def main(argv=None):
                                            1 if args.quick else 2, compiled),
         "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
-    tables = {name: measure_table[name]() for name in TABLES if name in chosen}
+    with user_errors():  # Ctrl-C and running out of memory end with one line too
+        tables = {name: measure_table[name]() for name in TABLES if name in chosen}
     columns = {
         "attention": ("1a. attention alone, forward + backward: full / (spatial + temporal)",
                       ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"]),

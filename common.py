@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -40,18 +41,29 @@ class UserError(ValueError):
 
 
 def fail(message):
-    """Print `error: message` to stderr and exit with status 2: how every script ends on a user error."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print `error: message` to stderr and exit with status 2: how every script ends on a user error. The message
+    stays one line even when a path in it holds a line break (shown as \\n)."""
+    print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     sys.exit(2)
 
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C, as shells report it
+BROKEN_PIPE = 141  # ... and of one whose reader went away (`| head`): killed by SIGPIPE
+
+
+def out_of_memory(e):
+    """Whether an exception is the machine running out of memory: Python's, the CPU allocator's or CUDA's."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
 
 
 @contextmanager
 def user_errors():
-    """Run a script's body; a UserError raised inside ends it through `fail`, and Ctrl-C with one line (exit 130)
-    instead of a traceback."""
+    """Run a script's body; a UserError raised inside ends it through `fail`, and so does running out of memory
+    (sizes within the options' bounds can still be too much for this machine); Ctrl-C ends it with one line (exit
+    130) and a closed standard output (`| head`) quietly (exit 141), instead of a traceback. A file name that is
+    not UTF-8 is printed with escapes rather than crashing the print."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         yield
     except UserError as e:
@@ -59,6 +71,15 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(INTERRUPTED)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        sys.exit(BROKEN_PIPE)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        detail = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
+        fail(f"out of memory ({detail}); ask for less at once (a smaller --batch-size, --size or fewer frames) or "
+             "use a machine with more memory")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,10 +161,17 @@ def parallel_map(fn, jobs, workers, desc):
         return [fn(job) for job in tqdm(jobs, desc=desc, unit="video", disable=not jobs)]
     # spawn, not fork: this process may hold torch's thread pools, which a forked child must not inherit
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers, started by submit, inherit this:
+        try:  # Ctrl-C is this process's to handle (a worker interrupted while it imports torch prints a traceback)
+            futures = [pool.submit(fn, job) for job in jobs]
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
-            return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="video"))
-        except BaseException:  # Ctrl-C or a failed job: drop the jobs not started rather than wait for them all
-            pool.shutdown(wait=False, cancel_futures=True)
+            with tqdm(futures, desc=desc, unit="video") as bar:  # closed first: `interrupted` gets its own line
+                return [future.result() for future in bar]
+        except BaseException:  # Ctrl-C or a failed job: stop the workers rather than wait for the jobs they run;
+            for worker in multiprocessing.active_children():  # the pool then fails the jobs not done (cancelling
+                worker.terminate()  # them as well, as Executor.map does, trips a bug of Python 3.11's pool)
             raise
 
 
@@ -156,7 +184,7 @@ def writable_file(path, flag, suffixes=(), inputs=()):
     that name, a missing or read-only folder, a suffix not in `suffixes` (the formats the writer knows), or one of
     the command's `inputs`. Returns the path."""
     path = Path(path)
-    if len(path.name.encode()) > MAX_NAME:
+    if len(os.fsencode(path.name)) > MAX_NAME:  # fsencode: a name need not be UTF-8
         raise UserError(f"{flag} {path}: a file name of more than {MAX_NAME} bytes; pass a shorter one")
     if _stat(path, flag) == "folder":
         raise UserError(f"{flag} {path}: a folder; pass a file name")
@@ -175,7 +203,7 @@ def writable_folder(path, flag):
     """Refuse, before any work, an output folder that is a file or lies where nothing can be written (it may not
     exist yet: it is made when written). Returns the path."""
     path = Path(path)
-    if any(len(part.encode()) > MAX_NAME for part in path.parts):
+    if any(len(os.fsencode(part)) > MAX_NAME for part in path.parts):
         raise UserError(f"{flag} {path}: a name of more than {MAX_NAME} bytes; pass a shorter one")
     existing = next(p for p in (path, *path.parents) if _stat(p, flag) != "missing")  # "." or "/" at the latest
     if not existing.is_dir():
@@ -190,10 +218,10 @@ MAX_NAME = 255 - 20  # file systems allow 255 bytes a name; atomic_write's tempo
 
 
 def _stat(path, flag):
-    """'folder', 'file' (anything else that exists) or 'missing'; a path the system cannot even look up (too long,
-    a loop of links) is a UserError."""
+    """'folder', 'file' (anything else that exists, a link to nothing included) or 'missing'; a path the system
+    cannot even look up (too long, a loop of links) is a UserError."""
     try:
-        return "folder" if path.is_dir() else "file" if path.exists() else "missing"
+        return "folder" if path.is_dir() else "file" if path.exists() or path.is_symlink() else "missing"
     except OSError as e:
         raise UserError(f"{flag} {path}: {e.strerror}") from None
 
@@ -307,7 +335,10 @@ def load_image(path, size):
         img.load()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except UserError:
+        raise
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:  # ValueError: e.g. a
+        # compressed text chunk too large to unpack
         raise UserError(f"{path}: cannot read image ({e})") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits first
         a = np.asarray(img, dtype=np.float64)

@@ -80,31 +80,51 @@ def read_video(path):
     return np.stack(frames), fps
 
 
+def check_replaceable(folder):
+    """Refuse to write a video's folder where something of the user's is: only a missing path or a video folder
+    (one holding meta.json: save_video renames only complete folders into place) may be replaced."""
+    folder = Path(folder)
+    if folder.is_symlink() or folder.exists() and not (folder / "meta.json").is_file():
+        what = "a link" if folder.is_symlink() else "a folder without meta.json" if folder.is_dir() else "a file"
+        raise UserError(f"{folder}: {what}, where a video's folder would be written; move it away or choose another "
+                        "output folder")
+
+
 def save_video(folder, video):
-    """Write a Video in the on-disk layout: folder/{video.mp4 (with sound), audio.wav, meta.json}.
+    """Write a Video in the on-disk layout: folder/{video.mp4 (with sound), audio.wav, meta.json}, replacing an
+    older video folder of that name but nothing else (check_replaceable).
 
     The folder is assembled under a temporary name and renamed at the end, so an interrupted run leaves either a
     complete folder or none.
     """
     folder = Path(folder)
+    check_replaceable(folder)
     tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_mp4(tmp / "video.mp4", video.frames, video.wav)
-    write_wav(tmp / "audio.wav", video.wav)
-    (tmp / "meta.json").write_text(json.dumps(video.meta))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
+    try:
+        tmp.mkdir(parents=True)
+        write_mp4(tmp / "video.mp4", video.frames, video.wav)
+        write_wav(tmp / "audio.wav", video.wav)
+        (tmp / "meta.json").write_text(json.dumps(video.meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:  # a failed write (a full disk, Ctrl-C) leaves no half-made folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _read_meta(path):
-    """A video's meta.json as a dict; a UserError names the file when it is not JSON or lacks the frame count."""
+    """A video's meta.json as a dict; a UserError names the file when it is not JSON, lacks the frame count or has a
+    frame size ("size", absent in old folders) that is not a number of pixels."""
     try:
         meta = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path}: cannot read ({e}); delete its folder and prepare or render it again") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("num_frames"), int) or meta["num_frames"] < 1:
         raise UserError(f"{path}: no frame count (num_frames); delete its folder and prepare or render it again")
+    if "size" in meta and (not isinstance(meta["size"], int) or meta["size"] < 1):
+        raise UserError(f"{path}: the frame size {meta['size']!r} is not a number of pixels; delete its folder and "
+                        "prepare or render it again")
     return meta
 
 
@@ -112,7 +132,9 @@ class VideoFolder:
     """A dataset root in the on-disk layout, as a sequence of Video (decoded on access).
 
     split "all" takes every video; "val" holds out every 20th (sorted by name) and "train" the rest, so a
-    prepared folder gives held-out videos without a second copy.
+    prepared folder gives held-out videos without a second copy. `size` is the frame size in pixels that every
+    video of the folder (all splits) has, as their meta.json files say (None for old folders that do not say):
+    a folder of mixed sizes is refused, since training stacks frames of different videos.
     """
 
     def __init__(self, root, split="all"):
@@ -122,9 +144,16 @@ class VideoFolder:
         if not folders:
             raise UserError(f"{root}: no prepared videos (expected {root}/<name>/meta.json; "
                             "see `python world.py --help` and `python data.py prepare --help`)")
+        metas = {p: _read_meta(p / "meta.json") for p in folders}
+        sized = [(p, meta["size"]) for p, meta in metas.items() if "size" in meta]
+        other = next(((p, size) for p, size in sized if size != sized[0][1]), None)
+        if other is not None:
+            raise UserError(f"{sized[0][0]} holds {sized[0][1]} px frames but {other[0]} {other[1]} px; prepare (or "
+                            "render) all the videos of a folder with one --size")
+        self.size = sized[0][1] if sized else None
         val = folders[19::20] or folders[-1:]  # fewer than 20 videos: the last one is held out
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
-        self.meta = [_read_meta(p / "meta.json") for p in self.folders]
+        self.meta = [metas[p] for p in self.folders]
 
     def __len__(self):
         return len(self.folders)
@@ -138,8 +167,11 @@ class VideoFolder:
         if len(frames) < self.num_frames(i):
             raise UserError(f"{self.folders[i]}: meta.json counts {self.num_frames(i)} frames, video.mp4 holds "
                             f"{len(frames)}; delete the folder and prepare or render it again")
+        size = self.meta[i].get("size")
+        if size is not None and frames.shape[1:3] != (size, size):
+            raise UserError(f"{self.folders[i]}: meta.json gives {size}x{size} frames, video.mp4 holds "
+                            f"{frames.shape[2]}x{frames.shape[1]}; delete the folder and prepare or render it again")
         return Video(frames, load_audio(self.folders[i] / "audio.wav"), self.meta[i])
-
 
 
 def _resample_frames(times, n_out):
@@ -174,24 +206,46 @@ def find_face(frames, enlarge=2.2):
     return tuple(round(v) for v in (x0, y0, x0 + side, y0 + side))
 
 
-def decode_frames(src, keep=lambda i: True):
-    """The frames of a file's first video stream for which keep(index) holds, as PIL images, and every frame's time
-    in seconds on the file's clock."""
+def video_frames(src):
+    """Decode a file's first video stream frame by frame: yields (the frame's time in seconds on the file's clock,
+    av.VideoFrame). A UserError names the file when it cannot be decoded or holds no frame."""
+    count = 0
     try:
         with av.open(str(src)) as container:
             if not container.streams.video:
                 raise UserError(f"{src}: no video stream")
             stream = container.streams.video[0]
-            images, times = [], []
             for i, f in enumerate(container.decode(stream)):
-                if keep(i):
-                    images.append(f.to_image())
-                times.append(float(f.time) if f.time is not None else i / float(stream.average_rate))
+                count += 1
+                yield (float(f.time) if f.time is not None else i / float(stream.average_rate)), f
     except av.FFmpegError as e:
         raise UserError(f"{src}: cannot decode ({e})") from None
-    if not times:
+    if not count:
         raise UserError(f"{src}: no video frames")
-    return images, times
+
+
+def decode_frames(src, convert=lambda image: image):
+    """Every frame of a file's first video stream as convert(PIL image), and each one's time in seconds on the
+    file's clock. Each frame is converted as soon as it is decoded, so a long video's full-size frames never sit in
+    memory together (a minute of 1080p is 9 GB)."""
+    frames, times = [], []
+    for time, frame in video_frames(src):
+        frames.append(convert(frame.to_image()))
+        times.append(time)
+    return frames, times
+
+
+def spread_frames(src, n=FACE_SAMPLES):
+    """n frames uint8 (H, W, 3) spread over a whole video (their gaps even to within a factor of two), in one
+    decoding pass that holds at most 2n of them: one a second at first; whenever 2n are held, every other one is
+    dropped and the stride doubles."""
+    held, stride = [], FPS
+    for i, (_, frame) in enumerate(video_frames(src)):
+        if i % stride == 0:
+            held.append(frame.to_ndarray(format="rgb24"))
+            if len(held) == 2 * n:
+                held, stride = held[::2], 2 * stride
+    return [held[k] for k in np.linspace(0, len(held) - 1, min(n, len(held))).astype(int)]
 
 
 def prepare_video(src, size, box=None):
@@ -199,17 +253,17 @@ def prepare_video(src, size, box=None):
     audio. The crop is `box` (x0, y0, x1, y1) in source pixels, else the face find_face sees in FACE_SAMPLES frames
     spread over the video; meta.json records it. Raises UserError if the file is unreadable or silent or shows no
     face."""
-    if box is None:  # a first pass for the detector: one frame a second, FACE_SAMPLES of them spread over the video
-        seconds, _ = decode_frames(src, keep=lambda i: i % FPS == 0)
-        samples = [seconds[i] for i in np.linspace(0, len(seconds) - 1, min(FACE_SAMPLES, len(seconds))).astype(int)]
-        box = find_face([np.asarray(image.convert("RGB")) for image in samples])
+    if box is None:  # a first pass for the detector
+        samples = spread_frames(src)
+        box = find_face(samples)
         if box is None:
             raise UserError(f"{src}: no face in most of {len(samples)} frames looked at (give its box with --boxes)")
-    images, times = decode_frames(src)
-    x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= images[0].width and 0 <= y0 < y1 <= images[0].height):
-        raise UserError(f"{src}: the crop box {list(box)} is not inside the {images[0].width}x{images[0].height} frame")
-    frames = [square_image(image, size, box) for image in images]
+
+    def crop(image):  # each frame to size x size as it is decoded: only the small frames are kept
+        if not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
+            raise UserError(f"{src}: the crop box {list(box)} is not inside the {image.width}x{image.height} frame")
+        return square_image(image, size, box)
+    frames, times = decode_frames(src, convert=crop)
     wav, audio_start = decode_audio(src)
     if np.sqrt(np.mean(wav ** 2)) < 1e-4:
         raise UserError(f"{src}: silent audio")
@@ -223,7 +277,7 @@ def prepare_video(src, size, box=None):
     if n < 1:
         raise UserError(f"{src}: shorter than one frame")
     keep = _resample_frames(times, n)
-    return Video(np.stack(frames)[keep], wav[:n * SAMPLES_PER_FRAME],
+    return Video(np.stack([frames[k] for k in keep]), wav[:n * SAMPLES_PER_FRAME],  # one copy, of the kept frames
                  {"num_frames": n, "fps": FPS, "size": size, "source": str(src), "box": [float(v) for v in box]})
 
 
@@ -244,6 +298,9 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     """Convert every video under raw_dir (shard i of n: every n-th, from the i-th) into the layout under out_dir,
     in `workers` processes. Resumable: folders already complete are skipped. A file that is corrupt, silent or
     without a face is skipped. Returns (written, already done, [why each skipped file was skipped])."""
+    if not Path(raw_dir).is_dir():  # else rglob finds nothing, and "no video files" would hide the mistake
+        raise UserError(f"{raw_dir}: a file, not a folder of videos; pass the folder that holds it"
+                        if Path(raw_dir).exists() else f"{raw_dir}: no such folder; pass the folder of raw videos")
     out = Path(out_dir).resolve()
     sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
                      and out not in p.resolve().parents)  # an output folder inside raw_dir is not raw material
@@ -257,13 +314,14 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     sources = sources[shard[0]::shard[1]]
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in this shard")
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for src in sources:
         folder = Path(out_dir) / src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
         if not (folder / "meta.json").exists():
+            check_replaceable(folder)  # before any work: a file or folder of the user's in the way is never replaced
             jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
     if made and not any(out.iterdir()):  # nothing prepared: leave no empty folder behind
         out.rmdir()

@@ -38,6 +38,8 @@ class Diffusion:
     """
 
     def __init__(self, steps=STEPS, schedule="linear", prediction="eps"):
+        if not 1 <= steps <= 100_000:
+            raise ValueError(f"steps is from 1 to 100000, got {steps}")
         if schedule == "linear":  # DDPM's schedule: beta from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
         elif schedule == "cosine":  # Nichol & Dhariwal: alpha_bar follows a squared cosine, gentler at the ends

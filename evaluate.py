@@ -10,6 +10,7 @@ audio, with mismatched audio and with silence, from a portrait taken outside the
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from tqdm import tqdm
 
 import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
-from common import (HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device, load_checkpoint,
-                    to_tensor, to_uint8, user_errors, writable_file, writable_folder)
+from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device,
+                    contents_of, load_checkpoint, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from data import ClipPool, VideoFolder, build_frame_pool
 from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
@@ -133,20 +134,31 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
 def standard_extractors(inception=None, i3d=None, expression=None):
     """The standard feature extractors whose files the user passed, as {metric: features}, each features(videos
     uint8 (N, T, H, W, 3)) -> (M, d): FID's Inception pool features per frame, FVD's I3D features per 16-frame clip
-    (stride 8), E-FID's expression coefficients per frame."""
+    (stride 8), E-FID's expression coefficients per frame. Each is tried on a blank 16-frame video first, so a
+    network that is not what its flag asks for fails now, not after the generation."""
     frames = lambda v: to_tensor(v).flatten(0, 1)  # noqa: E731
-    found = {}
+    found = {}  # metric: (flag, file, features, feature vectors of a 16-frame video)
     if inception is not None:
         inception_net = load_inception(inception)
-        found["fid_inception"] = lambda v: torch.cat([inception_net(c) for c in frames(v).split(32)]).numpy()
+        found["fid_inception"] = ("--inception", inception, lambda v: torch.cat(
+            [inception_net(c) for c in frames(v).split(32)]).numpy(), 16)
     if i3d is not None:
         i3d_net = load_torchscript(i3d, "--i3d", I3D_HELP)
-        found["fvd_i3d"] = lambda v: i3d_features(i3d_net, to_tensor(clip_windows(v, 16, 8))).numpy()
+        found["fvd_i3d"] = ("--i3d", i3d, lambda v: i3d_features(i3d_net, to_tensor(clip_windows(v, 16, 8))).numpy(),
+                            1)
     if expression is not None:
         expression_net = load_torchscript(expression, "--expression", EXPRESSION_HELP)
-        found["efid_expression"] = lambda v: torch.cat([expression_net((c + 1) / 2)
-                                                        for c in frames(v).split(64)]).numpy()
-    return found
+        found["efid_expression"] = ("--expression", expression, lambda v: torch.cat(
+            [expression_net((c + 1) / 2) for c in frames(v).split(64)]).numpy(), 16)
+    for flag, path, features, rows in found.values():
+        try:
+            got = tuple(features(np.zeros((1, 16, 64, 64, 3), np.uint8)).shape)
+        except Exception as e:  # noqa: BLE001  (a network of another kind can fail in any way)
+            got = type(e).__name__
+        if not (isinstance(got, tuple) and len(got) == 2 and got[0] == rows):
+            raise UserError(f"{flag} {path}: a blank 16-frame video gave {got}, not {rows} feature vectors; see "
+                            "--help for the network it takes")
+    return {metric: features for metric, (_, _, features, _) in found.items()}
 
 
 @torch.no_grad()
@@ -158,9 +170,10 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, s
     grow video by video (RunningStats), so no feature set is ever held whole. Returns a dict of the figures."""
     model, vae, diffusion, _ = load_model(ckpt, device)
     held_out = VideoFolder(folder, "val")
-    if held_out.meta[0].get("size") != vae.config.resolution:
-        raise UserError(f"--data {folder}: its frames are {held_out.meta[0].get('size')} px, the checkpoint's "
-                        f"{vae.config.resolution} px (prepare it with --size {vae.config.resolution})")
+    size = held_out.size or held_out[0].frames.shape[1]  # old folders' meta.json does not say: decode one
+    if size != vae.config.resolution:
+        raise UserError(f"--data {folder}: its frames are {size} px, the checkpoint's {vae.config.resolution} px "
+                        f"(prepare it with --size {vae.config.resolution})")
     extractors = standard_extractors(inception, i3d, expression)
     stats, ssims, lead, T = {}, [], PORTRAIT_LEAD, round(seconds * FPS)
     for i in tqdm(range(min(videos, len(held_out))), desc="videos", unit="video"):
@@ -325,7 +338,9 @@ def ablation(root, budget_min, probe, **eval_args):
                 train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), *args])
             result = evaluate(ckpt, probe, **eval_args)
             atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-        results[(ref, audio)] = json.loads(done.read_text())
+        with contents_of(done, "an evaluation's results; delete it to evaluate again"):
+            results[(ref, audio)] = json.loads(done.read_text())
+            ablation_table({(ref, audio): results[(ref, audio)]})  # every figure the table shows is there
     return results
 
 
@@ -395,6 +410,9 @@ def run(args):
             if not path.exists():
                 build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path)
             pools[split] = ClipPool(path).data
+            missing = [k for k in ("frames", "openness", "blink", "pose") if k not in pools[split]]
+            if missing:
+                raise UserError(f"{path}: a frame pool without {', '.join(missing)}; delete it, and it is built again")
         probe, r = train_probe(pools["train"], pools["val"], args.steps)
         atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
         print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
@@ -423,7 +441,12 @@ def run(args):
         writable_file(path, "--json", (".json",))
     else:
         writable_folder(path.parent, "--json")
+        if len(os.fsencode(path.name)) > MAX_NAME:
+            raise UserError(f"{path}: the default results file's name is too long; pass --json")
     speech = [load_audio(p) for p in args.speech]  # read now: a bad file fails before the generation
+    short = next((p for p, wav in zip(args.speech, speech) if len(wav) < 2 * SAMPLES_PER_FRAME), None)
+    if short is not None:
+        raise UserError(f"--speech {short}: shorter than two video frames (80 ms), too short to follow")
     extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
     if args.data is not None:
         shared.pop("split")

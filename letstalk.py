@@ -27,6 +27,7 @@ only. `python letstalk.py --size B` prints parameter counts and GFLOPs of every 
 """
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ class LetsTalkConfig:
     ref_fusion: str = "symbiotic"  # the paper's choice for the portrait
     audio_fusion: str = "direct"  # the paper's choice for audio
     attention: str = "factorized"  # or "full": joint attention over all F * P tokens (Eq. 4's baseline)
+
+    def __post_init__(self):
+        """Refuse a shape no model can have (a typo, or the config of a damaged or foreign checkpoint)."""
+        counts = (self.depth, self.width, self.heads, self.latent_channels, self.latent_size, self.patch, self.frames,
+                  self.mel_window, self.n_mels, self.audio_tokens, self.audio_layers)
+        if min(counts) < 1 or self.motion < 0 or self.width % self.heads or self.latent_size % self.patch:
+            raise ValueError(f"no model has this shape: {self}")
 
 
 def config_for(size, **overrides):
@@ -504,15 +512,27 @@ def main(argv=None):
           f"x4 latents, 2 motion frames")
     print(f"{'ref fusion':>10} {'audio fusion':>12} | {'backbone':>9} {'audio enc':>9} {'fusion':>9} {'total':>9} |"
           f" {'GFLOPs':>8}")
-    for ref_fusion in FUSIONS:
-        for audio_fusion in FUSIONS:
-            cfg = config_for(args.size, frames=args.frames, latent_size=args.latent_size, ref_fusion=ref_fusion,
-                             audio_fusion=audio_fusion)
-            with torch.device("meta"):
-                parts = count_parameters(LetsTalk(cfg))
-            m = {k: f"{v / 1e6:.1f}M" for k, v in parts.items()}
-            print(f"{ref_fusion:>10} {audio_fusion:>12} | {m['backbone']:>9} {m['audio encoder']:>9} {m['fusion']:>9} "
-                  f"{sum(parts.values()) / 1e6:>8.1f}M | {forward_gflops(cfg):>8.1f}")
+    try:
+        for ref_fusion in FUSIONS:
+            for audio_fusion in FUSIONS:
+                print(fusion_row(args.size, args.frames, args.latent_size, ref_fusion, audio_fusion))
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shells' status, as every script of the project
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `| head` closed the output: stop quietly, as killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+
+
+def fusion_row(size, frames, latent_size, ref_fusion, audio_fusion):
+    """One line of `python letstalk.py`'s table: parameters per part (counted on the meta device, no memory) and
+    forward GFLOPs of one clip."""
+    cfg = config_for(size, frames=frames, latent_size=latent_size, ref_fusion=ref_fusion, audio_fusion=audio_fusion)
+    with torch.device("meta"):
+        parts = count_parameters(LetsTalk(cfg))
+    m = {k: f"{v / 1e6:.1f}M" for k, v in parts.items()}
+    return (f"{ref_fusion:>10} {audio_fusion:>12} | {m['backbone']:>9} {m['audio encoder']:>9} {m['fusion']:>9} "
+            f"{sum(parts.values()) / 1e6:>8.1f}M | {forward_gflops(cfg):>8.1f}")
 
 
 if __name__ == "__main__":

@@ -264,9 +264,10 @@ def load_inception(path):
     first layer. Our frames are in [-1, 1] already, so they go in as they are."""
     state = load_checkpoint(path, needs=("fc.weight",), what="Inception-v3 weights", hint="; pass torchvision's "
                             "inception_v3_google-0cc3c7bd.pth or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-    state = {k: v for k, v in state.items() if not k.startswith("AuxLogits")}
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=state["fc.weight"].shape[0])
-    net.load_state_dict(state)
+    with contents_of(path, "Inception-v3 weights"):  # e.g. another network's, which also has an fc layer
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits")}
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=state["fc.weight"].shape[0])
+        net.load_state_dict(state)
     net.fc = nn.Identity()
     net.eval()
 

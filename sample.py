@@ -48,13 +48,16 @@ def load_model(path, device):
     train.py: a run's ckpt.pt, or its `--export`."""
     ckpt = load_checkpoint(path, needs=("model", "ema", "vae", "diffusion"), what="a letstalk diffusion checkpoint",
                            hint=" (a run's ckpt.pt or its --export: train one with `python train.py`)")
-    if not all(v.isfinite().all() for v in ckpt["ema"].values() if v.is_floating_point()):
-        raise UserError(f"{path}: its weights are not finite (a diverged run); use an earlier checkpoint")
     with contents_of(path, "a letstalk diffusion checkpoint"):
         model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"]))
         model.load_state_dict(ckpt["ema"])
-        return model.to(device).eval(), vae_from_state(ckpt["vae"], device), Diffusion(**ckpt["diffusion"]), \
-            ckpt.get("domain")
+        vae, diffusion = vae_from_state(ckpt["vae"], device), Diffusion(**ckpt["diffusion"])
+        domain = ckpt.get("domain")
+        if domain is not None:  # exports hold it: the VAE's worst reconstruction of a training frame
+            domain = {"vae_min_psnr": float(domain["vae_min_psnr"])}
+    if not all(p.isfinite().all() for p in model.parameters()):
+        raise UserError(f"{path}: its weights are not finite (a diverged run); use an earlier checkpoint")
+    return model.to(device).eval(), vae, diffusion, domain
 
 
 DOMAIN_MARGIN_DB = 3.0  # held-out synthetic faces reconstruct up to ~2 dB below the worst training frame measured

@@ -151,8 +151,13 @@ class VAEStage:
             self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.vae_width)).to(device)
         # every 8th frame of every video, cached once per video (each rank its share) and memory-mapped
         folder = data_folder(cfg, cfg.resolution)
+        videos, resolution = VideoFolder(folder), self.model.config.resolution
+        if videos.size not in (None, resolution):
+            raise UserError(f"--data {cfg.data}: {videos.size}x{videos.size} frames, but the VAE works at "
+                            f"{resolution}x{resolution}; " + (f"pass --resolution {videos.size}" if not cfg.init else
+                                                              f"the VAE of --init {cfg.init} cannot learn this data"))
         cache = Path(cfg.cache) / f"frames_{folder.name}-{short_hash(str(folder.resolve()))}"
-        cache_frames(VideoFolder(folder), cache, rank(), world())
+        cache_frames(videos, cache, rank(), world())
         barrier()
         self.train = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders], key="frames")
         self.val_frames = to_tensor(self.frames(VideoCache(cache, [f.name for f in VideoFolder(folder, "val").folders],
@@ -275,7 +280,7 @@ class DiffusionStage:
         if need > max(videos.meta[i]["num_frames"] for i in range(len(videos))):
             raise UserError(f"--frames {cfg.frames} and --motion {cfg.motion} span {need} frames; no video of "
                             f"{cfg.data} is that long")
-        size = videos[0].frames.shape[1]
+        size = videos.size or videos[0].frames.shape[1]  # old folders' meta.json does not say: decode one
         if size != self.resolution:
             raise UserError(f"--data {cfg.data}: {size}x{size} frames, but the VAE {cfg.vae} was trained on "
                             f"{self.resolution}x{self.resolution}; train a VAE on this data (--stage vae)")
@@ -448,7 +453,10 @@ def export(run_ckpt, dst, vae_path=None, frames=512):
             raise UserError(f"--vae {vae_path}: its encoder is not the one {run_ckpt} was trained on; only a decoder "
                             f"fine-tuned from it (`train.py --stage vae --init {run_ckpt}`) can replace it")
         vae = other
-    videos = VideoFolder(data_folder(cfg, vae.config.resolution), "train")
+    try:  # the export records how well the VAE reconstructs training frames: sample.py's out-of-domain note
+        videos = VideoFolder(data_folder(cfg, vae.config.resolution), "train")
+    except UserError as e:
+        raise UserError(f"--export measures the VAE on the run's training videos, which it cannot read: {e}") from None
     n = min(len(videos), 32)
     x = torch.cat([to_tensor(videos[i].frames[:math.ceil(frames / n)]) for i in range(n)])
     worst = min(psnr(vae.decode(vae.encode(chunk)), chunk).min().item() for chunk in x.split(64))
@@ -541,7 +549,7 @@ def train(cfg, resume=False, max_minutes=None):
     start, last_save = time.time(), time.time()
     if is_main and resume:
         trim_log(out / "log.jsonl", step)
-    log = open(out / "log.jsonl", "a") if is_main else None
+    log = open(out / "log.jsonl", "a" if resume else "w") if is_main else None  # a new run: a new log
     # the bar counts what ends the run: the time budget when there is one (the steps it allows are not known), else
     # the steps
     budget = None if max_minutes is None else 60 * max_minutes
@@ -550,41 +558,40 @@ def train(cfg, resume=False, max_minutes=None):
     else:
         bar = tqdm(total=budget, desc=cfg.stage, dynamic_ncols=True, disable=not is_main,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of the time budget [{elapsed}<{remaining}{postfix}]")
-    while step < cfg.steps and not any_rank(max_minutes is not None and time.time() - start >= 60 * max_minutes):
-        tick = time.time()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        optimizer.zero_grad(set_to_none=True)
-        total, logs = 0.0, {}
-        for micro in range(cfg.accum):
-            loss, logs = stage.loss(step * cfg.accum + micro)
-            if any_rank(not loss.item() < DIVERGED):  # NaN fails the comparison too; every rank stops together
-                bar.close()
-                raise diverged("loss", mean_across_ranks(loss.item()), step, ckpt_path, saved_at, cfg)
-            (loss / cfg.accum).backward()
-            total += loss.item() / cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
-        if not math.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients)
-            bar.close()
-            raise diverged("gradient norm", grad_norm, step, ckpt_path, saved_at, cfg)
-        optimizer.step()
-        stage.after_step(step)
-        step += 1
-        total = mean_across_ranks(total)
-        bar.set_postfix(step=step, loss=f"{total:.4f}", refresh=False)
-        bar.update(1 if budget is None else min(time.time() - start, budget) - bar.n)
-        record = {"step": step, "loss": total, "lr": lr_at(step - 1), "grad_norm": grad_norm,
-                  "it_s": 1 / max(time.time() - tick, 1e-9), **logs}
-        if is_main and step % cfg.eval_every == 0:
-            record.update(stage.evaluate(step, out))
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val")))
-        if is_main:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if any_rank(time.time() - last_save > 60 * cfg.save_minutes):
-            save_checkpoint(ckpt_path, cfg, step, stage, optimizer, elapsed + time.time() - start)
-            last_save, saved_at = time.time(), step
-    bar.close()
+    with bar:  # closed on any exit, so an error or `interrupted` gets a line of its own
+        while step < cfg.steps and not any_rank(max_minutes is not None and time.time() - start >= 60 * max_minutes):
+            tick = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            total, logs = 0.0, {}
+            for micro in range(cfg.accum):
+                loss, logs = stage.loss(step * cfg.accum + micro)
+                if any_rank(not loss.item() < DIVERGED):  # NaN fails the comparison too; every rank stops together
+                    raise diverged("loss", mean_across_ranks(loss.item()), step, ckpt_path, saved_at, cfg)
+                (loss / cfg.accum).backward()
+                total += loss.item() / cfg.accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
+            if not math.isfinite(grad_norm):  # the same on every rank (DDP averaged the gradients)
+                raise diverged("gradient norm", grad_norm, step, ckpt_path, saved_at, cfg)
+            optimizer.step()
+            stage.after_step(step)
+            step += 1
+            total = mean_across_ranks(total)
+            bar.set_postfix(step=step, loss=f"{total:.4f}", refresh=False)
+            bar.update(1 if budget is None else min(time.time() - start, budget) - bar.n)
+            record = {"step": step, "loss": total, "lr": lr_at(step - 1), "grad_norm": grad_norm,
+                      "it_s": 1 / max(time.time() - tick, 1e-9), **logs}
+            if is_main and step % cfg.eval_every == 0:
+                record.update(stage.evaluate(step, out))
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                        if k.startswith("val")))
+            if is_main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if any_rank(time.time() - last_save > 60 * cfg.save_minutes):
+                save_checkpoint(ckpt_path, cfg, step, stage, optimizer, elapsed + time.time() - start)
+                last_save, saved_at = time.time(), step
     result = {"step": step}
     if dist.is_initialized():  # DDP keeps replicas identical; check it, a desync would silently waste the run
         checksum = sum(p.double().sum().item() for p in stage.model.parameters())
@@ -623,7 +630,7 @@ def main(argv=None):
             run = Path(args.out or "runs/diffusion") / "ckpt.pt"
             inputs = (run, Path(args.vae)) if args.vae else (run,)
             export(run, writable_file(args.export, "--export", (".pt",), inputs=inputs), args.vae)
-        print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
+            print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
         return None
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -640,6 +647,9 @@ def main(argv=None):
                 if not (out / "ckpt.pt").exists():
                     raise UserError(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
                 saved = load_checkpoint(out / "ckpt.pt", needs=("train_config",), what="a letstalk run's checkpoint")
+                if saved.get("stage") == "export":
+                    raise UserError(f"{out / 'ckpt.pt'}: an export (train.py --export), which keeps no optimizer "
+                                    "state to resume; start a new run from it with --init")
                 with contents_of(out / "ckpt.pt", "a letstalk run's checkpoint"):
                     cfg = resumed_config(saved["train_config"], settings, out)
             else:

@@ -40,6 +40,12 @@ class VAEConfig:
     width: int = 64  # channels at full resolution, doubled at every downsampling
     kl_weight: float = 1e-4  # small: the KL only keeps the latents tame, reconstruction comes first
 
+    def __post_init__(self):
+        """Refuse a shape no VAE here can have (a typo, or the config of a damaged or foreign checkpoint)."""
+        if (self.factor not in (4, 8) or not 16 <= self.resolution <= 1024 or self.resolution % self.factor
+                or min(self.latent_channels, self.width) < 1):
+            raise ValueError(f"no VAE has this shape: {self}")
+
 
 def norm(channels):
     """GroupNorm with up to 32 groups of at least 4 channels."""
@@ -201,7 +207,7 @@ def main(argv=None):
         with torch.no_grad():
             y = vae.decode(vae.encode(x))
         save_png(out, np.concatenate([to_uint8(x[0]), to_uint8(y[0])], axis=1))
-    print(f"PSNR {psnr(x, y).item():.2f} dB, wrote {out}")
+        print(f"PSNR {psnr(x, y).item():.2f} dB, wrote {out}")
 
 
 if __name__ == "__main__":

@@ -412,7 +412,7 @@ def main(argv=None):
             save_video(folder, video)
             if args.still:
                 save_png(folder / "still.png", video.frames[0])
-    print(f"wrote {args.videos} videos to {args.out}")
+        print(f"wrote {args.videos} videos to {args.out}")
 
 
 if __name__ == "__main__":

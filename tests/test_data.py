@@ -4,6 +4,7 @@ import fractions
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 import av
@@ -152,6 +153,8 @@ def test_help_explains_each_command(argv, words, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["prepare", "{tmp}", "{tmp}/out", "--size", "63"], "--size 63: must be even"),
     (["prepare", "{tmp}/nothing", "{tmp}/out"], "no video files"),
+    (["prepare", "{tmp}/missing", "{tmp}/out"], "missing: no such folder"),
+    (["prepare", "{tmp}/a_file", "{tmp}/out"], "a_file: a file, not a folder of videos"),
     (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/missing.json"], "cannot read crop boxes"),
     (["prepare", "{tmp}", "{tmp}/out", "--boxes", "{tmp}/three.json"], "not [x0, y0, x1, y1]"),
     (["prepare", "{tmp}", "{tmp}/a_file"], "a file of that name exists"),
@@ -167,6 +170,103 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _tiny_raw(path):
+    """A 0.4 s raw video of 48x32 px with sound (its centre square, the box [8, 0, 40, 32], has no bars)."""
+    _write_raw_video(path, 10, 25, 48, 32, 0.3 * np.sin(np.arange(20000) * 0.05))
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_prepare_refuses_to_replace_a_file_or_folder_of_the_users(tmp_path, capsys, kind):
+    """out/notes, not written by prepare (no meta.json), is where raw/notes.mp4 would go: prepare stops before any
+    work (a.mp4, which could be prepared, is not) with one line naming it, and every file stays as it was."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    _tiny_raw(raw / "a.mp4")
+    _tiny_raw(raw / "notes.mp4")
+    (tmp_path / "boxes.json").write_text(json.dumps({"a": [8, 0, 40, 32], "notes": [8, 0, 40, 32]}))
+    mine = out / "notes" / "todo.txt" if kind == "folder" else out / "notes"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my notes")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", str(raw), str(out), "--size", "16", "--boxes", str(tmp_path / "boxes.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {out / 'notes'}: a {kind}")
+    assert "move it away or choose another output folder" in err
+    assert sorted(tmp_path.rglob("*")) == before and mine.read_text() == "my notes"
+
+
+def test_save_video_replaces_only_video_folders_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    video = data.Video(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2 * audio.SAMPLES_PER_FRAME, np.float32),
+                       {"num_frames": 2, "size": 16})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("my notes")
+    with pytest.raises(common.UserError, match="notes: a folder without meta.json"):
+        data.save_video(tmp_path / "notes", video)
+    assert [p.name for p in tmp_path.rglob("*")] == ["notes", "todo.txt"]
+    data.save_video(tmp_path / "v", video)
+    data.save_video(tmp_path / "v", video)  # an older video folder of that name is replaced
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["audio.wav", "meta.json", "video.mp4"]
+
+    def disk_full(*args):
+        raise common.UserError("audio.wav: cannot write (No space left on device)")
+    monkeypatch.setattr(data, "write_wav", disk_full)
+    with pytest.raises(common.UserError, match="No space left"):
+        data.save_video(tmp_path / "w", video)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "v"]  # no .w.partial left
+
+
+def test_decode_frames_converts_each_frame_as_it_is_decoded(tmp_path):
+    """Only the converted frames are kept, and each full frame is gone before the next is decoded: a long video's
+    full-size frames never sit in memory together."""
+    _tiny_raw(tmp_path / "a.mp4")
+    seen, alive = [], []  # at each conversion: how many frames handed to convert before are still in memory
+
+    def small(image):
+        alive.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(image))
+        return np.asarray(image.resize((8, 8)))
+    frames, times = data.decode_frames(tmp_path / "a.mp4", convert=small)
+    assert len(frames) == len(times) == 10 and all(f.shape == (8, 8, 3) for f in frames)
+    assert alive == [0] * 10
+    images, _ = data.decode_frames(tmp_path / "a.mp4")
+    assert [image.size for image in images] == [(48, 32)] * 10  # without convert: PIL images, as decoded
+
+
+def test_the_face_detector_sees_frames_spread_over_the_whole_video(tmp_path):
+    """spread_frames holds at most 2 * n frames in its one pass, yet its n frames span the video: each frame of
+    this 40-s video is filled with its own second, and the 8 picked ones cover it with gaps of 5 s, give or take a
+    factor of two."""
+    seconds = 40
+    frames = np.repeat(np.arange(seconds, dtype=np.uint8) * 6, 25)[:, None, None, None] * np.ones((1, 16, 16, 3),
+                                                                                              np.uint8)
+    data.write_mp4(tmp_path / "long.mp4", frames, crf=0)
+    picked = [int(round(f.mean() / 6)) for f in data.spread_frames(tmp_path / "long.mp4")]
+    assert len(picked) == 8 and picked[0] == 0 and picked[-1] >= 32
+    assert all(2.5 <= b - a <= 10 for a, b in zip(picked, picked[1:]))
+
+
+def test_a_folder_of_mixed_frame_sizes_is_refused_and_its_size_is_known(tmp_path):
+    """Videos of 32 and 16 px in one folder are refused at once, in every split (training would fail deep inside
+    when stacking their frames); a folder of one size tells it, and a video whose frames disagree with its
+    meta.json is refused when decoded."""
+    world.main([str(tmp_path), "--videos", "1", "--seconds", "0.04", "--size", "32"])
+    assert data.VideoFolder(tmp_path).size == 32
+    meta = json.loads((tmp_path / "train_00000" / "meta.json").read_text())
+    (tmp_path / "train_00000" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "size"}))
+    assert data.VideoFolder(tmp_path).size is None  # an old folder, made before meta.json held the size
+    (tmp_path / "train_00000" / "meta.json").write_text(json.dumps({**meta, "size": 16}))
+    videos = data.VideoFolder(tmp_path)
+    with pytest.raises(common.UserError, match="train_00000: meta.json gives 16x16 frames, video.mp4 holds 32x32"):
+        videos[0]
+    (tmp_path / "train_00000" / "meta.json").write_text(json.dumps(meta))
+    world.main([str(tmp_path), "--videos", "1", "--seconds", "0.04", "--size", "16", "--split", "val"])
+    for split in ("all", "train", "val"):
+        with pytest.raises(common.UserError, match="train_00000 holds 32 px frames but .*val_00000 16 px; "
+                           "prepare .or render. all the videos of a folder with one --size"):
+            data.VideoFolder(tmp_path, split)
 
 
 def test_video_folder_splits_never_overlap(tmp_path):

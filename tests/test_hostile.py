@@ -3,7 +3,9 @@ line on stderr, no traceback, and no new file. Grouped by the kind of mistake (t
 
 import argparse
 import json
+import multiprocessing
 import os
+import signal
 import struct
 import zlib
 from dataclasses import asdict
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import audio
 import bench
 import common
 import config
@@ -24,6 +27,7 @@ import train
 import vae
 import world
 from common import INTERRUPTED, UserError, atomic_write
+from conftest import diffusion_args
 
 ROOT = Path(__file__).resolve().parent.parent
 FACE, SPEECH = ROOT / "assets" / "face.png", ROOT / "assets" / "speech.wav"
@@ -141,12 +145,16 @@ def test_every_numeric_option_refuses_nan_infinity_and_absurd_sizes(here, capsys
 # 3. Inputs that would cost more than they weigh
 
 
-def _png_header_only(path, width, height):
-    """A PNG file that claims width x height pixels and holds almost nothing (a decompression bomb's header)."""
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+def _png_header_only(path, width, height, extra=b""):
+    """A PNG file that claims width x height pixels and holds almost nothing (a decompression bomb's header), with
+    the chunks `extra` before its pixels."""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + extra + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+
+
+def _chunk(kind, body):
+    """One PNG chunk: length, kind, body, CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _float_wav(path, samples, rate):
@@ -164,9 +172,18 @@ def test_a_huge_image_is_refused_from_its_header(here, capsys, monkeypatch):
     assert refuse("sample", [FACE, SPEECH], capsys, here, "scale it down first")
 
 
+def test_a_text_chunk_that_unpacks_to_megabytes_is_refused(here, capsys):
+    text = _chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * 20_000_000))  # 20 MB of text in 20 KB
+    _png_header_only(here / "text.png", 8, 8, extra=text)
+    assert refuse("sample", ["text.png", SPEECH], capsys, here, "text.png: cannot read image")
+
+
 def test_an_absurd_sample_rate_and_non_finite_samples_are_refused(here, capsys):
     _float_wav(here / "fast.wav", np.zeros(16_000), 2_000_000_000)
     assert refuse("sample", [FACE, "fast.wav"], capsys, here, "sample rate of 2000000000 Hz")
+    samples = (np.random.default_rng(0).standard_normal(20_000) * 3000).astype(">i2").tobytes()
+    (here / "slow.au").write_bytes(b".snd" + struct.pack(">5I", 24, len(samples), 3, 1, 1) + samples)  # 1 Hz
+    assert refuse("sample", [FACE, "slow.au"], capsys, here, "sample rate of 1 Hz")  # read by FFmpeg, not by us
     _float_wav(here / "nan.wav", np.r_[np.zeros(8000), np.nan, np.zeros(8000)], 16_000)
     assert refuse("sample", [FACE, "nan.wav"], capsys, here, "NaN or infinite")
 
@@ -201,6 +218,24 @@ def test_damaged_checkpoints_are_named(here, capsys):
     assert refuse("sample", [FACE, SPEECH, "--ckpt", "no_ema.pt"], capsys, here, "no_ema.pt")
 
 
+def _with(ckpt, part, **changes):
+    """A copy of a checkpoint whose `part` config (vae, model or diffusion) has `changes`."""
+    if part == "diffusion":
+        return {**ckpt, "diffusion": {**ckpt["diffusion"], **changes}}
+    return {**ckpt, part: {**ckpt[part], "config": {**ckpt[part]["config"], **changes}}}
+
+
+def test_the_right_keys_with_wrong_contents_are_named(here, capsys):
+    good = torch.load(sample.DEFAULT_CKPT, weights_only=True)
+    for i, bad in enumerate([{**good, "ema": [1, 2]}, {**good, "ema": torch.zeros(3)}, {**good, "ema": {"x": 5}},
+                             _with(good, "vae", resolution=0), _with(good, "vae", resolution=200_000),
+                             _with(good, "model", frames=0), _with(good, "diffusion", steps=0),
+                             {**good, "domain": {"wrong": 1}}, {**good, "domain": {"vae_min_psnr": "x"}}]):
+        torch.save(bad, here / f"bad{i}.pt")
+        assert refuse("sample", [FACE, SPEECH, "--ckpt", f"bad{i}.pt"], capsys, here,
+                      f"bad{i}.pt: not a letstalk diffusion checkpoint")
+
+
 @pytest.mark.parametrize("damage, words, during_work", [
     (lambda meta: "{not json", "meta.json: cannot read", False),
     (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "num_frames"}), "no frame count", False),
@@ -222,6 +257,8 @@ def test_a_damaged_video_folder_is_named(damage, words, during_work, folder32, h
 def test_data_and_vae_of_different_sizes_are_refused(folder32, here, capsys):
     assert refuse("train", ["--data", folder32, "--vae", sample.DEFAULT_CKPT, "--out", "run", "--cache", "c"],
                   capsys, here, "32x32 frames, but the VAE")
+    assert refuse("train", ["--stage", "vae", "--data", folder32, "--resolution", "16", "--out", "run", "--cache", "c"],
+                  capsys, here, "32x32 frames, but the VAE works at 16x16; pass --resolution 32")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +320,45 @@ def test_ctrl_c_is_one_line(here, capsys, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(sample, "load_model", interrupt)
     assert refuse("sample", [FACE, SPEECH], capsys, here, "interrupted", code=INTERRUPTED)
+
+
+def test_an_error_is_one_line_whatever_the_path_holds(here, capsys):
+    err = refuse("sample", ["no\nsuch.png", SPEECH], capsys, here, "no such file")
+    assert "no\\nsuch.png" in err
+    (here / "nowhere").symlink_to(here / "gone" / "dir")  # a link to nothing is no folder to write in
+    assert refuse("world", ["nowhere"], capsys, here, "a file of that name exists")
+
+
+def test_a_file_name_that_is_not_utf8_is_written_and_printed(tmp_path, capsys):
+    out = tmp_path / os.fsdecode(b"videos\xff")  # Linux names are bytes; this one is no UTF-8
+    world.main([str(out), "--videos", "1", "--seconds", "0.04", "--size", "16"])
+    assert (out / "train_00000" / "meta.json").exists() and "videos\\udcff" in capsys.readouterr().out
+
+
+def test_running_out_of_memory_is_one_line():
+    for error in (MemoryError(), RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 12 GB")):
+        with pytest.raises(SystemExit) as e, common.user_errors():
+            raise error
+        assert e.value.code == 2
+    with pytest.raises(RuntimeError), common.user_errors():  # any other RuntimeError is a bug: its traceback shows
+        raise RuntimeError("shapes do not match")
+
+
+def test_a_closed_output_ends_quietly(monkeypatch, capsys):
+    read, write = os.pipe()
+    os.close(read)  # the reader (`| head`) is gone
+    monkeypatch.setattr("sys.stdout", open(write, "w", buffering=1))
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        print("a table row")
+    assert e.value.code == common.BROKEN_PIPE and capsys.readouterr().err == ""
+
+
+def test_ctrl_c_is_for_the_parent_and_a_failed_job_stops_every_worker():
+    """Workers ignore Ctrl-C (the parent stops them; interrupted while they import torch, they printed tracebacks)."""
+    assert common.parallel_map(signal.getsignal, [signal.SIGINT] * 8, 2, "jobs") == [signal.SIG_IGN] * 8
+    with pytest.raises(ValueError):
+        common.parallel_map(int, ["1"] * 7 + ["x"], 2, "jobs")
+    assert not multiprocessing.active_children()
 
 
 def test_a_cpu_index_is_refused(here, capsys):
@@ -362,3 +438,48 @@ def test_what_the_work_would_find_late_is_found_first(here, capsys):
     assert refuse("evaluate", ["eval", "--speech", "missing.wav"], capsys, here, "missing.wav")
     (here / "text.pt").write_text("not weights")
     assert refuse("evaluate", ["eval", "--inception", "text.pt", "--videos", "1"], capsys, here, "text.pt")
+
+
+def test_what_eval_reads_is_checked_before_it_generates(here, capsys):
+    quick = ["--videos", "1", "--seconds", "0.4", "--steps", "1", "--json", "r.json"]
+    audio.write_wav(here / "click.wav", np.zeros(100, np.float32))
+    assert refuse("evaluate", ["eval", "--speech", "click.wav", *quick], capsys, here, "shorter than two video frames")
+    torch.save({"fc.weight": torch.zeros(10, 2048)}, here / "resnet.pt")  # another network's classifier
+    assert refuse("evaluate", ["eval", "--inception", "resnet.pt", *quick], capsys, here,
+                  "resnet.pt: not Inception-v3 weights")
+    for name, net in (("identity.pt", torch.nn.Identity()), ("flatten.pt", torch.nn.Flatten(0))):
+        torch.jit.script(net).save(str(here / name))  # TorchScript, but no network of expression coefficients
+        assert refuse("evaluate", ["eval", "--expression", name, *quick], capsys, here,
+                      f"--expression {name}: a blank 16-frame video gave")
+    long = here / ("y" * 230 + ".pt")
+    long.symlink_to(sample.DEFAULT_CKPT)
+    assert refuse("evaluate", ["eval", "--ckpt", long.name, "--videos", "1"], capsys, here, "pass --json")
+
+
+def test_damaged_caches_of_evaluate_are_named(here, capsys):
+    (here / "abl" / "ref-symbiotic_audio-direct").mkdir(parents=True)
+    (here / "abl" / "ref-symbiotic_audio-direct" / "eval.json").write_text('{"sync": 1}')
+    assert refuse("evaluate", ["ablation", "--out", "abl", "--videos", "1"], capsys, here,
+                  "eval.json: not an evaluation's results; delete it")
+    (here / "pools").mkdir()
+    torch.save({"frames": torch.zeros(4, 1, 64, 64, 3, dtype=torch.uint8)}, here / "pools" / "frames_train.pt")
+    assert refuse("evaluate", ["probe", "--out", "p.pt", "--cache", "pools"], capsys, here,
+                  "frames_train.pt: a frame pool without openness, blink, pose")
+
+
+def test_an_export_whose_training_videos_are_gone_says_why_it_needs_them(here, capsys, diffusion_ckpt):
+    ckpt = torch.load(diffusion_ckpt, weights_only=True)
+    (here / "run").mkdir()
+    torch.save({**ckpt, "train_config": {**ckpt["train_config"], "data": str(here / "gone")}}, here / "run" / "ckpt.pt")
+    assert refuse("train", ["--out", "run", "--export", "e.pt"], capsys, here,
+                  "--export measures the VAE on the run's training videos, which it cannot read")
+
+
+def test_an_export_is_not_resumed_and_a_new_run_starts_a_new_log(here, capsys, vae_ckpt):
+    (here / "run").mkdir()
+    (here / "run" / "ckpt.pt").symlink_to(sample.DEFAULT_CKPT)
+    assert refuse("train", ["--out", "run", "--resume"], capsys, here, "an export (train.py --export)")
+    (here / "killed").mkdir()  # a run stopped before its first checkpoint leaves only its log
+    (here / "killed" / "log.jsonl").write_text('{"step": 633, "loss": 0.5}\n')
+    train.main(diffusion_args(here / "killed", vae_ckpt, "--steps", "1"))
+    assert '"step": 633' not in (here / "killed" / "log.jsonl").read_text()
