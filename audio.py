@@ -150,7 +150,9 @@ def load_audio(path):
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: {'a folder, not an audio file' if path.is_dir() else 'no such file'}")
+        why = ("a folder, not an audio file" if path.is_dir() else "not a regular file (a pipe or a device)"
+               if path.exists() else "no such file")
+        raise UserError(f"{path}: {why}")
     with open(path, "rb") as f:
         is_wav = f.read(4) == b"RIFF"
     if is_wav:

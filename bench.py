@@ -386,9 +386,14 @@ def main(argv=None):
         parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
     if args.width % args.heads:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
-    with user_errors():
-        device = check_device(args.device)
-        writable_file(args.json, "--json", (".json",))
+    with user_errors():  # Ctrl-C, out of memory, a closed output: one line, or none
+        return run(args)
+
+
+def run(args):
+    """bench.py's work for the parsed command line: measure the chosen tables, print them, write the JSON."""
+    device = check_device(args.device)
+    writable_file(args.json, "--json", (".json",))
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -418,8 +423,7 @@ def main(argv=None):
                                            1 if args.quick else 2, compiled),
         "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
-    with user_errors():  # Ctrl-C and running out of memory end with one line too
-        tables = {name: measure_table[name]() for name in TABLES if name in chosen}
+    tables = {name: measure_table[name]() for name in TABLES if name in args.tables.split(",")}
     columns = {
         "attention": ("1a. attention alone, forward + backward: full / (spatial + temporal)",
                       ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"]),
@@ -440,8 +444,7 @@ def main(argv=None):
         show(columns[name][0], rows, columns[name][1])
     result = {"device": device_name, "torch": torch.__version__, "peak_bf16_flop_s": peak, "batch": batch,
               "width": args.width, **tables}
-    with user_errors():
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return tables
 
 

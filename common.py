@@ -13,20 +13,23 @@
 """
 
 import argparse
+import errno
 import math
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import sys
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,14 +61,15 @@ def out_of_memory(e):
 
 @contextmanager
 def user_errors():
-    """Run a script's body; a UserError raised inside ends it through `fail`, and so does running out of memory
-    (sizes within the options' bounds can still be too much for this machine); Ctrl-C ends it with one line (exit
-    130) and a closed standard output (`| head`) quietly (exit 141), instead of a traceback. A file name that is
-    not UTF-8 is printed with escapes rather than crashing the print."""
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+    """Run a script's body; a UserError raised inside ends it through `fail`, and so do what the machine refuses:
+    memory (sizes within the options' bounds can still be too much), disk space, a file's permissions. Ctrl-C ends
+    it with one line (exit 130) and a closed standard output (`| head`) quietly (exit 141), instead of a traceback.
+    A file name that is not UTF-8 is printed with escapes rather than crashing the print."""
     try:
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="backslashreplace")
         yield
+        sys.stdout.flush()  # a closed output fails here, inside, not in Python's own flush at exit
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -78,8 +82,15 @@ def user_errors():
         if not out_of_memory(e):
             raise
         detail = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
-        fail(f"out of memory ({detail}); ask for less at once (a smaller --batch-size, --size or fewer frames) or "
-             "use a machine with more memory")
+        fail(f"out of memory ({detail}); ask for less at once (smaller sizes or batches, fewer frames, shorter "
+             "audio) or use a machine with more memory")
+    except PermissionError as e:  # a file or folder this user may not read or write
+        fail(f"{e.filename}: permission denied")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f"{e.filename or 'a file'}: no space left on the device; free some and run again (a training run "
+             "continues from its last checkpoint with --resume)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,11 +124,12 @@ def bounded(kind, low=None, high=None, above=None):
     if high is None or (low is None) == (above is None):
         raise TypeError("bounded needs high and one of low or above")
     rule = f"at least {low}" if above is None else f"above {above}"
+    most = high if kind is int else f"{high:g}"  # 4294967295, not 4.29497e+09
 
     def parse(text):
         value = kind(text)  # a ValueError here makes argparse say "invalid int value"
         if not math.isfinite(value) or value < (low if above is None else above) or value == above or value > high:
-            raise argparse.ArgumentTypeError(f"{text}: must be {rule} and at most {high:g}")
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule} and at most {most}")
         return value
 
     parse.__name__ = kind.__name__  # how argparse names the type in its messages
@@ -158,7 +170,8 @@ def parallel_map(fn, jobs, workers, desc):
     are enough jobs to pay for starting them, else in this one. fn must be a module-level function."""
     workers = min(workers or os.cpu_count(), len(jobs) // 4)
     if workers < 2:
-        return [fn(job) for job in tqdm(jobs, desc=desc, unit="video", disable=not jobs)]
+        with tqdm(jobs, desc=desc, unit="video", disable=not jobs) as bar:  # closed first: `interrupted` gets its
+            return [fn(job) for job in bar]  # own line
     # spawn, not fork: this process may hold torch's thread pools, which a forked child must not inherit
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers, started by submit, inherit this:
@@ -169,9 +182,12 @@ def parallel_map(fn, jobs, workers, desc):
         try:
             with tqdm(futures, desc=desc, unit="video") as bar:  # closed first: `interrupted` gets its own line
                 return [future.result() for future in bar]
-        except BaseException:  # Ctrl-C or a failed job: stop the workers rather than wait for the jobs they run;
-            for worker in multiprocessing.active_children():  # the pool then fails the jobs not done (cancelling
-                worker.terminate()  # them as well, as Executor.map does, trips a bug of Python 3.11's pool)
+        except BaseException as e:  # Ctrl-C or a failed job: stop the workers rather than wait for the jobs they
+            for worker in multiprocessing.active_children():  # run; the pool then fails the jobs not done
+                worker.terminate()  # (cancelling them as well, as Executor.map does, trips a bug of Python 3.11's)
+            if isinstance(e, BrokenProcessPool):
+                raise UserError(f"{desc}: a worker process died (killed, perhaps for want of memory); run again to "
+                                "continue, with fewer workers if it happens again") from None
             raise
 
 
@@ -235,9 +251,10 @@ def remove_stale_temps(path):
     """Delete the temporary files of `path` that writers killed before they finished left behind (those whose
     process is gone); a checkpoint's can be gigabytes."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{path.stem}.*-*{path.suffix}"):
-        pid = tmp.name[len(path.stem) + 2:].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+    ours = re.compile(re.escape(f".{path.stem}.") + r"(\d+)-[0-9a-f]{8}" + re.escape(path.suffix))  # _temp_name's
+    for tmp in path.parent.glob(f".{path.stem}.*-*{path.suffix}"):  # (only those: a user's files stay)
+        match = ours.fullmatch(tmp.name)
+        if match and int(match[1]) != os.getpid() and not Path(f"/proc/{match[1]}").exists():
             tmp.unlink(missing_ok=True)
 
 
@@ -340,6 +357,7 @@ def load_image(path, size):
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:  # ValueError: e.g. a
         # compressed text chunk too large to unpack
         raise UserError(f"{path}: cannot read image ({e})") from None
+    img = ImageOps.exif_transpose(img)  # a phone's photo: stored sideways, with an EXIF tag saying how to turn it
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits first
         a = np.asarray(img, dtype=np.float64)
         if not np.isfinite(a).all():

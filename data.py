@@ -118,7 +118,7 @@ def _read_meta(path):
     frame size ("size", absent in old folders) that is not a number of pixels."""
     try:
         meta = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise UserError(f"{path}: cannot read ({e}); delete its folder and prepare or render it again") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("num_frames"), int) or meta["num_frames"] < 1:
         raise UserError(f"{path}: no frame count (num_frames); delete its folder and prepare or render it again")
@@ -224,13 +224,20 @@ def video_frames(src):
         raise UserError(f"{src}: no video frames")
 
 
+def upright(frame):
+    """A decoded av.VideoFrame as a PIL image the right way up: phone videos store their frames sideways, with the
+    rotation to apply when shown (frame.rotation, degrees counterclockwise)."""
+    image = frame.to_image()
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image
+
+
 def decode_frames(src, convert=lambda image: image):
-    """Every frame of a file's first video stream as convert(PIL image), and each one's time in seconds on the
-    file's clock. Each frame is converted as soon as it is decoded, so a long video's full-size frames never sit in
+    """Every frame of a file's first video stream as convert(PIL image, upright), and each one's time in seconds on
+    the file's clock. Each frame is converted as soon as it is decoded, so a long video's full-size frames never sit in
     memory together (a minute of 1080p is 9 GB)."""
     frames, times = [], []
     for time, frame in video_frames(src):
-        frames.append(convert(frame.to_image()))
+        frames.append(convert(upright(frame)))
         times.append(time)
     return frames, times
 
@@ -242,7 +249,7 @@ def spread_frames(src, n=FACE_SAMPLES):
     held, stride = [], FPS
     for i, (_, frame) in enumerate(video_frames(src)):
         if i % stride == 0:
-            held.append(frame.to_ndarray(format="rgb24"))
+            held.append(np.asarray(upright(frame)))
             if len(held) == 2 * n:
                 held, stride = held[::2], 2 * stride
     return [held[k] for k in np.linspace(0, len(held) - 1, min(n, len(held))).astype(int)]
@@ -302,29 +309,35 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         raise UserError(f"{raw_dir}: a file, not a folder of videos; pass the folder that holds it"
                         if Path(raw_dir).exists() else f"{raw_dir}: no such folder; pass the folder of raw videos")
     out = Path(out_dir).resolve()
+    if out == Path(raw_dir).resolve() or out in Path(raw_dir).resolve().parents:
+        raise UserError(f"{raw_dir}: inside the output folder {out_dir}; pass an output folder outside it")
     sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
                      and out not in p.resolve().parents)  # an output folder inside raw_dir is not raw material
-    # every video gets a folder of its own: a/b.mp4 -> a__b; two sources with one folder would lose one of them
+    # every video gets a folder of its own: a/b.mp4 -> a__b, .c.mp4 -> c (VideoFolder skips names with a leading
+    # dot: unfinished folders); two sources with one folder would lose one of them
     folders = {}
     for src in sources:
-        name = src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
+        name = src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__").lstrip(".")
         if name in folders:
             raise UserError(f"{folders[name]} and {src} would both be prepared into {out_dir}/{name}; rename one")
         folders[name] = src
+    name_of = {src: name for name, src in folders.items()}
     sources = sources[shard[0]::shard[1]]
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in this shard")
     jobs = []
     for src in sources:
-        folder = Path(out_dir) / src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__")
+        folder = Path(out_dir) / name_of[src]
         if not (folder / "meta.json").exists():
             check_replaceable(folder)  # before any work: a file or folder of the user's in the way is never replaced
             jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
-    if made and not any(out.iterdir()):  # nothing prepared: leave no empty folder behind
-        out.rmdir()
+    try:
+        errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
+    finally:  # nothing prepared (all skipped, or stopped before the first): leave no empty folder behind
+        if made and not any(out.iterdir()):
+            out.rmdir()
     return len(jobs) - len(errors), len(sources) - len(jobs), errors
 
 
@@ -597,7 +610,7 @@ def main(argv=None):
                 raise UserError(f"{args.boxes}: cannot read crop boxes (not a regular file)")
             try:
                 boxes = {k: tuple(v) for k, v in json.loads(args.boxes.read_text()).items()}
-            except (OSError, ValueError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
                 raise UserError(f"{args.boxes}: cannot read crop boxes ({e})") from None
             wrong = next((k for k, v in boxes.items() if not _valid_box(v)), None)
             if wrong is not None:

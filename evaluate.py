@@ -406,7 +406,7 @@ def run(args):
         args.cache.mkdir(parents=True, exist_ok=True)
         pools = {}
         for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
-            path = args.cache / f"frames_{split}.pt"
+            path = args.cache / f"frames_{split}_{n}.pt"  # one pool per size: --videos changes what is cached
             if not path.exists():
                 build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path)
             pools[split] = ClipPool(path).data
@@ -434,11 +434,12 @@ def run(args):
                         "for two per video")
     if args.data is not None and (args.speech or args.sheet):
         raise UserError("--speech and --sheet measure the synthetic world; drop them with --data")
+    inputs = [p for p in (args.ckpt, args.probe, args.inception, args.i3d, args.expression, *args.speech) if p]
     if args.sheet:
-        writable_file(args.sheet, "--sheet", (".png",))
+        writable_file(args.sheet, "--sheet", (".png",), inputs=inputs)
     path = args.json or results_path(args.ckpt, args.data.name if args.data else args.split)
     if args.json:  # a folder the user names must exist; the default one is made when the results are written
-        writable_file(path, "--json", (".json",))
+        writable_file(path, "--json", (".json",), inputs=inputs)
     else:
         writable_folder(path.parent, "--json")
         if len(os.fsencode(path.name)) > MAX_NAME:

@@ -15,6 +15,7 @@ A scale of 1 cancels its term: the default (s_ref = s_audio = 1) needs one pass 
 """
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -140,6 +141,9 @@ def contact_sheet(reference, frames, columns=8):
     return np.concatenate([reference, *frames[pick]], axis=1)
 
 
+FRAME_NAME = re.compile(r"\d{5}\.png")  # --frames writes 00000.png, 00001.png...
+
+
 def main(argv=None):
     """`python sample.py IMAGE AUDIO`: animate a portrait with speech into an .mp4 (argv=None: sys.argv)."""
     parser = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -184,6 +188,10 @@ def animate(args, out):
         if any(Path(p).resolve().parent == args.frames.resolve() for p in inputs):
             raise UserError(f"--frames {args.frames}: holds an input of this command, which its PNGs could "
                             "overwrite; pass another folder")
+        others = sorted(p.name for p in args.frames.glob("*") if not FRAME_NAME.fullmatch(p.name))
+        if others:  # only frames an earlier run wrote (NNNNN.png) may be replaced
+            raise UserError(f"--frames {args.frames}: holds files that are not frames of ours ({others[0]}...); pass "
+                            "an empty or new folder")
     model, vae, diffusion, domain = load_model(args.ckpt, args.device)
     image = load_image(args.image, vae.config.resolution)
     wav = load_audio(args.audio)
@@ -212,6 +220,9 @@ def animate(args, out):
             raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
         for i, f in enumerate(frames):
             save_png(args.frames / f"{i:05d}.png", f)
+        for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's
+            if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= len(frames):
+                old.unlink()
         print(f"wrote {len(frames)} PNGs into {args.frames}")
     if args.grid:
         save_png(args.grid, contact_sheet(image, frames))

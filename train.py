@@ -97,6 +97,19 @@ def rng_states():
     return {key: torch.stack([s[key] for s in states]) for key in mine}
 
 
+def torchrun_world():
+    """The number of processes torchrun started (its WORLD_SIZE), 1 without torchrun; a UserError when the
+    variables are set, but not as torchrun sets them."""
+    if "WORLD_SIZE" not in os.environ:
+        return 1
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    values = [os.environ.get(name, "") for name in names]
+    if not all(v.isdigit() for v in values[:3]) or not all(values[3:]):
+        raise UserError(f"WORLD_SIZE is set, but not {', '.join(names[1:])} as torchrun sets them; start distributed "
+                        "runs with torchrun (`torchrun --nproc_per_node N train.py ...`), or unset WORLD_SIZE")
+    return int(values[0])
+
+
 def distributed(model, device):
     """The model wrapped in DistributedDataParallel under torchrun (it averages the gradients across ranks in
     backward), else the model itself."""
@@ -297,8 +310,13 @@ class DiffusionStage:
                      "videos": torch.zeros(len(train_cache.entries), dtype=torch.bool)}
         # fixed validation clips: up to 8 from the held-out videos, with their portraits as images
         val_videos = VideoFolder(folder, "val")
-        val_sampler = ClipSampler(VideoCache(cache, [f.name for f in val_videos.folders]), cfg.frames, cfg.motion,
-                                  seed=cfg.seed + 1)
+        try:
+            val_sampler = ClipSampler(VideoCache(cache, [f.name for f in val_videos.folders]), cfg.frames, cfg.motion,
+                                      seed=cfg.seed + 1)
+        except UserError:  # the training videos are long enough (checked above), the held-out ones are not
+            raise UserError(f"--data {cfg.data}: its held-out videos (every 20th by name, here "
+                            f"{', '.join(f.name for f in val_videos.folders[:3])}) are all shorter than --frames "
+                            f"{cfg.frames} + --motion {cfg.motion}; replace them or pass fewer --frames") from None
         self.val = val_sampler.batch(0, 0, 8)
         video, _, _, ref = val_sampler.draws(0, 0, 8)
         self.val_portraits = np.stack([val_videos[v].frames[r] for v, r in zip(video, ref)])  # uint8 (8, H, W, 3)
@@ -430,6 +448,12 @@ class DiffusionStage:
 
     def load(self, ckpt):
         """Restore the model and EMA weights and the clips seen from a checkpoint written by save_checkpoint."""
+        then, now = (len(ckpt["seen"]["videos"]), len(ckpt["seen"]["clips"])), (len(self.seen["videos"]),
+                                                                               len(self.seen["clips"]))
+        if then != now:  # the data position is a function of the step and of the data: other data, other batches
+            raise UserError(f"--data {self.cfg.data}: {now[0]} training videos ({now[1]} clips), but the run's "
+                            f"checkpoint was trained on {then[0]} ({then[1]}); an exact resume needs the same videos: "
+                            "start a new run from it with --init")
         self.model.load_state_dict(ckpt["model"]["weights"])
         self.ema.load_state_dict(ckpt["ema"])
         self.seen = {k: v.clone() for k, v in ckpt["seen"].items()}
@@ -491,11 +515,17 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
 
 def trim_log(path, step):
     """Drop the lines of a run's log.jsonl after `step`: a run resumed from its checkpoint at `step` logs the
-    steps after it again."""
-    def step_of(record):  # a step line, or the {"final": {...}} line that ends each piece of a run
-        return record["final"]["step"] if "final" in record else record["step"]
+    steps after it again. Lines that are no record of a step (one a crash cut short, or foreign) go too."""
+    def step_of(line):  # a step line, or the {"final": {...}} line that ends each piece of a run; else None
+        try:
+            record = json.loads(line)
+            found = record["final"]["step"] if "final" in record else record["step"]
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
+        return found if isinstance(found, int) else None
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and step_of(json.loads(line)) <= step]
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if (at := step_of(line)) is not None and at <= step]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
@@ -632,7 +662,9 @@ def main(argv=None):
             export(run, writable_file(args.export, "--export", (".pt",), inputs=inputs), args.vae)
             print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
         return None
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+    with user_errors():
+        launched = torchrun_world()
+    if launched > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and args.device != "cpu"
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

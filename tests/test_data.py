@@ -4,6 +4,7 @@ import fractions
 import json
 import math
 import os
+import struct
 import weakref
 from pathlib import Path
 
@@ -394,3 +395,21 @@ def test_opening_the_cache_does_not_read_it_into_memory(tmp_path):
     cache = data.VideoCache(tmp_path, names)
     assert _resident_bytes() - before < on_disk / 10
     assert cache.entries[39]["latents"][0, 0, 0, 0] == 39  # and every entry reads back on access
+
+
+def test_a_phone_video_stored_sideways_is_decoded_upright(tmp_path):
+    """A phone keeps its frames as the sensor saw them and a matrix in the file (tkhd) that turns them for display:
+    here 90 degrees clockwise, so the stored 64x32 frame with a bright top-left corner shows as 32x64, bright at
+    the top right."""
+    frames = np.zeros((5, 32, 64, 3), np.uint8)
+    frames[:, :8, :8] = 255
+    data.write_mp4(tmp_path / "landscape.mp4", frames)
+    raw = (tmp_path / "landscape.mp4").read_bytes()
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    at = raw.index(identity, raw.index(b"tkhd"))
+    clockwise = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    (tmp_path / "phone.mp4").write_bytes(raw[:at] + clockwise + raw[at + 36:])
+    images, _ = data.decode_frames(tmp_path / "phone.mp4", convert=np.asarray)
+    assert images[0].shape == (64, 32, 3)
+    assert images[0][:8, -8:].mean() > 200 and images[0][:8, :8].mean() < 50
+    assert data.spread_frames(tmp_path / "phone.mp4")[0].shape == (64, 32, 3)

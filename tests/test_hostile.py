@@ -5,6 +5,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import struct
 import zlib
@@ -298,6 +299,14 @@ def test_prepare_skips_its_own_output_a_box_outside_the_frame_and_fails_when_not
         data.main(["prepare", "raw", "raw/out", "--size", "32", "--boxes", "boxes.json"])
     assert "prepared 0, already done 1, skipped 0" in capsys.readouterr().out
     assert [p.name for p in (here / "raw" / "out").iterdir()] == ["a"]
+    assert refuse("data", ["prepare", "raw", "."], capsys, here, "inside the output folder")  # raw videos in out
+
+
+def test_a_hidden_video_is_prepared_where_training_sees_it(here, capsys):
+    _video(here / "raw" / ".one.mp4", 0.4)  # a folder named .one would be skipped as unfinished
+    (here / "boxes.json").write_text('{".one": [0, 0, 64, 64]}')
+    data.main(["prepare", "raw", "out", "--size", "32", "--boxes", "boxes.json"])
+    assert [f.name for f in data.VideoFolder(here / "out").folders] == ["one"]
 
 
 def test_a_half_written_video_folder_is_not_a_video(folder32, tmp_path):
@@ -361,6 +370,30 @@ def test_ctrl_c_is_for_the_parent_and_a_failed_job_stops_every_worker():
     assert not multiprocessing.active_children()
 
 
+def test_frames_never_overwrite_a_folder_of_the_users(here, capsys):
+    (here / "myphotos").mkdir()
+    for name in ("00000.png", "notes.txt"):
+        (here / "myphotos" / name).write_text("mine")
+    assert refuse("sample", [FACE, SPEECH, "--frames", "myphotos"], capsys, here, "not frames of ours (notes.txt")
+    assert (here / "myphotos" / "00000.png").read_text() == "mine"
+
+
+def test_what_the_machine_refuses_is_one_line(capsys):
+    for error, words in ((PermissionError(13, "Permission denied", "speech.wav"), "speech.wav: permission denied"),
+                         (OSError(28, "No space left on device", "ckpt.pt"), "ckpt.pt: no space left")):
+        with pytest.raises(SystemExit) as e, common.user_errors():
+            raise error
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {words}") and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError), common.user_errors():  # other OSErrors are checked where they arise
+        raise FileNotFoundError(2, "No such file or directory", "x")
+
+
+def test_distributed_variables_set_by_hand_are_refused(here, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # RANK and the rest missing: not torchrun
+    assert refuse("train", ["--out", "run"], capsys, here, "start distributed runs with torchrun")
+
+
 def test_a_cpu_index_is_refused(here, capsys):
     assert refuse("sample", [FACE, SPEECH, "--device", "cpu:5"], capsys, here, "the CPU has no index")
 
@@ -371,8 +404,10 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
     stale.write_bytes(b"x" * 1000)
     mine = tmp_path / f".ckpt.{os.getpid()}-00000000.pt"  # a live writer's is left alone
     mine.write_bytes(b"y")
+    users = tmp_path / ".ckpt.2023-01-05.pt"  # and so is a file of the user's that merely looks alike
+    users.write_bytes(b"u")
     atomic_write(tmp_path / "ckpt.pt", lambda tmp: Path(tmp).write_bytes(b"z"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", mine.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", mine.name, users.name])
 
 
 def test_a_resume_takes_the_same_path_spelled_another_way(tmp_path, monkeypatch):
@@ -451,6 +486,8 @@ def test_what_eval_reads_is_checked_before_it_generates(here, capsys):
         torch.jit.script(net).save(str(here / name))  # TorchScript, but no network of expression coefficients
         assert refuse("evaluate", ["eval", "--expression", name, *quick], capsys, here,
                       f"--expression {name}: a blank 16-frame video gave")
+    (here / "ckpt.json").symlink_to(sample.DEFAULT_CKPT)  # an output may not overwrite an input, whatever its name
+    assert refuse("evaluate", ["eval", "--ckpt", "ckpt.json", "--json", "ckpt.json"], capsys, here, "an input")
     long = here / ("y" * 230 + ".pt")
     long.symlink_to(sample.DEFAULT_CKPT)
     assert refuse("evaluate", ["eval", "--ckpt", long.name, "--videos", "1"], capsys, here, "pass --json")
@@ -462,9 +499,9 @@ def test_damaged_caches_of_evaluate_are_named(here, capsys):
     assert refuse("evaluate", ["ablation", "--out", "abl", "--videos", "1"], capsys, here,
                   "eval.json: not an evaluation's results; delete it")
     (here / "pools").mkdir()
-    torch.save({"frames": torch.zeros(4, 1, 64, 64, 3, dtype=torch.uint8)}, here / "pools" / "frames_train.pt")
+    torch.save({"frames": torch.zeros(4, 1, 64, 64, 3, dtype=torch.uint8)}, here / "pools" / "frames_train_300.pt")
     assert refuse("evaluate", ["probe", "--out", "p.pt", "--cache", "pools"], capsys, here,
-                  "frames_train.pt: a frame pool without openness, blink, pose")
+                  "frames_train_300.pt: a frame pool without openness, blink, pose")
 
 
 def test_an_export_whose_training_videos_are_gone_says_why_it_needs_them(here, capsys, diffusion_ckpt):
@@ -483,3 +520,27 @@ def test_an_export_is_not_resumed_and_a_new_run_starts_a_new_log(here, capsys, v
     (here / "killed" / "log.jsonl").write_text('{"step": 633, "loss": 0.5}\n')
     train.main(diffusion_args(here / "killed", vae_ckpt, "--steps", "1"))
     assert '"step": 633' not in (here / "killed" / "log.jsonl").read_text()
+
+
+def test_a_resume_survives_a_damaged_log_and_refuses_changed_data(here, capsys, folder32, vae_ckpt):
+    shutil.copytree(folder32, here / "videos")
+    args = ["--out", "run", "--cache", "c", "--vae", vae_ckpt, "--size", "T", "--frames", "4", "--batch-size", "2",
+            "--eval-every", "100", "--device", "cpu", "--data", "videos"]
+    train.main([str(a) for a in [*args, "--steps", "1"]])
+    with open(here / "run" / "log.jsonl", "a") as log:  # what a crash, a full disk or another program leaves
+        log.write('{"note": 1}\n\0\0\0\n{"step": 3, "loss"')
+    train.main([str(a) for a in [*args, "--resume", "--steps", "2"]])
+    steps = [json.loads(line) for line in (here / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "step" in r] == [1, 2]
+    shutil.copytree(here / "videos" / sorted(p.name for p in (here / "videos").iterdir())[0], here / "videos" / "zz")
+    assert refuse("train", [*args, "--resume", "--steps", "3"], capsys, here, "an exact resume needs the same videos",
+                  during_work=True)
+
+
+def test_held_out_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
+    shutil.copytree(folder32, here / "videos")
+    world.main([str(here / "short"), "--videos", "1", "--seconds", "0.12", "--size", "32"])  # 3 frames
+    shutil.copytree(here / "short" / "train_00000", here / "videos" / "zz")  # sorted last: held out
+    assert refuse("train", ["--out", "run", "--cache", "c", "--vae", vae_ckpt, "--size", "T", "--frames", "4",
+                            "--device", "cpu", "--data", "videos"], capsys, here,
+                  "held-out videos (every 20th by name, here zz) are all shorter", during_work=True)

@@ -33,6 +33,8 @@ def inputs(tmp_path_factory):
 
 def test_sample_writes_a_video_as_long_as_the_audio(tmp_path, inputs, diffusion_ckpt, capsys):
     out = tmp_path / "out.mp4"
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "00099.png").write_bytes(b"a frame of an earlier, longer video")
     sample.main([str(inputs / "face.png"), str(inputs / "speech.wav"), "--ckpt", str(diffusion_ckpt), "-o", str(out),
                  "--steps", "2", "--size", "64", "--frames", str(tmp_path / "frames"),
                  "--grid", str(tmp_path / "g.png")])
@@ -42,7 +44,7 @@ def test_sample_writes_a_video_as_long_as_the_audio(tmp_path, inputs, diffusion_
         assert v.frames == n and v.codec_context.pix_fmt == "yuv420p" and v.codec_context.width == 64
         assert float(v.duration * v.time_base) == pytest.approx(n / 25)
         assert float(a.duration * a.time_base) == pytest.approx(n / 25, abs=0.01)
-    assert len(list((tmp_path / "frames").glob("*.png"))) == n
+    assert len(list((tmp_path / "frames").glob("*.png"))) == n  # the earlier video's 00099.png is gone
     assert Image.open(tmp_path / "g.png").size == (64 * 9, 64)
     printed = capsys.readouterr().out  # every file written is named, and how the video was sampled
     assert f"{n} frames" in printed and f"{n} PNGs into {tmp_path / 'frames'}" in printed
@@ -59,6 +61,16 @@ def test_images_of_every_mode_load(tmp_path, mode):
     img.save(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"))
     got = common.load_image(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"), 32)
     assert got.shape == (32, 32, 3) and got.dtype == np.uint8 and got.std() > 10
+
+
+def test_a_phone_photo_stored_sideways_loads_upright(tmp_path):
+    """A camera stores the sensor's pixels and an EXIF orientation (6: turn 90 degrees clockwise to show it)."""
+    upright = Image.fromarray(world.synth_video("test", 1, 0.04, 64).frames[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    upright.rotate(90, expand=True).save(tmp_path / "phone.jpg", exif=exif, quality=95)  # stored turned left
+    got, want = common.load_image(tmp_path / "phone.jpg", 64), np.asarray(upright)
+    assert np.abs(got.astype(int) - want).mean() < 8  # JPEG's loss; sideways would differ by tens
 
 
 @pytest.mark.parametrize("case", ["missing image", "bad image", "missing audio", "bad audio", "empty audio",
