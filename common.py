@@ -182,9 +182,10 @@ def parallel_map(fn, jobs, workers, desc):
         try:
             with tqdm(futures, desc=desc, unit="video") as bar:  # closed first: `interrupted` gets its own line
                 return [future.result() for future in bar]
-        except BaseException as e:  # Ctrl-C or a failed job: stop the workers rather than wait for the jobs they
-            for worker in multiprocessing.active_children():  # run; the pool then fails the jobs not done
-                worker.terminate()  # (cancelling them as well, as Executor.map does, trips a bug of Python 3.11's)
+        except BaseException as e:  # Ctrl-C or a failed job: stop the workers (this process's only children) rather
+            for worker in multiprocessing.active_children():  # than wait for the jobs they run; the pool then fails
+                worker.terminate()  # the jobs not done (cancelling them too, as Executor.map does, trips a bug of
+                # Python 3.11's pool)
             if isinstance(e, BrokenProcessPool):
                 raise UserError(f"{desc}: a worker process died (killed, perhaps for want of memory); run again to "
                                 "continue, with fewer workers if it happens again") from None
