@@ -17,11 +17,13 @@ transformer, not on decoding.
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,6 +97,31 @@ def rng_states():
         states = [None] * world()
         dist.all_gather_object(states, mine)
     return {key: torch.stack([s[key] for s in states]) for key in mine}
+
+
+@contextmanager
+def run_lock(out):
+    """Hold the run folder `out` while a run trains into it (rank 0 does, under torchrun): a second run started
+    into the same folder stops at once instead of the two overwriting each other's checkpoints and log. The lock
+    (flock on the folder itself) ends with the process, however it ends; a folder made here and left empty (the
+    run was refused) is removed."""
+    if rank() != 0:
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another run is training into this folder now; wait for it to end or pass "
+                            "another --out") from None
+        yield
+    finally:
+        os.close(folder)
+        if made and not any(out.iterdir()):
+            out.rmdir()
 
 
 def torchrun_world():
@@ -688,7 +715,8 @@ def main(argv=None):
                 cfg = new_config(settings)
                 if (out / "ckpt.pt").exists():
                     raise UserError(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
-            return train(cfg, resume=args.resume, max_minutes=args.max_minutes)
+            with run_lock(out):
+                return train(cfg, resume=args.resume, max_minutes=args.max_minutes)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

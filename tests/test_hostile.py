@@ -2,6 +2,7 @@
 line on stderr, no traceback, and no new file. Grouped by the kind of mistake (the classes of issue #28)."""
 
 import argparse
+import fcntl
 import json
 import multiprocessing
 import os
@@ -544,3 +545,14 @@ def test_held_out_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
     assert refuse("train", ["--out", "run", "--cache", "c", "--vae", vae_ckpt, "--size", "T", "--frames", "4",
                             "--device", "cpu", "--data", "videos"], capsys, here,
                   "held-out videos (every 20th by name, here zz) are all shorter", during_work=True)
+
+
+def test_a_second_run_into_a_folder_in_use_stops_at_once(here, capsys):
+    (here / "run").mkdir()
+    busy = os.open(here / "run", os.O_RDONLY)  # as a run training into it holds it
+    fcntl.flock(busy, fcntl.LOCK_EX)
+    try:
+        assert refuse("train", ["--out", "run", "--vae", sample.DEFAULT_CKPT, "--cache", "c"], capsys, here,
+                      "another run is training into this folder")
+    finally:
+        os.close(busy)
