@@ -47,14 +47,17 @@ class Video:
 
 
 def write_mp4(path, frames, wav=None, fps=FPS, crf=16):
-    """Write frames uint8 (N, H, W, 3) as H.264 yuv420p (plays in browsers) with optional 16 kHz mono audio as AAC.
-    Uses the FFmpeg inside the `av` wheel; H and W must be even. Written atomically."""
+    """Write frames uint8 (N, H, W, 3), or any iterable of (H, W, 3) frames (encoded as they come), as H.264
+    yuv420p (plays in browsers) with optional 16 kHz mono audio as AAC. Uses the FFmpeg inside the `av` wheel; H
+    and W must be even. Written atomically."""
     def write(tmp):
         with av.open(tmp, "w", format="mp4") as out:
             video = out.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-            video.height, video.width, video.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+            video.pix_fmt = "yuv420p"
             audio = None if wav is None else out.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
-            for frame in frames:
+            for i, frame in enumerate(frames):
+                if i == 0:  # the first frame sets the size
+                    video.height, video.width = frame.shape[:2]
                 out.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
             out.mux(video.encode())
             if audio is not None:

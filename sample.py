@@ -135,10 +135,11 @@ def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=S
     return to_uint8(torch.cat(frames, dim=1)[:, :n])
 
 
-def contact_sheet(reference, frames, columns=8):
-    """reference | up to `columns` evenly spaced frames, one row. uint8 (H, W * (columns + 1), 3)."""
+def contact_sheet(reference, frames, shown, columns=8):
+    """reference | up to `columns` evenly spaced frames, one row, each as shown(frame) (at the video's size):
+    uint8 (h, w, 3) and (N, h, w, 3) -> (H, W * (columns + 1), 3)."""
     pick = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
-    return np.concatenate([reference, *frames[pick]], axis=1)
+    return np.concatenate([shown(reference), *(shown(frames[k]) for k in pick)], axis=1)
 
 
 FRAME_NAME = re.compile(r"\d{5}\.png")  # --frames writes 00000.png, 00001.png...
@@ -203,13 +204,14 @@ def animate(args, out):
     mel = audio_features(wav, math.ceil(len(wav) / SAMPLES_PER_FRAME))
     frames = generate(model, vae, diffusion, image[None], mel[None], args.steps, args.sampler, args.audio_scale,
                       args.ref_scale, args.seed, args.device)[0]
-    if args.size and args.size != frames.shape[1]:
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((args.size, args.size), Image.BICUBIC))
-                           for f in frames])
-        image = np.asarray(Image.fromarray(image).resize((args.size, args.size), Image.BICUBIC))
+    size = args.size or frames.shape[1]
+
+    def shown(frame):  # a frame at --size, resized as it is written: a long video's big frames never pile up
+        return frame if size == frame.shape[0] else np.asarray(Image.fromarray(frame).resize((size, size),
+                                                                                             Image.BICUBIC))
     padded = np.zeros(len(frames) * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
     padded[:len(wav)] = wav[:len(padded)]
-    write_mp4(out, frames, padded)
+    write_mp4(out, map(shown, frames), padded)
     steps = diffusion.steps if args.sampler == "ddpm" else args.steps
     print(f"wrote {out}: {len(frames)} frames, {len(frames) / FPS:.2f} s ({args.ckpt}, {args.sampler} in {steps} "
           "steps)")
@@ -219,13 +221,13 @@ def animate(args, out):
         except OSError as e:
             raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
         for i, f in enumerate(frames):
-            save_png(args.frames / f"{i:05d}.png", f)
+            save_png(args.frames / f"{i:05d}.png", shown(f))
         for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's
             if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= len(frames):
                 old.unlink()
         print(f"wrote {len(frames)} PNGs into {args.frames}")
     if args.grid:
-        save_png(args.grid, contact_sheet(image, frames))
+        save_png(args.grid, contact_sheet(image, frames, shown))
         print(f"wrote {args.grid}")
 
 
