@@ -85,7 +85,7 @@ def user_errors():
         fail(f"out of memory ({detail}); ask for less at once (smaller sizes or batches, fewer frames, shorter "
              "audio) or use a machine with more memory")
     except PermissionError as e:  # a file or folder this user may not read or write
-        fail(f"{e.filename}: permission denied")
+        fail(f"{e.filename or e}: permission denied")
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -277,6 +277,15 @@ def atomic_write(path, write):
         if isinstance(e, OSError):
             raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
+
+
+def save_torch(path, obj):
+    """torch.save(obj) to `path`, atomically, through a file object: given a name, torch.save reports a full disk
+    as a RuntimeError; given a file, as the OSError that atomic_write turns into a UserError."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=False):

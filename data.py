@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_features, decode_audio, load_audio, write_wav
 from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, parallel_map,
-                    square_image, to_tensor, to_uint8, user_errors, writable_folder)
+                    save_torch, square_image, to_tensor, to_uint8, user_errors, writable_folder)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The on-disk layout: ROOT/<name>/{video.mp4, audio.wav, meta.json}
@@ -111,7 +111,8 @@ def save_video(folder, video):
         (tmp / "meta.json").write_text(json.dumps(video.meta))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    except BaseException:  # a failed write (a full disk, Ctrl-C) leaves no half-made folder behind
+    except BaseException:  # a failed write (a full disk, Ctrl-C) leaves no half-made folder behind (a killed process
+        # may: the next save_video of that name removes it, and VideoFolder skips it)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -260,9 +261,9 @@ def spread_frames(src, n=FACE_SAMPLES):
 
 def prepare_video(src, size, box=None):
     """Convert one real talking-head video into a Video: 25 fps, a square crop resized to size x size, 16 kHz mono
-    audio. The crop is `box` (x0, y0, x1, y1) in source pixels, else the face find_face sees in FACE_SAMPLES frames
-    spread over the video; meta.json records it. Raises UserError if the file is unreadable or silent or shows no
-    face."""
+    audio. The crop is `box` (x0, y0, x1, y1) in pixels of the upright source frame, else the face find_face sees
+    in FACE_SAMPLES frames spread over the video; meta.json records it. Raises UserError if the file is unreadable
+    or silent or shows no face."""
     if box is None:  # a first pass for the detector
         samples = spread_frames(src)
         box = find_face(samples)
@@ -321,6 +322,8 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     folders = {}
     for src in sources:
         name = src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__").lstrip(".")
+        if not name:
+            raise UserError(f"{src}: a name of dots only, which makes no folder name; rename it")
         if name in folders:
             raise UserError(f"{folders[name]} and {src} would both be prepared into {out_dir}/{name}; rename one")
         folders[name] = src
@@ -436,7 +439,7 @@ class ClipPool(Dataset):
         data = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         for k in ("frames", "ref", "motion"):  # [-1, 1] floats back to exact uint8
             data[k] = torch.from_numpy(to_uint8(data[k]))
-        atomic_write(path, lambda tmp: torch.save(data, tmp))
+        save_torch(path, data)
         return cls(path)
 
     def __len__(self):
@@ -469,7 +472,7 @@ def _cache_each(videos, cache, entry, desc, rank=0, world=1):
     todo = [i for i in range(rank, len(videos), world) if not (cache / f"{videos.folders[i].name}.pt").exists()]
     for i in tqdm(todo, desc=desc, unit="video", disable=rank > 0 or not todo):
         item = entry(videos[i])
-        atomic_write(cache / f"{videos.folders[i].name}.pt", lambda tmp: torch.save(item, tmp))
+        save_torch(cache / f"{videos.folders[i].name}.pt", item)
     return len(todo)
 
 
@@ -595,7 +598,7 @@ def main(argv=None):
     p.add_argument("--size", type=bounded(int, 16, 2048), default=256,
                    help="output frame size, even (256 is the paper's)")
     p.add_argument("--boxes", type=Path, help="JSON file {video_stem: [x0, y0, x1, y1]} of square crop boxes in "
-                   "source pixels, for the videos whose box the detector should not choose")
+                   "pixels of the upright source frame, for the videos whose box the detector should not choose")
     p.add_argument("--workers", type=bounded(int, 1, 1024),
                    help="videos prepared at once, in worker processes (default: one per core)")
     p.add_argument("--shard", default="0/1", help="i/n: prepare every n-th video from the i-th, so that n machines "

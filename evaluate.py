@@ -21,7 +21,8 @@ from tqdm import tqdm
 import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
 from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device,
-                    contents_of, load_checkpoint, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
+                    contents_of, load_checkpoint, out_of_memory, save_torch, to_tensor, to_uint8, user_errors,
+                    writable_file, writable_folder)
 from data import ClipPool, VideoFolder, build_frame_pool
 from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
@@ -57,7 +58,7 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
     animated from one of its frames with its own audio, with mismatched audio (the same recording shifted by half
     its length: the same voice, other words) and with silence. Returns a dict of every figure (see README)."""
     model, vae, diffusion, _ = load_model(ckpt, device)
-    extractors = standard_extractors(inception, i3d, expression)  # a damaged file fails now, not after generating
+    extractors = standard_extractors(vae.config.resolution, inception, i3d, expression)  # fails now, not later
     res = vae.config.resolution
     refs, real, wavs, metas = eval_videos(videos, seconds, res, split, seed)
     _, other_real, _, _ = eval_videos(videos, seconds, res, split, seed + 1)  # the floor: other real videos
@@ -131,11 +132,11 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
     return result
 
 
-def standard_extractors(inception=None, i3d=None, expression=None):
+def standard_extractors(resolution, inception=None, i3d=None, expression=None):
     """The standard feature extractors whose files the user passed, as {metric: features}, each features(videos
     uint8 (N, T, H, W, 3)) -> (M, d): FID's Inception pool features per frame, FVD's I3D features per 16-frame clip
-    (stride 8), E-FID's expression coefficients per frame. Each is tried on a blank 16-frame video first, so a
-    network that is not what its flag asks for fails now, not after the generation."""
+    (stride 8), E-FID's expression coefficients per frame. Each is tried on a blank 16-frame video at `resolution`
+    first, so a network that is not what its flag asks for fails now, not after the generation."""
     frames = lambda v: to_tensor(v).flatten(0, 1)  # noqa: E731
     found = {}  # metric: (flag, file, features, feature vectors of a 16-frame video)
     if inception is not None:
@@ -152,9 +153,11 @@ def standard_extractors(inception=None, i3d=None, expression=None):
             [expression_net((c + 1) / 2) for c in frames(v).split(64)]).numpy(), 16)
     for flag, path, features, rows in found.values():
         try:
-            got = tuple(features(np.zeros((1, 16, 64, 64, 3), np.uint8)).shape)
+            got = tuple(features(np.zeros((1, 16, resolution, resolution, 3), np.uint8)).shape)
         except Exception as e:  # noqa: BLE001  (a network of another kind can fail in any way)
-            got = type(e).__name__
+            if out_of_memory(e):
+                raise
+            got = f"{type(e).__name__} ({(str(e).strip() or '-').splitlines()[0][:100]})"
         if not (isinstance(got, tuple) and len(got) == 2 and got[0] == rows):
             raise UserError(f"{flag} {path}: a blank 16-frame video gave {got}, not {rows} feature vectors; see "
                             "--help for the network it takes")
@@ -174,7 +177,7 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, s
     if size != vae.config.resolution:
         raise UserError(f"--data {folder}: its frames are {size} px, the checkpoint's {vae.config.resolution} px "
                         f"(prepare it with --size {vae.config.resolution})")
-    extractors = standard_extractors(inception, i3d, expression)
+    extractors = standard_extractors(vae.config.resolution, inception, i3d, expression)
     stats, ssims, lead, T = {}, [], PORTRAIT_LEAD, round(seconds * FPS)
     for i in tqdm(range(min(videos, len(held_out))), desc="videos", unit="video"):
         video = held_out[i]
@@ -318,7 +321,7 @@ ABLATION_RECIPE = ["--size", "T", "--prediction", "v", "--mouth-weight", "5", "-
 def results_path(ckpt, split):
     """Where `eval` writes its results by default: runs/eval/NAME_SPLIT.json, NAME the checkpoint's file name, or its
     run folder's for a run's ckpt.pt, so that evaluating runs/a/ckpt.pt and runs/b/ckpt.pt keeps both."""
-    return Path("runs/eval") / f"{ckpt.parent.name if ckpt.stem == 'ckpt' else ckpt.stem}_{split}.json"
+    return Path("runs/eval") / f"{ckpt.resolve().parent.name if ckpt.stem == 'ckpt' else ckpt.stem}_{split}.json"
 
 
 def ablation(root, budget_min, probe, **eval_args):
@@ -414,7 +417,7 @@ def run(args):
             if missing:
                 raise UserError(f"{path}: a frame pool without {', '.join(missing)}; delete it, and it is built again")
         probe, r = train_probe(pools["train"], pools["val"], args.steps)
-        atomic_write(args.out, lambda tmp: torch.save(probe.state_dict(), tmp))
+        save_torch(args.out, probe.state_dict())
         print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")
         return r
     probe = None if getattr(args, "data", None) else load_probe(args.probe)  # real videos need no probe

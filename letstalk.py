@@ -508,14 +508,15 @@ def main(argv=None):
         fail(f"--frames {args.frames}: must be from 1 to 256")
     if not 2 <= args.latent_size <= 256 or args.latent_size % 2:
         fail(f"--latent-size {args.latent_size}: must be an even number from 2 to 256 (the model cuts 2x2 patches)")
-    print(f"LetsTalk-{args.size}: {SIZES[args.size]}, {args.frames} frames of {args.latent_size}x{args.latent_size}"
-          f"x4 latents, 2 motion frames")
-    print(f"{'ref fusion':>10} {'audio fusion':>12} | {'backbone':>9} {'audio enc':>9} {'fusion':>9} {'total':>9} |"
-          f" {'GFLOPs':>8}")
     try:
+        print(f"LetsTalk-{args.size}: {SIZES[args.size]}, {args.frames} frames of {args.latent_size}x"
+              f"{args.latent_size}x4 latents, 2 motion frames")
+        print(f"{'ref fusion':>10} {'audio fusion':>12} | {'backbone':>9} {'audio enc':>9} {'fusion':>9} "
+              f"{'total':>9} | {'GFLOPs':>8}")
         for ref_fusion in FUSIONS:
             for audio_fusion in FUSIONS:
                 print(fusion_row(args.size, args.frames, args.latent_size, ref_fusion, audio_fusion))
+        sys.stdout.flush()  # a closed output fails here, inside, not in Python's own flush at exit
     except KeyboardInterrupt:  # Ctrl-C: one line and the shells' status, as every script of the project
         print("interrupted", file=sys.stderr)
         sys.exit(130)

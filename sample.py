@@ -143,6 +143,7 @@ def contact_sheet(reference, frames, shown, columns=8):
 
 
 FRAME_NAME = re.compile(r"\d{5}\.png")  # --frames writes 00000.png, 00001.png...
+FRAMES_MARK = ".sample-frames"  # ...and this file, which makes the folder's NNNNN.png ours to replace
 
 
 def main(argv=None):
@@ -189,10 +190,9 @@ def animate(args, out):
         if any(Path(p).resolve().parent == args.frames.resolve() for p in inputs):
             raise UserError(f"--frames {args.frames}: holds an input of this command, which its PNGs could "
                             "overwrite; pass another folder")
-        others = sorted(p.name for p in args.frames.glob("*") if not FRAME_NAME.fullmatch(p.name))
-        if others:  # only frames an earlier run wrote (NNNNN.png) may be replaced
-            raise UserError(f"--frames {args.frames}: holds files that are not frames of ours ({others[0]}...); pass "
-                            "an empty or new folder")
+        if args.frames.is_dir() and any(args.frames.iterdir()) and not (args.frames / FRAMES_MARK).exists():
+            raise UserError(f"--frames {args.frames}: a folder of other files (sample.py did not write it), whose "
+                            "PNGs its frames could replace; pass an empty or new folder")
     model, vae, diffusion, domain = load_model(args.ckpt, args.device)
     image = load_image(args.image, vae.config.resolution)
     wav = load_audio(args.audio)
@@ -220,6 +220,7 @@ def animate(args, out):
             args.frames.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
+        (args.frames / FRAMES_MARK).touch()
         for i, f in enumerate(frames):
             save_png(args.frames / f"{i:05d}.png", shown(f))
         for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from audio import FPS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
-                    save_png, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
+                    save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
@@ -112,11 +113,15 @@ def run_lock(out):
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{out}: another run is training into this folder now; wait for it to end or pass "
-                            "another --out") from None
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(folder)
+        raise UserError(f"{out}: another run is training into this folder now; wait for it to end or pass another "
+                        "--out") from None
+    except OSError:  # a file system that cannot lock a folder (NFS, some network mounts): the run goes unguarded
+        print(f"note: {out}: this file system cannot lock the run folder; start one run at a time into it",
+              file=sys.stderr)
+    try:
         yield
     finally:
         os.close(folder)
@@ -516,7 +521,7 @@ def export(run_ckpt, dst, vae_path=None, frames=512):
            "model": {"config": ckpt["model"]["config"]}, "ema": half(ckpt["ema"]),
            "vae": {"config": asdict(vae.config), "weights": half(vae.state_dict())},
            "diffusion": ckpt["diffusion"], "domain": {"vae_min_psnr": worst}}
-    atomic_write(dst, lambda tmp: torch.save(out, tmp))
+    save_torch(dst, out)
     return out
 
 
@@ -537,7 +542,7 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
         stage.before_save()
         ckpt = {"stage": cfg.stage, "step": step, "elapsed": elapsed, "train_config": asdict(cfg), **stage.state(),
                 "optimizer": optimizer.state_dict(), **rng}
-        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        save_torch(path, ckpt)
 
 
 def trim_log(path, step):

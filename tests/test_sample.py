@@ -33,7 +33,8 @@ def inputs(tmp_path_factory):
 
 def test_sample_writes_a_video_as_long_as_the_audio(tmp_path, inputs, diffusion_ckpt, capsys):
     out = tmp_path / "out.mp4"
-    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames").mkdir()  # as an earlier run of a longer video left it
+    (tmp_path / "frames" / sample.FRAMES_MARK).touch()
     (tmp_path / "frames" / "00099.png").write_bytes(b"a frame of an earlier, longer video")
     sample.main([str(inputs / "face.png"), str(inputs / "speech.wav"), "--ckpt", str(diffusion_ckpt), "-o", str(out),
                  "--steps", "2", "--size", "64", "--frames", str(tmp_path / "frames"),

@@ -138,8 +138,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, vae_ckpt,
     train.main(diffusion_args(out, vae_ckpt, "--steps", "1"))
     before = (out / "ckpt.pt").read_bytes()
 
-    def crash(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
+    def crash(obj, f, *args, **kwargs):  # f: the open temporary file (common.save_torch)
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt("killed while saving")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(SystemExit) as e:  # Ctrl-C: one line, exit 130
