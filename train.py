@@ -253,11 +253,15 @@ class VAEStage:
         self.model.train()
 
     def state(self):
-        """The stage's part of a checkpoint: {"vae": vae_state}."""
-        return {"vae": vae_state(self.model)}
+        """The stage's part of a checkpoint: {"vae": vae_state, "frames": training frames cached}."""
+        return {"vae": vae_state(self.model), "frames": int(self.train.offsets[-1])}
 
     def load(self, ckpt):
         """Restore the VAE weights from a checkpoint written by save_checkpoint."""
+        then, now = ckpt.get("frames", int(self.train.offsets[-1])), int(self.train.offsets[-1])  # (older: no count)
+        if then != now:  # the batches are a function of the step and of the frames: other frames, other batches
+            raise UserError(f"--data {self.cfg.data}: {now} training frames cached, but the run's checkpoint was "
+                            f"trained on {then}; an exact resume needs the same videos: start a new run")
         self.model.load_state_dict(ckpt["vae"]["weights"])
 
     def after_step(self, step):

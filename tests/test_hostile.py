@@ -537,6 +537,12 @@ def test_a_resume_survives_a_damaged_log_and_refuses_changed_data(here, capsys, 
     shutil.copytree(here / "videos" / sorted(p.name for p in (here / "videos").iterdir())[0], here / "videos" / "zz")
     assert refuse("train", [*args, "--resume", "--steps", "3"], capsys, here, "an exact resume needs the same videos",
                   during_work=True)
+    vae_args = ["--stage", "vae", "--out", "vae", "--cache", "c", "--data", "videos", "--resolution", "32",
+                "--vae-width", "8", "--batch-size", "4", "--device", "cpu"]
+    train.main([*vae_args, "--steps", "1"])
+    shutil.copytree(here / "videos" / "zz", here / "videos" / "zzz")
+    assert refuse("train", [*vae_args, "--resume", "--steps", "2"], capsys, here, "training frames cached, but",
+                  during_work=True)
 
 
 def test_held_out_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
