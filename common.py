@@ -59,12 +59,19 @@ def out_of_memory(e):
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
 
 
+def compile_failed(e):
+    """Whether an exception is torch.compile's backend failing (no C compiler on the machine, say). Told by the
+    class's name: importing torch._dynamo to compare classes would slow every script's start by almost a second."""
+    return any(c.__name__ == "BackendCompilerFailed" for c in type(e).__mro__)
+
+
 @contextmanager
 def user_errors():
     """Run a script's body; a UserError raised inside ends it through `fail`, and so do what the machine refuses:
-    memory (sizes within the options' bounds can still be too much), disk space, a file's permissions. Ctrl-C ends
-    it with one line (exit 130) and a closed standard output (`| head`) quietly (exit 141), instead of a traceback.
-    A file name that is not UTF-8 is printed with escapes rather than crashing the print."""
+    memory (sizes within the options' bounds can still be too much), disk space, a file's permissions, a compiler
+    for torch.compile. Ctrl-C ends it with one line (exit 130) and a closed standard output (`| head`) quietly
+    (exit 141), instead of a traceback. A file name that is not UTF-8 is printed with escapes rather than crashing
+    the print."""
     try:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="backslashreplace")
@@ -79,11 +86,14 @@ def user_errors():
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         sys.exit(BROKEN_PIPE)
     except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
         detail = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
-        fail(f"out of memory ({detail}); ask for less at once (smaller sizes or batches, fewer frames, shorter "
-             "audio) or use a machine with more memory")
+        if out_of_memory(e):
+            fail(f"out of memory ({detail}); ask for less at once (smaller sizes or batches, fewer frames, shorter "
+                 "audio) or use a machine with more memory")
+        if compile_failed(e):
+            fail(f"torch.compile failed ({detail}); pass --no-compile to run without it (it needs a C compiler, "
+                 "e.g. gcc, on this machine)")
+        raise
     except PermissionError as e:  # a file or folder this user may not read or write
         fail(f"{e.filename or e}: permission denied")
     except OSError as e:

@@ -380,6 +380,13 @@ def test_frames_never_overwrite_a_folder_of_the_users(here, capsys):
     assert (here / "myphotos" / "00000.png").read_text() == "mine"
 
 
+def test_a_machine_without_a_compiler_is_told_to_pass_no_compile(capsys):
+    from torch._inductor.exc import InductorError  # imported here only: it costs the suite's start ~1 s otherwise
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+    assert e.value.code == 2 and "pass --no-compile" in capsys.readouterr().err
+
+
 def test_what_the_machine_refuses_is_one_line(capsys):
     for error, words in ((PermissionError(13, "Permission denied", "speech.wav"), "speech.wav: permission denied"),
                          (OSError(28, "No space left on device", "ckpt.pt"), "ckpt.pt: no space left")):
