@@ -137,8 +137,9 @@ class VideoFolder:
 
     split "all" takes every video; "val" holds out every 20th (sorted by name) and "train" the rest, so a
     prepared folder gives held-out videos without a second copy. `size` is the frame size in pixels that every
-    video of the folder (all splits) has, as their meta.json files say (None for old folders that do not say):
-    a folder of mixed sizes is refused, since training stacks frames of different videos.
+    video of the folder (all splits) has, as their meta.json files say (in old folders, whose meta.json does not,
+    the first video's, decoded): a folder of mixed sizes is refused, since training stacks frames of different
+    videos.
     """
 
     def __init__(self, root, split="all"):
@@ -154,10 +155,10 @@ class VideoFolder:
         if other is not None:
             raise UserError(f"{sized[0][0]} holds {sized[0][1]} px frames but {other[0]} {other[1]} px; prepare (or "
                             "render) all the videos of a folder with one --size")
-        self.size = sized[0][1] if sized else None
         val = folders[19::20] or folders[-1:]  # fewer than 20 videos: the last one is held out
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [metas[p] for p in self.folders]
+        self.size = sized[0][1] if sized else self[0].frames.shape[1]
 
     def __len__(self):
         return len(self.folders)

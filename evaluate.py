@@ -173,10 +173,9 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, s
     grow video by video (RunningStats), so no feature set is ever held whole. Returns a dict of the figures."""
     model, vae, diffusion, _ = load_model(ckpt, device)
     held_out = VideoFolder(folder, "val")
-    size = held_out.size or held_out[0].frames.shape[1]  # old folders' meta.json does not say: decode one
-    if size != vae.config.resolution:
-        raise UserError(f"--data {folder}: its frames are {size} px, the checkpoint's {vae.config.resolution} px "
-                        f"(prepare it with --size {vae.config.resolution})")
+    if held_out.size != vae.config.resolution:
+        raise UserError(f"--data {folder}: its frames are {held_out.size} px, the checkpoint's "
+                        f"{vae.config.resolution} px (prepare it with --size {vae.config.resolution})")
     extractors = standard_extractors(vae.config.resolution, inception, i3d, expression)
     stats, ssims, lead, T = {}, [], PORTRAIT_LEAD, round(seconds * FPS)
     for i in tqdm(range(min(videos, len(held_out))), desc="videos", unit="video"):

@@ -197,7 +197,7 @@ class VAEStage:
         # every 8th frame of every video, cached once per video (each rank its share) and memory-mapped
         folder = data_folder(cfg, cfg.resolution)
         videos, resolution = VideoFolder(folder), self.model.config.resolution
-        if videos.size not in (None, resolution):
+        if videos.size != resolution:
             raise UserError(f"--data {cfg.data}: {videos.size}x{videos.size} frames, but the VAE works at "
                             f"{resolution}x{resolution}; " + (f"pass --resolution {videos.size}" if not cfg.init else
                                                               f"the VAE of --init {cfg.init} cannot learn this data"))
@@ -329,10 +329,9 @@ class DiffusionStage:
         if need > max(videos.meta[i]["num_frames"] for i in range(len(videos))):
             raise UserError(f"--frames {cfg.frames} and --motion {cfg.motion} span {need} frames; no video of "
                             f"{cfg.data} is that long")
-        size = videos.size or videos[0].frames.shape[1]  # old folders' meta.json does not say: decode one
-        if size != self.resolution:
-            raise UserError(f"--data {cfg.data}: {size}x{size} frames, but the VAE {cfg.vae} was trained on "
-                            f"{self.resolution}x{self.resolution}; train a VAE on this data (--stage vae)")
+        if videos.size != self.resolution:
+            raise UserError(f"--data {cfg.data}: {videos.size}x{videos.size} frames, but the VAE {cfg.vae} was trained "
+                            f"on {self.resolution}x{self.resolution}; train a VAE on this data (--stage vae)")
         cache = Path(cfg.cache) / (f"latents_{folder.name}-{short_hash(str(folder.resolve()))}_vae-"
                                    f"{latents_id(self.vae)[:8]}")  # a new encoder never reuses old latents
         encode_videos(videos, self.vae, cache, device, rank(), world())

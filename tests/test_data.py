@@ -257,7 +257,7 @@ def test_a_folder_of_mixed_frame_sizes_is_refused_and_its_size_is_known(tmp_path
     assert data.VideoFolder(tmp_path).size == 32
     meta = json.loads((tmp_path / "train_00000" / "meta.json").read_text())
     (tmp_path / "train_00000" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "size"}))
-    assert data.VideoFolder(tmp_path).size is None  # an old folder, made before meta.json held the size
+    assert data.VideoFolder(tmp_path).size == 32  # an old folder, made before meta.json held the size: decoded
     (tmp_path / "train_00000" / "meta.json").write_text(json.dumps({**meta, "size": 16}))
     videos = data.VideoFolder(tmp_path)
     with pytest.raises(common.UserError, match="train_00000: meta.json gives 16x16 frames, video.mp4 holds 32x32"):
