@@ -8,10 +8,11 @@ first is conditioned on the last M frames of the previous one (motion frames, th
 there is no jump at window borders; the first window continues the portrait, standing still for M frames (as the
 official sample_long.py starts a video).
 
-Classifier-free guidance with separate scales: the model is run without any condition, with the portrait only, and
-with both, and the noise predictions are combined as
+Classifier-free guidance with separate scales: the model is run with neither the portrait nor the audio (their
+learned nulls), with the portrait only, and with both, and the noise predictions are combined as
     eps = eps(none) + s_ref (eps(ref) - eps(none)) + s_audio (eps(ref, audio) - eps(ref)).
-A scale of 1 cancels its term: the default (s_ref = s_audio = 1) needs one pass per step, audio guidance alone two.
+Every pass keeps the motion frames: they are the video so far, not a condition to strengthen. A scale of 1 cancels
+its term: the default (s_ref = s_audio = 1) needs one pass per step, audio guidance alone two.
 """
 
 import math
@@ -80,11 +81,11 @@ def out_of_domain(vae, image, domain):
 
 
 @torch.no_grad()
-def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=AUDIO_SCALE,
-             ref_scale=1.0, seed=0, device="cpu", progress=True):
+def windows(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=AUDIO_SCALE,
+            ref_scale=1.0, seed=0, device="cpu", progress=True):
     """Animate portraits uint8 (B, H, W, 3), each with its per-frame mel windows (B, N, 20, 80)
-    (audio.audio_features), with the model's Diffusion. Returns frames uint8 (B, N, H, W, 3) at the model's
-    resolution.
+    (audio.audio_features), with the model's Diffusion. Yields the frames window by window as they are made, uint8
+    (B, F, H, W, 3) at the model's resolution (the last window cut at frame N), so a long video need not be held.
 
     A guidance scale of 1 needs no pass of its own: with both at 1 (the default) the model runs once per step,
     with audio guidance only twice, with portrait guidance (alone or with audio guidance) three times.
@@ -92,8 +93,8 @@ def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=S
     cfg = model.cfg
     F_, M = cfg.frames, cfg.motion
     B, n = mels.shape[:2]
-    windows = math.ceil(n / F_)
-    mels = torch.cat([mels, mels[:, -1:].expand(-1, windows * F_ - n, -1, -1)], dim=1).to(device)  # repeat the end
+    count = math.ceil(n / F_)  # windows
+    mels = torch.cat([mels, mels[:, -1:].expand(-1, count * F_ - n, -1, -1)], dim=1).to(device)  # repeat the end
     scale = vae.latent_scale
     ref = vae.encode(to_tensor(images).to(device)) * scale  # (B, C, h, w)
     generator = torch.Generator().manual_seed(seed)
@@ -111,8 +112,7 @@ def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=S
     k = len(passes)
     flags = lambda i: torch.tensor([p[i] for p in passes.values()], device=device).repeat_interleave(B)  # noqa: E731
     drop_ref, drop_audio = flags(0), flags(1)
-    frames = []
-    for w in tqdm(range(windows), desc="windows", unit="window", disable=not progress or windows == 1):
+    for w in tqdm(range(count), desc="windows", unit="window", disable=not progress or count == 1):
         m = mels[:, w * F_:(w + 1) * F_]
         motion = history.repeat(k, 1, 1, 1, 1) if M else None
 
@@ -128,18 +128,18 @@ def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=S
             return diffusion.x0_from_eps(x, t, eps), eps
 
         z = diffusion.sample(denoise, shape, steps, sampler, generator=generator, device=device,
-                             progress=progress and windows == 1)  # one bar: steps, or windows when several
+                             progress=progress and count == 1)  # one bar: steps, or windows when several
         if M:  # the last M latents so far (the portrait's among them while fewer than M were generated)
             history = torch.cat([history, z], dim=1)[:, -M:]
-        frames.append(torch.stack([vae.decode(clip / scale) for clip in z]))  # (B, F, 3, H, W)
-    return to_uint8(torch.cat(frames, dim=1)[:, :n])
+        yield to_uint8(torch.stack([vae.decode(clip / scale) for clip in z]))[:, :n - w * F_]  # (B, F, H, W, 3)
 
 
-def contact_sheet(reference, frames, shown, columns=8):
-    """reference | up to `columns` evenly spaced frames, one row, each as shown(frame) (at the video's size):
-    uint8 (h, w, 3) and (N, h, w, 3) -> (H, W * (columns + 1), 3)."""
-    pick = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
-    return np.concatenate([shown(reference), *(shown(frames[k]) for k in pick)], axis=1)
+def generate(*args, **kwargs):
+    """windows(...) gathered: frames uint8 (B, N, H, W, 3) at the model's resolution."""
+    return np.concatenate(list(windows(*args, **kwargs)), axis=1)
+
+
+GRID_COLUMNS = 8  # --grid: the portrait, then this many evenly spaced frames
 
 
 FRAME_NAME = re.compile(r"\d{5}\.png")  # --frames writes 00000.png, 00001.png...
@@ -201,36 +201,44 @@ def animate(args, out):
     warning = out_of_domain(vae, image, domain)
     if warning:
         print(warning, file=sys.stderr)
-    mel = audio_features(wav, math.ceil(len(wav) / SAMPLES_PER_FRAME))
-    frames = generate(model, vae, diffusion, image[None], mel[None], args.steps, args.sampler, args.audio_scale,
-                      args.ref_scale, args.seed, args.device)[0]
-    size = args.size or frames.shape[1]
+    n = math.ceil(len(wav) / SAMPLES_PER_FRAME)
+    mel = audio_features(wav, n)
+    size = args.size or vae.config.resolution
 
-    def shown(frame):  # a frame at --size, resized as it is written: a long video's big frames never pile up
+    def shown(frame):  # a frame at --size
         return frame if size == frame.shape[0] else np.asarray(Image.fromarray(frame).resize((size, size),
                                                                                              Image.BICUBIC))
-    padded = np.zeros(len(frames) * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
-    padded[:len(wav)] = wav[:len(padded)]
-    write_mp4(out, map(shown, frames), padded)
-    steps = diffusion.steps if args.sampler == "ddpm" else args.steps
-    print(f"wrote {out}: {len(frames)} frames, {len(frames) / FPS:.2f} s ({args.ckpt}, {args.sampler} in {steps} "
-          "steps)")
     if args.frames:
         try:
             args.frames.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
         (args.frames / FRAMES_MARK).touch()
-        for i, f in enumerate(frames):
-            save_png(args.frames / f"{i:05d}.png", shown(f))
-        for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's
-            if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= len(frames):
-                old.unlink()
-        print(f"wrote {len(frames)} PNGs into {args.frames}")
-    if args.grid:
-        save_png(args.grid, contact_sheet(image, frames, shown))
-        print(f"wrote {args.grid}")
+    in_grid = set(np.linspace(0, n - 1, min(GRID_COLUMNS, n)).round().astype(int).tolist())
+    grid = [shown(image)]
 
+    def made():  # each frame at --size as its window is made, also into --frames and --grid: none piles up
+        frames = (f for window in windows(model, vae, diffusion, image[None], mel[None], args.steps, args.sampler,
+                                          args.audio_scale, args.ref_scale, args.seed, args.device) for f in window[0])
+        for i, frame in enumerate(map(shown, frames)):
+            if args.frames:
+                save_png(args.frames / f"{i:05d}.png", frame)
+            if i in in_grid:
+                grid.append(frame)
+            yield frame
+    padded = np.zeros(n * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
+    padded[:len(wav)] = wav[:len(padded)]
+    write_mp4(out, made(), padded)
+    steps = diffusion.steps if args.sampler == "ddpm" else args.steps
+    print(f"wrote {out}: {n} frames, {n / FPS:.2f} s ({args.ckpt}, {args.sampler} in {steps} steps)")
+    if args.frames:
+        for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's
+            if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= n:
+                old.unlink()
+        print(f"wrote {n} PNGs into {args.frames}")
+    if args.grid:
+        save_png(args.grid, np.concatenate(grid, axis=1))  # reference | frames, one row
+        print(f"wrote {args.grid}")
 
 if __name__ == "__main__":
     main()

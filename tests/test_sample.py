@@ -171,3 +171,19 @@ def test_windows_shorter_than_the_motion_frames_continue_the_last_m_latents():
     assert len(latents) == 4 and [m.shape[1] for m in motions] == [2] * 4 * steps
     for w, want in ((0, torch.cat([ref, ref])), (1, torch.cat([ref, z[:1]])), (2, z[[0, 1]]), (3, z[[1, 2]])):
         assert torch.allclose(motions[w * steps][0], want, atol=1e-6), f"window {w}"
+
+
+def test_windows_come_as_they_are_made_and_the_last_stops_at_the_audio():
+    """sample.py writes each window while the next is sampled, so a long video is never held whole: the first window
+    arrives after its own denoising steps only, and 10 frames in windows of 4 come as 4, 4 and 2."""
+    torch.manual_seed(0)
+    model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=4, motion=2,
+                                    audio_layers=1)).eval()
+    vae = VAE(VAEConfig(resolution=16, factor=4, width=8)).eval()
+    passes = []
+    model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    portrait = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    made = sample.windows(model, vae, Diffusion(), portrait, torch.randn(1, 10, 20, 80), steps=2, progress=False)
+    first = next(made)
+    assert first.shape == (1, 4, 16, 16, 3) and first.dtype == np.uint8 and len(passes) == 2
+    assert [w.shape[1] for w in made] == [4, 2] and len(passes) == 6
