@@ -1,6 +1,6 @@
 """Speech in, per-frame audio features out: the audio condition of LetsTalk.
 
-The paper embeds speech with a pretrained wav2vec; nothing can be downloaded here, so we compute a log-mel
+The official code embeds speech with a pretrained wav2vec; nothing can be downloaded here, so we compute a log-mel
 spectrogram from scratch and let a small learned encoder (letstalk.AudioEncoder) read it:
 
 1. reading: a WAV reader for every common encoding (`read_wav`), any other format through the FFmpeg inside the
@@ -32,7 +32,7 @@ N_FFT = 1024  # zero-padded FFT, so even the narrowest low mel filter covers at 
 N_MELS = 80
 MELS_PER_FRAME = SAMPLES_PER_FRAME // HOP  # 4
 AUDIO_MARGIN = 2  # video frames of audio context on each side (the official code's audio margin)
-MEL_WINDOW = (2 * AUDIO_MARGIN + 1) * MELS_PER_FRAME  # 20 mel frames per video frame
+MEL_WINDOW = (2 * AUDIO_MARGIN + 1) * MELS_PER_FRAME  # 20: the mel frames each video frame sees
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def write_wav(path, wav, sample_rate=SAMPLE_RATE):
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + pcm))
 
 
-def resample(wav, rate_in, rate_out=SAMPLE_RATE, zero_crossings=16):
+def resample(wav, rate_in, rate_out):
     """Band-limited resampling of (T,) float audio with a Hann-windowed sinc kernel.
 
     Output sample n sits at input time t = n * rate_in / rate_out and is sum_k x[k] h(t - k), where h is a low-pass
@@ -129,7 +129,7 @@ def resample(wav, rate_in, rate_out=SAMPLE_RATE, zero_crossings=16):
     g = math.gcd(rate_in, rate_out)
     up, down = rate_out // g, rate_in // g
     cutoff = min(1.0, up / down)  # in units of the input Nyquist frequency
-    half = int(math.ceil(zero_crossings / cutoff))  # kernel half-width in input samples
+    half = int(math.ceil(16 / cutoff))  # kernel half-width in input samples: 16 zero crossings of the sinc each side
     taps = np.arange(-half, half + 1)
     d = (np.arange(up) * down % up / up)[:, None] - taps[None, :]  # t - k for each phase and tap
     kernel = cutoff * np.sinc(cutoff * d) * np.where(np.abs(d) < half, 0.5 + 0.5 * np.cos(np.pi * d / half), 0)

@@ -4,6 +4,9 @@ to, and whether a resumed run may change it. `python train.py --help` is generat
 A default of None means "the default for this device and stage", filled in by `resolve`, the one place where the
 paper's GPU settings and the CPU demo's part ways. A setting of the other stage is refused, not ignored, and so is
 a change that would silently not happen when a run is resumed.
+
+A reference more than a lesson: its help texts use the terms of letstalk.py, diffusion.py and vae.py, so read those
+first (the README's reading order), then this file beside train.py.
 """
 
 import argparse

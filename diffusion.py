@@ -24,7 +24,7 @@ PREDICTIONS = ("eps", "v", "x0")
 SAMPLERS = ("ddim", "dpm++", "ddpm")
 
 
-STEPS = 1000  # T, the paper's number of diffusion steps
+STEPS = 1000  # T, the number of diffusion steps: DDPM's, DiT's and the official code's
 
 
 class Diffusion:
@@ -73,9 +73,9 @@ class Diffusion:
 
     def split(self, x_t, t, out):
         """From the network output at x_t, the implied (x0, eps), whatever the network predicts."""
-        ab = self._ab(t, x_t)
         if self.prediction == "eps":
             return self.x0_from_eps(x_t, t, out), out
+        ab = self._ab(t, x_t)
         if self.prediction == "x0":
             return out, (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
         x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
@@ -117,6 +117,8 @@ class Diffusion:
                 x = self.dpm_step(x, x0, t, t_prev, *last)
             else:  # DDIM; also DPM-Solver++'s first step and its last two (to t = 0, then to the clean end): those
                 # are the longest steps in log-SNR, where x0 extrapolated from a shorter step before overshoots
+                # ddpm's fresh noise (eta 1). DDIM's eta 0 ignores it, but it is drawn all the same: the generator
+                # then reaches a long video's later windows as it did when the README's figures were measured
                 noise = torch.randn(shape, generator=generator, device="cpu").to(device)
                 x = self.ddim_step(x0, eps, t, t_prev, 1.0 if sampler == "ddpm" else 0.0, noise)
             last = (x0, t)

@@ -7,10 +7,16 @@ Read this file top to bottom next to the paper. The model predicts the noise in 
                   audio fusion          direct: cross-attention to the frame's own audio tokens      Sec. 3.3
                   spatial attention     the P tokens of one frame (+ symbiotic condition tokens)     Sec. 3.2
                   MLP                   spatial attention and MLP modulated by the timestep (adaLN-Zero)
-    final layer --unpatchify--> predicted noise (B, F, C, h, w)
+    final layer --unpatchify--> predicted noise (B, F, C, h, w) (or v or x0: diffusion.Diffusion's `prediction`)
 
-Factorizing attention this way costs O(F*P^2 + P*F^2) instead of O((F*P)^2) for joint attention (Eq. 4);
+Factorizing attention this way costs O(F*P^2 + P*F^2) instead of O((F*P)^2) for joint attention (Eq. 4; with
+symbiotic fusion the spatial term is F*(2P)^2, as the portrait's P tokens join each frame's);
 `attention="full"` switches to joint attention for comparison (bench.py measures both).
+
+adaLN-Zero (from DiT; Fig. 2 leaves the timestep path out): each block's LayerNorms have no weights of their own;
+a shift, a scale and a gate per channel are computed from the timestep embedding, and the gates start at zero, so
+every block starts as the identity. Motion frames are not in the paper: they are the official code's way to
+continue a long video window by window (model_cat_long.py; sample.py), the last M latents of the previous window.
 
 Conditions (Sec. 3.3, Fig. 3), each fused by one of three schemes chosen independently:
   symbiotic  the condition's tokens are concatenated with each frame's tokens on the token axis and fused by the
@@ -36,7 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-# depth (blocks), width (D), heads. B and L are the paper's LetsTalk-B / -L (the official VDT-B/2 and -L/2).
+# depth (blocks), width (D), heads. B and L are the paper's LetsTalk-B / -L: the official code builds them on VDT
+# (Video Diffusion Transformer) sizes B/2 and L/2, "/2" being the 2x2 latent patches.
 SIZES = {
     "T": dict(depth=6, width=128, heads=4),  # tiny: the CPU demo and the tests
     "S": dict(depth=12, width=384, heads=6),
@@ -54,18 +61,19 @@ class LetsTalkConfig:
     audio_layers transformer layers; the fusion scheme of the portrait and of the audio (one of FUSIONS); and
     "factorized" or "full" attention."""
 
-    depth: int = 6
-    width: int = 128
-    heads: int = 4
+    depth: int  # SIZES names the sizes (config_for)
+    width: int
+    heads: int
     mlp_ratio: float = 4.0
     latent_channels: int = 4
     latent_size: int = 16  # h = w of the VAE latents (32 for 256x256 frames at factor 8, 16 for 64x64 at 4)
     patch: int = 2
     frames: int = 16  # F, frames generated per window
-    motion: int = 2  # M, motion frames from the previous window (0: the model takes none)
-    mel_window: int = 20  # mel frames per video frame (audio.MEL_WINDOW)
+    motion: int = 2  # M, motion frames from the previous window, as the official long model (0: the model takes none)
+    mel_window: int = 20  # mel frames seen by each video frame: its own 4 and two frames' worth either side (audio.py)
     n_mels: int = 80
-    audio_tokens: int = 5  # K audio tokens per frame (the official code: 32 wav2vec tokens of width 768)
+    audio_tokens: int = 5  # K audio tokens per frame, one per video frame of that window (the official code: 32
+    # wav2vec tokens of width 768)
     audio_layers: int = 2  # transformer layers of the audio encoder
     ref_fusion: str = "symbiotic"  # the paper's choice for the portrait
     audio_fusion: str = "direct"  # the paper's choice for audio
@@ -247,6 +255,8 @@ class Block(nn.Module):
         D = cfg.width
         self.full = cfg.attention == "full"
         if not self.full:  # the temporal half; with full attention the spatial attention spans all frames
+            # an affine LayerNorm, not modulated by the timestep, and an output layer after the attention's own
+            # projection: TimeSformer's temporal branch, which VDT and the official code keep
             self.temporal_norm, self.temporal_attn = nn.LayerNorm(D), Attention(D, cfg.heads)
             self.temporal_fc = nn.Linear(D, D)
         direct = [name for name, scheme in (("ref", cfg.ref_fusion), ("audio", cfg.audio_fusion)) if scheme == "direct"]
@@ -263,7 +273,7 @@ class Block(nn.Module):
         seq = rearrange(x, "(b f) p d -> b f p d", b=B)
         if M:
             seq = torch.cat([motion, seq], dim=1)
-        seq = rearrange(seq, "b f p d -> (b p) f d")  # batch B*P, sequence of F (+ M) frames
+        seq = rearrange(seq, "b f p d -> (b p) f d")  # B*P sequences of F (+ M) frames: Eq. 4's P*F^2 term
         seq = seq + self.temporal_fc(self.temporal_attn(self.temporal_norm(seq)))
         seq = rearrange(seq, "(b p) f d -> b f p d", b=B)
         return rearrange(seq[:, M:], "b f p d -> (b f) p d"), (seq[:, :M] if M else None)

@@ -1,8 +1,8 @@
 """A small convolutional VAE: the latent space the diffusion transformer works in (paper Sec. 3.1).
 
 LetsTalk, like Stable Diffusion, does not diffuse pixels: a VAE first maps each 256x256 frame to a 32x32x4 latent,
-so the transformer sees 64x fewer positions. The paper reuses Stable Diffusion's VAE; we train our own small one
-(nothing can be downloaded here, and a 64x64 CPU demo needs a 4x factor that SD's VAE does not offer).
+so the transformer sees 64x fewer positions. The official code reuses Stable Diffusion's VAE; we train our own
+small one (nothing can be downloaded here, and a 64x64 CPU demo needs a 4x factor that SD's VAE does not offer).
 
   encoder: conv -> [ResBlock, stride-2 conv] x log2(factor) -> ResBlock x 2 -> (mean, log-variance), 4 channels
   decoder: conv -> ResBlock x 2 -> [nearest 2x upsample + conv, ResBlock] x log2(factor) -> conv to RGB
@@ -37,7 +37,7 @@ class VAEConfig:
     resolution: int = 256  # frame size the VAE is trained at, and the whole pipeline works at
     factor: int = 8  # spatial downsampling: 8 is the paper's 256x256 -> 32x32; 4 the CPU demo's 64x64 -> 16x16
     latent_channels: int = 4  # as Stable Diffusion's VAE
-    width: int = 64  # channels at full resolution, doubled at every downsampling
+    width: int = 64  # channels at full resolution, doubled at every downsampling (train.py: --vae-width, 32)
     kl_weight: float = 1e-4  # small: the KL only keeps the latents tame, reconstruction comes first
 
     def __post_init__(self):
@@ -106,10 +106,9 @@ class VAE(nn.Module):
         return mean, logvar.clamp(-30, 20)
 
     def encode(self, x):
-        """(B, 3, H, W) -> (B, 4, h, w): a sample z = mean + std * eps when training (the reparameterisation
-        trick, so gradients reach the encoder), the mean in eval mode (deterministic latents)."""
-        mean, logvar = self.moments(x)
-        return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
+        """(B, 3, H, W) -> the posterior mean (B, 4, h, w): deterministic latents, the ones the diffusion model is
+        trained on and decoded from (training the VAE itself samples z around it: forward)."""
+        return self.moments(x)[0]
 
     def forward(self, x, latent_noise=0.0):
         """The training pass, (B, 3, H, W) -> (reconstruction (B, 3, H, W), mean, logvar (B, 4, h, w) each): z is
@@ -121,7 +120,7 @@ class VAE(nn.Module):
         unit variance). A diffusion model's latents are never exactly an encoder's: a decoder trained only on the
         encoder's draws their small errors as speckle, one trained on noised latents draws through them."""
         mean, logvar = self.moments(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()  # z ~ q(z|x), differentiable in mean and logvar
         if latent_noise:
             sigma = torch.rand(len(z), 1, 1, 1, device=z.device) * latent_noise / self.latent_scale
             z = z + sigma * torch.randn_like(z)
