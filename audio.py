@@ -48,13 +48,17 @@ def check_rate(path, rate):
         raise UserError(f"{path}: a sample rate of {rate} Hz (speech is recorded at {MIN_RATE}-{MAX_RATE} Hz)")
 
 
+class OtherEncoding(UserError):
+    """A WAV file in an encoding read_wav does not decode (mu-law, A-law, ADPCM...): load_audio hands it to FFmpeg."""
+
+
 def read_wav(path):
     """Read a RIFF/WAVE file of any common encoding.
 
     Supports PCM 8-bit (unsigned), 16/24/32-bit (signed), IEEE float 32/64-bit, WAVE_FORMAT_EXTENSIBLE, any number
     of channels and any sample rate. Returns (samples, sample_rate) with samples float32 of shape (T, channels)
     in [-1, 1] for the integer encodings, float ones as stored (load_audio rejects non-finite or huge values).
-    Raises UserError for anything that is not a complete WAV file.
+    Raises UserError for anything that is not a complete WAV file, OtherEncoding for the telephone encodings.
 
     A WAV written to a pipe (ffmpeg, sox) cannot know its length when it writes the header: its data chunk claims
     0 or 0xFFFFFFFF bytes. Such a chunk runs to the end of the file.
@@ -84,10 +88,12 @@ def read_wav(path):
     if fmt is None or samples is None:
         raise UserError(f"{path}: WAV file without {'fmt' if fmt is None else 'data'} chunk")
     tag, channels, rate, bits = fmt
+    if (tag, bits) not in ((1, 8), (1, 16), (1, 24), (1, 32), (3, 32), (3, 64)):  # PCM (tag 1) and float (3) only
+        raise OtherEncoding(f"{path}: a WAV encoding this reader does not decode (format tag {tag}, {bits} bits)")
     width = bits // 8
     if streamed and width * channels:  # a stream cut mid-sample: keep the whole samples
         samples = samples[:len(samples) - len(samples) % (width * channels)]
-    if channels < 1 or width < 1 or len(samples) % (width * channels):
+    if channels < 1 or len(samples) % (width * channels):
         raise UserError(f"{path}: corrupt WAV header ({channels} channels, {rate} Hz, {bits} bits)")
     check_rate(path, rate)
     if tag == 1 and bits == 8:
@@ -97,11 +103,8 @@ def read_wav(path):
     elif tag == 1 and bits == 24:  # three little-endian bytes: place them in the top of an int32
         b = np.frombuffer(samples, np.uint8).reshape(-1, 3).astype(np.int32)
         x = ((b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8).astype(np.float32) / 2 ** 23
-    elif tag == 3 and bits in (32, 64):
+    else:  # IEEE float
         x = np.frombuffer(samples, f"<f{width}").astype(np.float32)
-    else:
-        raise UserError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits); convert it to PCM or "
-                        "float WAV, or to any format FFmpeg reads (FLAC, MP3...)")
     return x.reshape(-1, channels), rate
 
 
@@ -145,8 +148,9 @@ def resample(wav, rate_in, rate_out):
 def load_audio(path):
     """Load speech as mono float32 (T,) at 16 kHz.
 
-    WAV files go through our own reader; any other format (mp3, m4a, flac, the audio track of a video...) is
-    decoded by the FFmpeg bundled in the `av` wheel (`decode_audio`). Channels are averaged, then resampled.
+    PCM and float WAV files go through our own reader; any other format (mp3, m4a, flac, the audio track of a
+    video, a mu-law WAV...) is decoded by the FFmpeg bundled in the `av` wheel (`decode_audio`). Channels are
+    averaged, then resampled.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,10 +159,14 @@ def load_audio(path):
         raise UserError(f"{path}: {why}")
     with open(path, "rb") as f:
         is_wav = f.read(4) == b"RIFF"
+    wav = None
     if is_wav:
-        x, rate = read_wav(path)
-        wav = resample(x.mean(1), rate, SAMPLE_RATE)
-    else:
+        try:
+            x, rate = read_wav(path)
+            wav = resample(x.mean(1), rate, SAMPLE_RATE)
+        except OtherEncoding:
+            pass
+    if wav is None:
         wav = decode_audio(path)[0]
     if not np.isfinite(wav).all():  # float WAVs can hold NaN or inf; they would poison every frame
         raise UserError(f"{path}: the audio holds NaN or infinite samples")

@@ -2,6 +2,7 @@
 
 import math
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -126,3 +127,21 @@ def test_a_streamed_wav_reads_to_the_end_of_the_file(tmp_path, claimed):
     got, rate = audio.read_wav(tmp_path / "streamed.wav")
     want, _ = audio.read_wav(tmp_path / "a.wav")
     assert rate == 16000 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "pcm_alaw", "adpcm_ima_wav"])
+def test_telephone_encoded_wavs_are_decoded_by_ffmpeg(tmp_path, codec):
+    """read_wav decodes PCM and float; a mu-law, A-law or ADPCM WAV (telephony, old recorders) goes to FFmpeg."""
+    t = np.arange(8000) / 8000
+    x = 0.5 * np.sin(2 * np.pi * 300 * t)
+    with av.open(str(tmp_path / "a.wav"), "w", format="wav") as out:  # written by FFmpeg, the reference encoder
+        stream = out.add_stream(codec, rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.round(x * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    with pytest.raises(audio.OtherEncoding):
+        audio.read_wav(tmp_path / "a.wav")
+    got, want = audio.load_audio(tmp_path / "a.wav"), audio.resample(x, 8000, 16000)
+    n = min(len(got), len(want))
+    assert n > 15000 and np.abs(got[1000:n - 1000] - want[1000:n - 1000]).max() < 0.05  # 8-bit companding, ADPCM
