@@ -181,8 +181,9 @@ def animate(args, out):
     check_device(args.device)
     if args.size % 2:
         raise UserError(f"--size {args.size}: H.264 needs an even frame size (0 keeps the model's)")
-    writable_file(out, "--out", (".mp4",), inputs=(args.image, args.audio, args.ckpt))  # (--grid's too, below)
     inputs = (args.image, args.audio, args.ckpt)
+    writable_file(out, "--out" if args.out else "the output (named after the image and audio; choose one with -o)",
+                  (".mp4",), inputs=inputs)
     if args.grid:
         writable_file(args.grid, "--grid", (".png",), inputs=inputs)
     if args.frames:

@@ -187,3 +187,16 @@ def test_windows_come_as_they_are_made_and_the_last_stops_at_the_audio():
     first = next(made)
     assert first.shape == (1, 4, 16, 16, 3) and first.dtype == np.uint8 and len(passes) == 2
     assert [w.shape[1] for w in made] == [4, 2] and len(passes) == 6
+
+
+def test_a_default_output_name_too_long_is_not_blamed_on_out(tmp_path, inputs, diffusion_ckpt, capsys, monkeypatch):
+    """Without -o the video is named <image>_<audio>.mp4, which two long names can push past the file system's
+    limit: the error says so and how to choose a name, instead of naming an --out the user never passed."""
+    long = "a" * 150
+    for name in ("face.png", "speech.wav"):
+        (tmp_path / f"{long}{Path(name).suffix}").write_bytes((inputs / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"{long}.png", f"{long}.wav", "--ckpt", str(diffusion_ckpt)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "choose one with -o" in err and "--out" not in err
