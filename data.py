@@ -3,8 +3,8 @@
 1. One on-disk layout for synthetic and real data: ROOT/<video>/{video.mp4, audio.wav, meta.json} (`save_video`,
    `VideoFolder`). world.py writes synthetic videos in it; `python data.py prepare` converts real talking-head
    videos (HDTF / CelebV-HQ style) into it.
-2. ClipDataset: F-frame clips with a reference frame, motion frames and aligned mel windows, decoded from the
-   videos; ClipPool: a fixed pool of them cached in one file (the probe's frames).
+2. Frame pools: a few frames of every video with their ground truth, cached in one file (`build_frame_pool`), which
+   the probe of metrics.py learns to read.
 3. Training data at any scale: one cache file per video, written once (each rank its share) and opened
    memory-mapped (`VideoCache`): every 8th frame for the VAE stage (`cache_frames`); VAE latents and mel windows
    for the diffusion stage (`encode_videos`), from which a fresh clip is drawn for every slot of every step
@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +25,11 @@ import av
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_features, decode_audio, load_audio, write_wav
 from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, parallel_map,
-                    save_torch, square_image, to_tensor, to_uint8, user_errors, writable_folder)
+                    save_torch, square_image, to_tensor, user_errors, writable_folder)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The on-disk layout: ROOT/<name>/{video.mp4, audio.wav, meta.json}
@@ -46,13 +44,13 @@ class Video:
     meta: dict
 
 
-def write_mp4(path, frames, wav=None, fps=FPS, crf=16):
-    """Write frames uint8 (N, H, W, 3), or any iterable of (H, W, 3) frames (encoded as they come), as H.264
+def write_mp4(path, frames, wav=None, crf=16):
+    """Write frames uint8 (N, H, W, 3), or any iterable of (H, W, 3) frames (encoded as they come), as 25-fps H.264
     yuv420p (plays in browsers) with optional 16 kHz mono audio as AAC. Uses the FFmpeg inside the `av` wheel; H
     and W must be even. Written atomically."""
     def write(tmp):
         with av.open(tmp, "w", format="mp4") as out:
-            video = out.add_stream("libx264", rate=fps, options={"crf": str(crf)})
+            video = out.add_stream("libx264", rate=FPS, options={"crf": str(crf)})
             video.pix_fmt = "yuv420p"
             audio = None if wav is None else out.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
             for i, frame in enumerate(frames):
@@ -132,10 +130,16 @@ def _read_meta(path):
     return meta
 
 
+def held_out(n):
+    """Which of n videos (sorted by name) a folder holds out for validation: every 20th (19, 39, ...), or the last
+    one when there are fewer than 20. Returns a list of indices."""
+    return list(range(19, n, 20)) or [n - 1]
+
+
 class VideoFolder:
     """A dataset root in the on-disk layout, as a sequence of Video (decoded on access).
 
-    split "all" takes every video; "val" holds out every 20th (sorted by name) and "train" the rest, so a
+    split "all" takes every video; "val" holds out the videos held_out names and "train" the rest, so a
     prepared folder gives held-out videos without a second copy. `size` is the frame size in pixels that every
     video of the folder (all splits) has, as their meta.json files say (in old folders, whose meta.json does not,
     the first video's, decoded): a folder of mixed sizes is refused, since training stacks frames of different
@@ -155,7 +159,7 @@ class VideoFolder:
         if other is not None:
             raise UserError(f"{sized[0][0]} holds {sized[0][1]} px frames but {other[0]} {other[1]} px; prepare (or "
                             "render) all the videos of a folder with one --size")
-        val = folders[19::20] or folders[-1:]  # fewer than 20 videos: the last one is held out
+        val = [folders[i] for i in held_out(len(folders))]
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [metas[p] for p in self.folders]
         self.size = sized[0][1] if sized else self[0].frames.shape[1]
@@ -249,8 +253,8 @@ def decode_frames(src, convert=lambda image: image):
 
 def spread_frames(src, n=FACE_SAMPLES):
     """n frames uint8 (H, W, 3) spread over a whole video (their gaps even to within a factor of two), in one
-    decoding pass that holds at most 2n of them: one a second at first; whenever 2n are held, every other one is
-    dropped and the stride doubles."""
+    decoding pass that holds at most 2n of them: every 25th frame at first (a second at 25 fps); whenever 2n are
+    held, every other one is dropped and the stride doubles."""
     held, stride = [], FPS
     for i, (_, frame) in enumerate(video_frames(src)):
         if i % stride == 0:
@@ -357,107 +361,43 @@ def check_output(out, size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Clips for training
+# 2. Frame pools: the probe's frames
 
 
-GROUND_TRUTH = ("openness", "roundness", "blink", "pose", "mouth_box")
-
-
-class ClipDataset(Dataset):
-    """F-frame training clips cut from a sequence of videos (VideoFolder or SyntheticVideos).
-
-    Item i is a dict:
-      frames (F, 3, H, W) in [-1, 1]: frames s, s + stride, ..., s + (F - 1) stride of one video;
-      ref (3, H, W): a reference frame from elsewhere in the same video (the portrait condition);
-      motion (M, 3, H, W): the M frames just before the clip at the same stride (for long-video generation);
-      mel (F, 20, 80): the normalised log-mel windows of the clip's frames;
-      and, for synthetic videos, the ground truth of the clip's frames (openness, roundness, blink (F,),
-      pose (F, 3), mouth_box (F, 4)).
-    Every start with room for the motion frames is a clip, so len() counts all of them; a small cache keeps the
-    most recently decoded videos.
-    """
-
-    def __init__(self, videos, frames=16, stride=1, motion=2, seed=0, cache=8):
-        self.videos, self.F, self.stride, self.M = videos, frames, stride, motion
-        self.seed, self.cache_size = seed, cache
-        # start s needs the motion frames s - M*stride .. s - stride and the last frame s + (F-1)*stride
-        self.index = [(v, s) for v in range(len(videos))
-                      for s in range(motion * stride, videos.num_frames(v) - (frames - 1) * stride)]
-        if not self.index:
-            raise UserError(f"no video is long enough for {frames} frames + {motion} motion frames at stride {stride}")
-        self._cache = OrderedDict()
-
-    def __len__(self):
-        return len(self.index)
-
-    def _video(self, v):
-        if v not in self._cache:
-            video = self.videos[v]
-            mel = audio_features(video.wav, len(video.frames))
-            self._cache[v] = (video, mel)
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(v)
-        return self._cache[v]
-
-    def __getitem__(self, i):
-        v, s = self.index[i]
-        video, mel = self._video(v)
-        idx = np.arange(self.F) * self.stride + s
-        motion_idx = s - self.stride * np.arange(self.M, 0, -1)
-        # the reference comes from outside the clip where the video allows it (otherwise anywhere in it)
-        n, rng = len(video.frames), np.random.default_rng([self.seed, i])
-        outside = np.setdiff1d(np.arange(n), idx)
-        ref = int(rng.choice(outside if len(outside) else np.arange(n)))
-        item = {"frames": to_tensor(video.frames[idx]), "ref": to_tensor(video.frames[ref]),
-                "motion": to_tensor(video.frames[motion_idx]), "mel": mel[idx]}
-        for key in GROUND_TRUTH:
-            if key in video.meta:
-                item[key] = torch.tensor(np.asarray(video.meta[key])[idx], dtype=torch.float32)
-        return item
-
-
-class ClipPool(Dataset):
-    """A fixed pool of clips cached in one file, so training does not re-render or re-decode every step.
-
-    ClipPool.build(dataset, n, path) draws n clips (evenly spread over the dataset) and saves them (frames, ref
-    and motion as uint8 images (..., H, W, 3)) atomically; ClipPool(path) loads them. Items are the same dicts as
-    ClipDataset's.
-    """
-
-    def __init__(self, path):
-        self.data = load_checkpoint(path, what="a clip pool", hint="; delete it, and it is built again")
-        if any(v.dtype == torch.uint8 and v.shape[-1] != 3 for v in self.data.values()):
-            raise UserError(f"{path}: a clip pool of an older letstalk (images channels first); delete it, and it is "
-                            "built again")
-
-    @classmethod
-    def build(cls, dataset, n, path):
-        """Stack n items evenly spread over `dataset`, save them atomically to `path`, and return the loaded
-        ClipPool."""
-        picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)
-        items = [dataset[int(i)] for i in tqdm(picks, desc="cache clips", unit="clip")]
-        data = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        for k in ("frames", "ref", "motion"):  # [-1, 1] floats back to exact uint8
-            data[k] = torch.from_numpy(to_uint8(data[k]))
-        save_torch(path, data)
-        return cls(path)
-
-    def __len__(self):
-        return len(next(iter(self.data.values())))
-
-    def __getitem__(self, i):
-        return {k: to_tensor(v[i]) if v.dtype == torch.uint8 else v[i] for k, v in self.data.items()}
+GROUND_TRUTH = ("openness", "roundness", "blink", "pose", "mouth_box")  # what synthetic videos know of each frame
 
 
 FRAMES_PER_VIDEO = 16  # frames taken from each video for a frame pool: many identities, few frames each
+POOL_KEYS = ("frames", "openness", "blink", "pose")  # what the probe trains on (metrics.train_probe)
 
 
-def build_frame_pool(videos, path, seed=0):
-    """FRAMES_PER_VIDEO frames of every video, with their ground truth, cached as a ClipPool of 1-frame clips
-    (the probe's training and test frames)."""
-    clips = ClipDataset(videos, frames=1, motion=0, seed=seed)
-    return ClipPool.build(clips, min(len(videos) * FRAMES_PER_VIDEO, len(clips)), path)
+def build_frame_pool(videos, path):
+    """About FRAMES_PER_VIDEO frames of every video (evenly spread over all their frames) with their ground truth,
+    saved atomically in one file (the probe's training and test frames): {"frames": uint8 (N, H, W, 3),
+    "openness", "roundness", "blink": (N,), "pose": (N, 3), "mouth_box": (N, 4)}. Returns that dict."""
+    offsets = np.concatenate([[0], np.cumsum([videos.num_frames(v) for v in range(len(videos))])])
+    picks = np.linspace(0, offsets[-1] - 1, min(len(videos) * FRAMES_PER_VIDEO, offsets[-1])).round().astype(int)
+    video_of = np.searchsorted(offsets, picks, side="right") - 1
+    parts = []
+    for v in tqdm(np.unique(video_of), desc="frame pool", unit="video"):
+        video, idx = videos[int(v)], picks[video_of == v] - offsets[v]
+        parts.append({"frames": torch.from_numpy(video.frames[idx]),
+                      **{k: torch.tensor(np.asarray(video.meta[k])[idx], dtype=torch.float32)
+                         for k in GROUND_TRUTH if k in video.meta}})
+    pool = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    save_torch(path, pool)
+    return pool
+
+
+def load_frame_pool(path):
+    """The dict build_frame_pool saved at `path`; one without POOL_KEYS, or of an older layout, is refused."""
+    pool = load_checkpoint(path, what="a frame pool", hint="; delete it, and it is built again")
+    missing = [k for k in POOL_KEYS if k not in pool]
+    if missing:
+        raise UserError(f"{path}: a frame pool without {', '.join(missing)}; delete it, and it is built again")
+    if pool["frames"].dim() != 4:
+        raise UserError(f"{path}: a frame pool of an older letstalk; delete it, and it is built again")
+    return pool
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,57 +461,49 @@ class VideoCache:
 
 
 class ClipSampler:
-    """Fresh training clips from a LatentCache, for every slot of every step (the official code's interval
-    sampling): a video, weighted by its number of valid starts, a start, a frame interval drawn from `strides`
-    (lo, hi), the M motion frames before the clip at that interval, and a reference frame from outside them all.
-    Clips holding a blink (synthetic ground truth) count `blink_repeat` times, since a small model under-produces
-    rare blinks. Every draw is a pure function of (seed, step, rank) and its slot in the batch, so --resume
-    continues exactly and the ranks draw different clips."""
+    """Fresh training clips from a VideoCache, for every slot of every step, as the official code's dataset draws
+    them: a video, weighted by its number of valid starts, a start, the F consecutive frames from it (the official
+    frame_interval is 1), the M motion frames before them, and a reference frame from outside them all. Clips
+    holding a blink (synthetic ground truth) count `blink_repeat` times, since a small model under-produces rare
+    blinks. Every draw is a pure function of (seed, step, rank) and its slot in the batch, so --resume continues
+    exactly and the ranks draw different clips."""
 
-    def __init__(self, cache, frames, motion, strides=(1, 1), seed=0, blink_repeat=1):
+    def __init__(self, cache, frames, motion, seed=0, blink_repeat=1):
         self.cache, self.F, self.M, self.seed = cache, frames, motion, seed
-        self.strides = range(strides[0], strides[1] + 1)
-        self.cumulative = {}  # per stride: cumulative weight of every (video, start), 0 where no clip starts
-        for s in self.strides:
-            weight = np.zeros(cache.offsets[-1])
-            for v, (entry, n) in enumerate(zip(cache.entries, cache.lengths)):
-                starts = np.arange(motion * s, n - (frames - 1) * s)
-                clip_weight = np.ones(len(starts))
-                if blink_repeat > 1 and "blink" in entry:
-                    blinks = (entry["blink"] > 0.5).numpy()
-                    span = np.arange(frames) * s
-                    clip_weight[blinks[starts[:, None] + span[None]].any(1)] = blink_repeat
-                weight[cache.offsets[v] + starts] = clip_weight
-            if not weight.any():
-                raise UserError(f"no video is long enough for {frames} frames and {motion} motion frames at "
-                                f"interval {s}")
-            self.cumulative[s] = np.cumsum(weight)
+        weight = np.zeros(cache.offsets[-1])  # of every (video, start); 0 where no clip starts
+        for v, (entry, n) in enumerate(zip(cache.entries, cache.lengths)):
+            starts = np.arange(motion, n - frames + 1)
+            clip_weight = np.ones(len(starts))
+            if blink_repeat > 1 and "blink" in entry:
+                blinks = (entry["blink"] > 0.5).numpy()
+                clip_weight[blinks[starts[:, None] + np.arange(frames)[None]].any(1)] = blink_repeat
+            weight[cache.offsets[v] + starts] = clip_weight
+        if not weight.any():
+            raise UserError(f"no video is long enough for {frames} frames and {motion} motion frames")
+        self.cumulative = np.cumsum(weight)
 
     def draws(self, step, rank, n):
-        """The n clips rank `rank` trains on at `step`: (video, start, stride, ref) int arrays of length n."""
+        """The n clips rank `rank` trains on at `step`: (video, start, ref) int arrays of length n."""
         rng = np.random.default_rng([self.seed, step, rank])
-        strides = rng.choice(self.strides, n)
-        picks = np.array([np.searchsorted(self.cumulative[s], u * self.cumulative[s][-1], side="right")
-                          for s, u in zip(strides, rng.random(n))])
+        picks = np.searchsorted(self.cumulative, rng.random(n) * self.cumulative[-1], side="right")
         video, start = self.cache.locate(picks)
         # the reference: a frame outside motion frames and clip where the video has one, else any frame
-        lo, hi = start - self.M * strides, start + (self.F - 1) * strides
+        lo, hi = start - self.M, start + self.F - 1
         n_frames = self.cache.lengths[video]
         outside = n_frames - (hi - lo + 1)
         k = (rng.random(n) * np.maximum(outside, 1)).astype(int)
         ref = np.where(outside > 0, np.where(k < lo, k, k + (hi - lo + 1)), (rng.random(n) * n_frames).astype(int))
-        return video, start, strides, ref
+        return video, start, ref
 
     def batch(self, step, rank, n):
         """The clips of draws(step, rank, n) as a batch of float tensors: latents (n, F, C, h, w), ref (n, C, h, w),
         motion (n, M, C, h, w), mel (n, F, 20, 80), and the ground truth of the clip's frames where the data has
         it."""
-        video, start, strides, ref = self.draws(step, rank, n)
         items = []
-        for v, s0, s, r in zip(video, start, strides, ref):
-            entry, idx = self.cache.entries[v], s0 + s * np.arange(self.F)
+        for v, s, r in zip(*self.draws(step, rank, n)):
+            entry, idx = self.cache.entries[v], s + np.arange(self.F)
             item = {"latents": entry["latents"][idx], "ref": entry["latents"][r],
-                    "motion": entry["latents"][s0 - s * np.arange(self.M, 0, -1)], "mel": entry["mel"][idx]}
+                    "motion": entry["latents"][s - np.arange(self.M, 0, -1)], "mel": entry["mel"][idx]}
             item.update({k: entry[k][idx] for k in GROUND_TRUTH if k in entry})
             items.append(item)
         return {k: torch.stack([item[k] for item in items]).float() for k in items[0]}

@@ -23,7 +23,7 @@ from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_a
 from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device,
                     contents_of, load_checkpoint, out_of_memory, save_torch, to_tensor, to_uint8, user_errors,
                     writable_file, writable_folder)
-from data import ClipPool, VideoFolder, build_frame_pool
+from data import VideoFolder, build_frame_pool, load_frame_pool
 from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
                      frame_change, frechet, frechet_distance, i3d_features, identity_ratio, load_inception, load_probe,
@@ -229,9 +229,10 @@ def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, au
             per_clip_sync(opening, np.roll(loud, -1, axis=0)), "unseen_files": len(wavs), "unseen_frames": T}
 
 
-def write_sheet(path, refs, real, fake, mismatched, columns=8):
-    """Contact sheet, per video three rows: reference | ground truth; generated; generated with other audio."""
-    pick = np.linspace(0, real.shape[1] - 1, columns).round().astype(int)
+def write_sheet(path, refs, real, fake, mismatched):
+    """Contact sheet, per video three rows: reference | ground truth; generated; generated with other audio (8
+    evenly spaced frames each)."""
+    pick = np.linspace(0, real.shape[1] - 1, 8).round().astype(int)
     rows = []
     for ref, *videos in zip(refs, real, fake, mismatched):
         for j, v in enumerate(videos):
@@ -409,12 +410,8 @@ def run(args):
         pools = {}
         for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
             path = args.cache / f"frames_{split}_{n}.pt"  # one pool per size: --videos changes what is cached
-            if not path.exists():
-                build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path)
-            pools[split] = ClipPool(path).data
-            missing = [k for k in ("frames", "openness", "blink", "pose") if k not in pools[split]]
-            if missing:
-                raise UserError(f"{path}: a frame pool without {', '.join(missing)}; delete it, and it is built again")
+            pools[split] = (load_frame_pool(path) if path.exists() else
+                            build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path))
         probe, r = train_probe(pools["train"], pools["val"], args.steps)
         save_torch(args.out, probe.state_dict())
         print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")

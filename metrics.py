@@ -9,7 +9,8 @@ exist; this file writes the formulas out so a student sees what the numbers mean
                      of clips; E-FID: expression coefficients);
   SSIM               local means, variances and covariance under an 11x11 Gaussian window (sigma 1.5);
   lip sync           Pearson r between mouth openness seen in generated frames and the openness the audio implies,
-                     per clip with the clip mean removed, averaged over clips;
+                     per clip with the clip mean removed, averaged over clips (ours: the paper reports no lip-sync
+                     figure, and SyncNet's LSE-C / LSE-D, the field's usual one, needs weights we cannot fetch);
   re-render fidelity the PSNR between a frame and the closest frame the synthetic world's renderer draws of the
                      same person (the synthetic world only).
 
@@ -29,7 +30,7 @@ from torchvision.models import inception_v3
 from tqdm import tqdm
 
 from common import UserError, contents_of, load_checkpoint, to_tensor
-from world import identity, render_frame
+from world import POSE_SCALE, identity, render_frame
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -172,7 +173,7 @@ def fidelity(probe, videos, people):
     scores = []
     for person, frames, r in zip(people, videos, reads):
         for frame, (openness, blink, *pose) in zip(frames, r):
-            start = [openness, 0.5, blink, *(p * s for p, s in zip(pose, Probe.POSE_SCALE))]
+            start = [openness, 0.5, blink, *(p * s for p, s in zip(pose, POSE_SCALE))]
             scores.append(rerender_psnr(person, frame, start))
     return float(np.median(scores))
 
@@ -183,10 +184,9 @@ def fidelity(probe, videos, people):
 
 class Probe(nn.Module):
     """Reads a synthetic face: frames (B, 3, 64, 64) in [-1, 1] -> readings (B, 5): mouth openness, blink and head
-    pose (dx, dy, roll, each scaled to about unit range). Its 128-d penultimate features stand in for Inception's
-    in the synthetic world (synthetic FID / FVD), its readings for expression coefficients (synthetic E-FID)."""
-
-    POSE_SCALE = (0.03, 0.02, 5.0)  # data.motion_track's pose scales
+    pose (dx, dy, roll, each divided by world.POSE_SCALE, so about unit size). In the synthetic world its 128-d
+    penultimate features stand in for Inception's (synthetic FID), its readings of 8-frame clips for I3D's features
+    (synthetic FVD, 40-d), and its openness and blink for expression coefficients (synthetic E-FID)."""
 
     def __init__(self):
         super().__init__()
@@ -209,17 +209,17 @@ class Probe(nn.Module):
     @staticmethod
     def targets(openness, blink, pose):
         """Ground truth (B,), (B,), (B, 3) -> the readings the probe learns (B, 5)."""
-        return torch.cat([openness[:, None], blink[:, None], pose / torch.tensor(Probe.POSE_SCALE)], dim=1)
+        return torch.cat([openness[:, None], blink[:, None], pose / torch.tensor(POSE_SCALE)], dim=1)
 
 
-def train_probe(train_pool, val_pool, steps=1500, seed=0):
-    """Fit the probe to ground-truth frames (the dicts of two data.build_frame_pool pools), with light blur and
+def train_probe(train_pool, val_pool, steps=1500):
+    """Fit the probe to ground-truth frames (two data.build_frame_pool dicts), with light blur and
     noise so that it also reads VAE-decoded frames. Returns (probe, validation r of openness)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     probe = Probe()
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3)
-    frames = train_pool["frames"][:, 0]
-    target = Probe.targets(train_pool["openness"][:, 0], train_pool["blink"][:, 0], train_pool["pose"][:, 0])
+    frames = train_pool["frames"]
+    target = Probe.targets(train_pool["openness"], train_pool["blink"], train_pool["pose"])
     for step in tqdm(range(steps), desc="probe", unit="step"):
         idx = torch.randint(0, len(frames), (64,))
         x = to_tensor(frames[idx])
@@ -232,8 +232,8 @@ def train_probe(train_pool, val_pool, steps=1500, seed=0):
         opt.step()
     probe.eval()
     with torch.no_grad():
-        got = probe(to_tensor(val_pool["frames"][:, 0]))[:, 0].numpy()
-    return probe, float(np.corrcoef(got, val_pool["openness"][:, 0].numpy())[0, 1])
+        got = probe(to_tensor(val_pool["frames"]))[:, 0].numpy()
+    return probe, float(np.corrcoef(got, val_pool["openness"].numpy())[0, 1])
 
 
 PROBE = Path(__file__).resolve().parent / "checkpoints" / "probe.pt"  # the shipped probe, whatever the working dir
@@ -369,10 +369,11 @@ def identity_ratio(videos, identities):
     return tuple(ratios)
 
 
-def off_palette(videos, real, pixels=4096, seed=0):
-    """For each video uint8 (N, T, H, W, 3): the distance of `pixels` random pixels to the nearest colour of the
-    real video (N, T, H, W, 3) -> (N, pixels). A saturated blob is a colour the real video never shows."""
-    rng = np.random.default_rng(seed)
+def off_palette(videos, real, pixels=4096):
+    """For each video uint8 (N, T, H, W, 3): the distance of `pixels` random pixels (the same for every call) to
+    the nearest colour of the real video (N, T, H, W, 3) -> (N, pixels). A saturated blob is a colour the real
+    video never shows."""
+    rng = np.random.default_rng(0)
     out = []
     for v, r in zip(videos, real):
         palette = torch.from_numpy(np.unique(r.reshape(-1, 3) // 4 * 4 + 2, axis=0)).float()

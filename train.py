@@ -151,8 +151,9 @@ def distributed(model, device):
 
 
 def batch_indices(step, batch_size, n, seed):
-    """The pool indices of global batch `step`: consecutive slices of one random permutation per epoch, so the data
-    position is a pure function of the step and a resumed run sees exactly the batches it would have seen."""
+    """The indices (into n cached frames) of global batch `step`: consecutive slices of one random permutation per
+    epoch, so the data position is a pure function of the step and a resumed run sees exactly the batches it would
+    have seen."""
     start, out = step * batch_size, []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
@@ -273,16 +274,16 @@ class VAEStage:
 # Stage 2: the diffusion transformer
 
 
-def loss_region(pool_item_boxes, resolution, latent_size, mouth_weight, shape):
+def loss_region(mouth_boxes, resolution, latent_size, mouth_weight, shape):
     """Per-latent-pixel loss weights (B, F, 1, h, w): mouth_weight inside the mouth box (synthetic ground truth)
     or, without one, inside the lower-middle of the face (real data: rows 55-95%, columns 25-75%), 1 elsewhere."""
     B, F_, _, h, w = shape
     weight = torch.ones(B, F_, 1, h, w)
     ys, xs = torch.arange(h).view(-1, 1) + 0.5, torch.arange(w).view(1, -1) + 0.5
-    if pool_item_boxes is None:
+    if mouth_boxes is None:
         inside = (ys >= 0.55 * h) & (ys <= 0.95 * h) & (xs >= 0.25 * w) & (xs <= 0.75 * w)
         return weight + (mouth_weight - 1) * inside.float()
-    box = pool_item_boxes * (latent_size / resolution)  # (B, F, 4) in latent pixels
+    box = mouth_boxes * (latent_size / resolution)  # (B, F, 4) in latent pixels
     x0, y0, x1, y1 = (box[..., k, None, None] for k in range(4))
     inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
     return weight + (mouth_weight - 1) * inside.float()[:, :, None]
@@ -296,6 +297,15 @@ def motion_region(x0, motion_weight):
     background. Not in the paper."""
     d = (x0 - x0.mean(1, keepdim=True)).abs().mean(2, keepdim=True)
     return 1 + (motion_weight - 1) * d / d.mean().clamp_min(1e-8)
+
+
+def mismatched_partners(video):
+    """For clips drawn from videos `video` (n,) int: whose audio each clip is sampled with as mismatched audio, the
+    next clip from another video (a clip of the same video could overlap it in time), or simply the next clip
+    when all are from one video. Returns (n,) int indices."""
+    n = len(video)
+    return np.array([next((j % n for j in range(i + 1, i + n) if video[j % n] != video[i]), (i + 1) % n)
+                     for i in range(n)])
 
 
 class DiffusionStage:
@@ -316,7 +326,8 @@ class DiffusionStage:
         self.diffusion = Diffusion(schedule=cfg.schedule, prediction=cfg.prediction)
         if cfg.init:  # checked before the data is touched (a resumed run then loads its own weights over these)
             self.start_from(cfg.init)
-        # with ground truth and a probe (evaluate.py probe), evaluations also measure lip sync
+        # with ground truth and a probe (evaluate.py probe), evaluations also measure lip sync (the probe was trained
+        # on 64-px renders, so only a 64-px synthetic run is measured)
         synthetic = cfg.data == "synthetic" and self.resolution == 64
         self.probe = load_probe(PROBE) if synthetic and PROBE.exists() else None
         # every video encoded once (each rank its share), then fresh clips from all of them (data.py)
@@ -343,7 +354,7 @@ class DiffusionStage:
         # what any rank has drawn so far: each (video, start), and each video
         self.seen = {"clips": torch.zeros(self.sampler.cache.offsets[-1], dtype=torch.bool),
                      "videos": torch.zeros(len(train_cache.entries), dtype=torch.bool)}
-        # fixed validation clips: up to 8 from the held-out videos, with their portraits as images
+        # 8 fixed validation clips drawn from the held-out videos, with their portraits as images
         val_videos = VideoFolder(folder, "val")
         try:
             val_sampler = ClipSampler(VideoCache(cache, [f.name for f in val_videos.folders]), cfg.frames, cfg.motion,
@@ -353,7 +364,8 @@ class DiffusionStage:
                             f"{', '.join(f.name for f in val_videos.folders[:3])}) are all shorter than --frames "
                             f"{cfg.frames} + --motion {cfg.motion}; replace them or pass fewer --frames") from None
         self.val = val_sampler.batch(0, 0, 8)
-        video, _, _, ref = val_sampler.draws(0, 0, 8)
+        video, _, ref = val_sampler.draws(0, 0, 8)
+        self.val_partner = mismatched_partners(video)
         self.val_portraits = np.stack([val_videos[v].frames[r] for v, r in zip(video, ref)])  # uint8 (8, H, W, 3)
         self.val_people = [Identity.from_meta(val_videos.meta[v]["identity"]) for v in video] if self.probe else None
         # compile the DDP wrapper, not the model inside it, so DDP's gradient buckets still overlap the backward
@@ -369,10 +381,14 @@ class DiffusionStage:
         drops = {"drop_ref": None, "drop_audio": None, "drop_motion": None}
         if train:
             # small noise on the reference, as the official code (sigma = exp(N(-3, 0.5))); we add it to the
-            # cached latent rather than to the image, so the pool need not be re-encoded
+            # cached latent rather than to the image, so the cache need not be re-encoded
             ref = ref + torch.exp(torch.randn(B, 1, 1, 1, device=dev) * 0.5 - 3) * torch.randn_like(ref)
-            if motion is not None:  # motion frames from the real frames before the clip, lightly noised
+            if motion is not None:  # motion frames from the real frames before the clip, noised like the reference
+                # as the official code does (it also adds diffusion noise of t < 50 and zeroes a quarter of the
+                # positions; we keep the first noise only): at sampling they are generated, never quite real
                 motion = motion + torch.exp(torch.randn(B, 1, 1, 1, 1, device=dev) * 0.5 - 3) * torch.randn_like(motion)
+            # each condition dropped on its own, so that sample.py can guide the portrait and the audio with
+            # separate scales, as InstructPix2Pix does its two conditions
             drops = {f"drop_{k}": torch.rand(B, device=dev) < getattr(cfg, f"drop_{k}")
                      for k in ("ref", "audio", "motion")}
             if motion is None:
@@ -386,7 +402,7 @@ class DiffusionStage:
         cfg = self.cfg
         batch = self.sampler.batch(micro_step, rank(), cfg.batch_size)
         for r in range(world()):
-            video, start, _, _ = self.sampler.draws(micro_step, r, cfg.batch_size)
+            video, start, _ = self.sampler.draws(micro_step, r, cfg.batch_size)
             self.seen["clips"][self.sampler.cache.offsets[video] + start] = True
             self.seen["videos"][video] = True
         x0, ref, mel, motion, drops = self.conditions(batch, train=True)
@@ -415,7 +431,8 @@ class DiffusionStage:
     @torch.no_grad()
     def evaluate(self, step, out):
         """Validation loss of the EMA model at fixed timesteps and noise, and a PNG grid of sampled frames
-        (per clip: reference | generated frames, then the real frames below)."""
+        (per clip: reference | generated frames, then the real frames below); with the probe also val_sync,
+        val_sync_mismatched and val_fidelity. Returns those figures as a dict."""
         g = torch.Generator().manual_seed(1234)
         x0, ref, mel, motion, _ = self.conditions(self.val, train=False)
         n = len(x0)
@@ -423,7 +440,7 @@ class DiffusionStage:
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         target = self.diffusion.target(x0, noise, t)
         val_loss = (self.ema(self.diffusion.q_sample(x0, t, noise), t, ref, mel, motion) - target).pow(2).mean()
-        k = 2  # sample two clips with DDIM and decode them
+        k = 2  # sample two clips with DDIM 25 (a picture to look at: the quality, not the cost) and decode them
 
         def denoise(x, tt):
             out = self.ema(x, tt, ref[:k], mel[:k], None if motion is None else motion[:k])
@@ -440,10 +457,10 @@ class DiffusionStage:
         save_png(path, np.concatenate(rows))
         result = {"val_loss": val_loss.item()}
         if self.probe is not None:  # lip sync: the probe's mouth opening in windows sampled with each clip's own
-            # audio and with the next clip's, against the true opening (metrics.per_clip_sync)
+            # audio and with another video's, against the true opening (metrics.per_clip_sync)
             refs, mels = self.val_portraits, self.val["mel"]
             both = generate(self.ema, self.vae, self.diffusion, np.concatenate([refs, refs]),
-                            torch.cat([mels, mels.roll(-1, 0)]), steps=10, sampler="ddim", device=self.device,
+                            torch.cat([mels, mels[self.val_partner]]), steps=10, sampler="ddim", device=self.device,
                             progress=False)  # DDIM 10: the sampling the README's logged val figures used
             opening, truth = probe_readings(self.probe, both)[..., 0], self.val["openness"].numpy()
             result["val_sync"] = per_clip_sync(opening[:n], truth)
@@ -495,10 +512,12 @@ class DiffusionStage:
 
 
 @torch.no_grad()
-def export(run_ckpt, dst, vae_path=None, frames=512):
+def export(run_ckpt, dst, vae_path=None):
     """Write the part of a diffusion run's checkpoint that sample.py needs: the EMA weights, the VAE and the
     diffusion settings, in fp16 (sampling casts back to float32; half the bytes), plus `domain`: the VAE's worst
-    PSNR on `frames` training frames, so sample.py can tell when a portrait is unlike anything trained on.
+    PSNR on about 512 training frames (the first frames of up to 32 videos: as many people as it can, since
+    faces differ more between people than within a video), so sample.py can tell when a portrait is unlike
+    anything trained on.
     `vae_path`: a checkpoint whose VAE replaces the run's, which must encode the same latents (a decoder
     fine-tuned by `--stage vae --init`)."""
     ckpt = load_checkpoint(run_ckpt, needs=("model", "ema", "vae", "diffusion", "train_config"),
@@ -517,7 +536,7 @@ def export(run_ckpt, dst, vae_path=None, frames=512):
     except UserError as e:
         raise UserError(f"--export measures the VAE on the run's training videos, which it cannot read: {e}") from None
     n = min(len(videos), 32)
-    x = torch.cat([to_tensor(videos[i].frames[:math.ceil(frames / n)]) for i in range(n)])
+    x = torch.cat([to_tensor(videos[i].frames[:math.ceil(512 / n)]) for i in range(n)])
     worst = min(psnr(vae.decode(vae.encode(chunk)), chunk).min().item() for chunk in x.split(64))
     half = lambda weights: {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}  # noqa: E731
     out = {"stage": "export", "step": ckpt["step"], "train_config": ckpt["train_config"],
@@ -606,7 +625,8 @@ def train(cfg, resume=False, max_minutes=None):
                 print(f"note: the run was saved by {len(ckpt['rng'])} process(es) and resumes on {world()}: it "
                       "continues, but not exactly as it would have")
 
-    def lr_at(s):  # linear warm-up, constant, then (with --cooldown) a linear decay to 0 at cfg.steps
+    def lr_at(s):  # linear warm-up, constant, then (with --cooldown) a linear decay to 0 at cfg.steps (ours:
+        # the official config trains at a constant 1e-4, without warm-up)
         return cfg.lr * min(1.0, (s + 1) / cfg.warmup if cfg.warmup else 1.0,
                              (cfg.steps - s) / cfg.cooldown if cfg.cooldown else 1.0)
     is_main = rank() == 0

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, frame_loudness, resample
 from common import MAX_SEED, HelpFormatter, Parser, bounded, parallel_map, save_png, user_errors
-from data import Video, check_output, save_video
+from data import Video, check_output, held_out, save_video
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Speech. espeak-ng's library and voice data ship inside the `espeakng-loader` wheel; we drive its C API
@@ -134,7 +134,7 @@ class Identity:
     background: tuple
     face_w: float  # half-width of the face ellipse
     face_h: float  # half-height
-    mouth_w: float  # half-width of the mouth as a fraction of the face half-width (>= 0.32: a big mouth)
+    mouth_w: float  # half-width of the mouth as a fraction of the face half-width
     eye_gap: float  # eye centre offset from the face centre line, fraction of the face half-width
 
     @classmethod
@@ -223,6 +223,9 @@ def mouth_track(wav, phonemes, n_frames):
     return openness, roundness
 
 
+POSE_SCALE = (0.03, 0.02, 5.0)  # the head pose's typical size: dx, dy (fractions of the frame), roll (degrees)
+
+
 def motion_track(n_frames, rng):
     """Audio-independent motion, the paper's 'diversity': blinks (n,) in [0, 1] and head pose (n, 3).
 
@@ -237,7 +240,7 @@ def motion_track(n_frames, rng):
                 blink[t + j] = v
         t += int(rng.uniform(1.5, 5.0) * FPS)
     pose, state = np.zeros((n_frames, 3)), rng.normal(0, 1, 3) * 0.5
-    scale = np.array([0.03, 0.02, 5.0])
+    scale = np.array(POSE_SCALE)
     for i in range(n_frames):
         state = 0.95 * state + rng.normal(0, 0.3, 3)
         pose[i] = np.clip(state, -2, 2) * scale
@@ -373,10 +376,10 @@ def _write(job):
 def render_folder(root, n, seconds, size, seed=0, workers=None):
     """Write n synthetic videos of `seconds` at `size` into root, in data.py's layout, once and in parallel worker
     processes (default: one per core): video i is root/<i:05d>, showing the validation split's people and sentences
-    when i % 20 == 19 (the videos VideoFolder holds out) and the training split's otherwise. Videos already there
-    are kept, so an interrupted render continues. Returns root."""
-    root = Path(root)
-    jobs = [(root / f"{i:05d}", "val" if i % 20 == 19 else "train", i, seconds, size, seed) for i in range(n)
+    when VideoFolder holds it out (data.held_out) and the training split's otherwise. Videos already there are
+    kept, so an interrupted render continues. Returns root."""
+    root, val = Path(root), set(held_out(n))
+    jobs = [(root / f"{i:05d}", "val" if i in val else "train", i, seconds, size, seed) for i in range(n)
             if not (root / f"{i:05d}" / "meta.json").exists()]
     root.mkdir(parents=True, exist_ok=True)
     parallel_map(_write, jobs, workers, "render videos")

@@ -22,31 +22,21 @@ from conftest import probe_video
 from vae import VAE, VAEConfig
 
 
-def test_clip_dataset_items(tmp_path):
-    videos = world.SyntheticVideos("test", 2, 2.0, 32)
-    ds = data.ClipDataset(videos, frames=8, stride=2, motion=3)
-    assert len(ds) == 2 * (50 - 7 * 2 - 3 * 2)
-    item = ds[5]
-    video = videos[0]
-    s = 3 * 2 + 5
-    assert item["frames"].shape == (8, 3, 32, 32) and item["ref"].shape == (3, 32, 32)
-    assert torch.equal(item["frames"], common.to_tensor(video.frames[s:s + 16:2]))
-    assert torch.equal(item["motion"], common.to_tensor(video.frames[[s - 6, s - 4, s - 2]]))
-    assert item["mel"].shape == (8, 20, 80)
-    assert torch.equal(item["mel"], audio.audio_features(video.wav, 50)[s:s + 16:2])
-    clip_frames = [common.to_tensor(f) for f in video.frames[s:s + 16:2]]
-    assert not any(torch.equal(item["ref"], f) for f in clip_frames)
-    assert any(torch.equal(item["ref"], common.to_tensor(f)) for f in video.frames)
-    assert item["openness"].tolist() == pytest.approx(video.meta["openness"][s:s + 16:2])
-    assert item["pose"].shape == (8, 3) and item["mouth_box"].shape == (8, 4)
-    assert torch.equal(item["frames"], common.to_tensor(((item["frames"] + 1) * 127.5).round().byte().numpy()
-                                                      .transpose(0, 2, 3, 1)))  # exact uint8 values
-    pool = data.ClipPool.build(ds, 3, tmp_path / "pool.pt")
-    assert len(pool) == 3 and len(data.ClipPool(tmp_path / "pool.pt")) == 3
-    first, last = pool[0], pool[2]
-    for key, value in ds[0].items():
-        assert torch.allclose(first[key], value, atol=1e-6)
-    assert torch.allclose(last["frames"], ds[len(ds) - 1]["frames"], atol=1e-6)
+def test_a_frame_pool_spreads_its_frames_over_every_video_with_their_ground_truth(tmp_path):
+    videos = world.SyntheticVideos("test", 3, 2.0, 32)  # 50 frames each
+    pool = data.build_frame_pool(videos, tmp_path / "pool.pt")
+    n = 3 * data.FRAMES_PER_VIDEO
+    assert pool["frames"].shape == (n, 32, 32, 3) and pool["frames"].dtype == torch.uint8
+    assert pool["pose"].shape == (n, 3) and pool["mouth_box"].shape == (n, 4)
+    picks = np.linspace(0, 149, n).round().astype(int)  # evenly spread over the 150 frames of the three videos
+    for i in (0, 17, n - 1):
+        v, f = divmod(picks[i], 50)
+        video = videos[v]
+        assert np.array_equal(pool["frames"][i].numpy(), video.frames[f])
+        assert pool["openness"][i].item() == pytest.approx(video.meta["openness"][f])
+        assert pool["pose"][i].tolist() == pytest.approx(video.meta["pose"][f])
+    loaded = data.load_frame_pool(tmp_path / "pool.pt")
+    assert loaded.keys() == pool.keys() and all(torch.equal(loaded[k], pool[k]) for k in pool)
 
 
 def _write_raw_video(path, n, fps, width, height, audio):
@@ -322,28 +312,25 @@ def test_forty_steps_of_fresh_clips_cover_the_training_videos(tmp_path):
     distinct clips from at least 90% of the videos; a fixed pool of 2000 clips would repeat the same ones."""
     sampler = data.ClipSampler(_stub_cache(tmp_path, 38, 75), frames=16, motion=2, seed=0)
     drawn = [sampler.draws(step, 0, 8) for step in range(40)]
-    clips = {(v, s) for video, start, _, _ in drawn for v, s in zip(video, start)}
+    clips = {(v, s) for video, start, _ in drawn for v, s in zip(video, start)}
     assert len(clips) >= 280 and len({v for v, _ in clips}) >= 0.9 * 38
 
 
 def test_each_draw_is_a_pure_function_of_seed_step_and_rank(tmp_path):
     cache = _stub_cache(tmp_path, 5, 40)
-    sampler = data.ClipSampler(cache, frames=8, motion=2, strides=(1, 3), seed=7)
-    a, b = sampler.draws(3, 1, 16), data.ClipSampler(cache, 8, 2, (1, 3), seed=7).draws(3, 1, 16)
+    sampler = data.ClipSampler(cache, frames=8, motion=2, seed=7)
+    a, b = sampler.draws(3, 1, 16), data.ClipSampler(cache, 8, 2, seed=7).draws(3, 1, 16)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(sampler.draws(3, 0, 16)[1], a[1])  # another rank draws other clips
-    video, start, stride, ref = sampler.draws(0, 0, 500)
-    assert set(stride) == {1, 2, 3}
-    assert (start - 2 * stride >= 0).all() and (start + 7 * stride <= 39).all()  # motion frames and clip fit
-    assert ((ref < start - 2 * stride) | (ref > start + 7 * stride)).all()  # the portrait is from outside
+    video, start, ref = sampler.draws(0, 0, 500)
+    assert set(start) == set(range(2, 33))  # every start with room for the motion frames and the clip
+    assert ((ref < start - 2) | (ref > start + 7)).all()  # the portrait is from outside
     batch = sampler.batch(0, 0, 4)
-    video, start, stride, ref = sampler.draws(0, 0, 4)
+    video, start, ref = sampler.draws(0, 0, 4)
     assert batch["latents"].shape == (4, 8, 4, 2, 2) and batch["motion"].shape == (4, 2, 4, 2, 2)
     # frame k of the stub holds the number k: the clip, its motion frames and the portrait are the frames drawn
-    assert torch.equal(batch["latents"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] + stride[:, None] *
-                                                                          np.arange(8)).float())
-    assert torch.equal(batch["motion"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] - stride[:, None] *
-                                                                        np.array([2, 1])).float())
+    assert torch.equal(batch["latents"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] + np.arange(8)).float())
+    assert torch.equal(batch["motion"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] - np.array([2, 1])).float())
     assert torch.equal(batch["ref"][:, 0, 0, 0], torch.from_numpy(ref).float())
 
 

@@ -94,7 +94,7 @@ def test_ddp_two_processes_stay_in_sync_and_resume_exactly(tmp_path, vae_ckpt):
         # equal but for fp16 rounding: one thread per rank there, two here, may sum a convolution in another order
         assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
     sampler = data.ClipSampler(data.VideoCache(latents, [videos.folders[0].name]), frames=4, motion=2)
-    drawn = {(v, s) for rank in (0, 1) for v, s, _, _ in zip(*sampler.draws(0, rank, 2))}
+    drawn = {(v, s) for rank in (0, 1) for v, s, _ in zip(*sampler.draws(0, rank, 2))}
     assert json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[0])["clips_seen"] == len(drawn)
     assert [p.name for p in (tmp_path / "straight").glob("*.pt")] == ["ckpt.pt"]
     a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("straight", "pieces"))
@@ -288,7 +288,7 @@ def test_blink_repeat_draws_the_clips_with_a_blink_more_often(tmp_path, vae_ckpt
     monkeypatch.setattr(train.DiffusionStage, "loss", lambda self, i: stages.append(self) or loss(self, i))
     train.main(diffusion_args(tmp_path / "a", vae_ckpt, "--steps", "1", "--blink-repeat", "3"))
     sampler = stages[0].sampler
-    weight = np.diff(sampler.cumulative[1], prepend=0)  # of each (video, start) of the training videos
+    weight = np.diff(sampler.cumulative, prepend=0)  # of each (video, start) of the training videos
     entry = sampler.cache.entries[0]
     blinks = (entry["blink"] > 0.5).numpy()
     for start in range(2, sampler.cache.lengths[0] - 3):  # a 4-frame clip after 2 motion frames
@@ -380,3 +380,12 @@ def test_a_decoder_fine_tune_keeps_the_latents_and_replaces_the_exported_decoder
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "z").exists()
+
+
+def test_mismatched_audio_comes_from_another_video():
+    """Validation clips are drawn with replacement from few held-out videos: the next clip may be a clip of the same
+    video, overlapping in time, whose audio would not be mismatched at all."""
+    video = np.array([0, 0, 1, 0, 1, 1, 0, 0])
+    partner = train.mismatched_partners(video)
+    assert partner.tolist() == [2, 2, 3, 4, 6, 6, 2, 2] and (video[partner] != video).all()
+    assert train.mismatched_partners(np.zeros(4, int)).tolist() == [1, 2, 3, 0]  # one video: the next clip
