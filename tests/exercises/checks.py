@@ -17,12 +17,17 @@ import letstalk
 
 
 def close(got, want, what, atol=1e-5, rtol=1e-5):
-    """Assert got (tensor, array or number) equals want elementwise, with a readable message."""
+    """Assert got (tensor, array or number) equals want elementwise, with a readable message: how far off, and the
+    first wrong element (index, got, want), which often tells a layout mistake from a formula mistake."""
     got = torch.as_tensor(got).detach().double()
     want = torch.as_tensor(want).double()
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    err = (got - want).abs().max().item() if got.numel() else 0.0
-    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"{what}: off by up to {err:.3g}"
+    ok = torch.isclose(got, want, atol=atol, rtol=rtol)
+    if not ok.all():
+        first = tuple(int(i) for i in (~ok).nonzero()[0])
+        err = (got - want).abs().nan_to_num(float("inf")).max().item()
+        raise AssertionError(f"{what}: off by up to {err:.3g}; first at index {first}: got {got[first].item():.6g}, "
+                             f"want {want[first].item():.6g}")
 
 
 def randomize(module, seed=0, std=0.5):
@@ -61,8 +66,10 @@ def check_kl(impl):
     """vae.kl_divergence(mean, logvar): KL(N(mean, exp(logvar)) || N(0, 1)) averaged over elements."""
     g = torch.Generator().manual_seed(0)
     mean, logvar = torch.randn(2, 4, 3, 3, generator=g), 2 * torch.randn(2, 4, 3, 3, generator=g)
-    got = impl(mean, logvar)
+    got = impl(mean.requires_grad_(), logvar.requires_grad_())
     assert torch.as_tensor(got).dim() == 0, "the KL should be one number (the mean over every element)"
+    assert isinstance(got, torch.Tensor) and got.requires_grad, \
+        "the KL must stay a tensor that gradients flow through (no .item(), .detach() or numpy): the VAE trains on it"
     want = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).mean()
     close(got, want, "KL of random Gaussians against N(0, 1)")
     close(impl(torch.zeros(3), torch.zeros(3)), 0.0, "KL of N(0, 1) against itself")
@@ -261,7 +268,9 @@ def check_ddim_step(impl):
     ab_all = process.alphas_cumprod.double().numpy()
     g = torch.Generator().manual_seed(0)
     x0, eps, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
-    for t, t_prev, eta in [(999, 959, 0.0), (500, 499, 1.0), (300, 200, 0.5), (20, -1, 0.0), (40, -1, 1.0)]:
+    # t_prev = 0 is a real timestep (alpha_bar_0 < 1; sample() always steps to it), -1 the clean end
+    for t, t_prev, eta in [(999, 959, 0.0), (500, 499, 1.0), (300, 200, 0.5), (20, 0, 1.0), (20, -1, 0.0),
+                           (40, -1, 1.0)]:
         ab, ab_prev = float(ab_all[t]), (float(ab_all[t_prev]) if t_prev >= 0 else 1.0)
         sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         want = np.sqrt(ab_prev) * x0 + np.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * noise
@@ -323,3 +332,13 @@ def check_frechet(impl):
     want = ((mu1 - mu2) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2 * cross
     close(distance(mu1, S1, mu2, S2), want, "full covariances that do not commute", atol=1e-6, rtol=1e-6)
     close(distance(mu1, S1, mu1, S1), 0.0, "a Gaussian against itself", atol=1e-6)
+    # fewer samples than dimensions, as FID of a few videos has: singular covariances, whose zero eigenvalues come
+    # out of an eigensolver as round-off of either sign
+    X, Y = rng.normal(size=(4, 20)), rng.normal(size=(5, 20))
+    S1, S2 = np.cov(X, rowvar=False), np.cov(Y, rowvar=False)
+    cross = np.sqrt(np.clip(np.linalg.eigvals(S1 @ S2).real, 0, None)).sum()
+    want = ((X.mean(0) - Y.mean(0)) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2 * cross
+    close(distance(X.mean(0), S1, Y.mean(0), S2), want, "covariances of 4 and 5 samples in 20 dimensions (rank "
+          "3 and 4: clamp round-off eigenvalues below 0 before their square roots)", atol=1e-6, rtol=1e-6)
+    result = impl(*(torch.as_tensor(a, dtype=torch.float64) for a in (mu1, S1, mu2, S2)))
+    assert isinstance(result, float), f"the distance should be a Python float (.item()), got {type(result).__name__}"

@@ -59,6 +59,11 @@ def kl_logvar_as_log_std(mean, logvar):
     return 0.5 * (mean.pow(2) + (2 * logvar).exp() - 1 - 2 * logvar).mean()
 
 
+def kl_detached(mean, logvar):
+    # the right number, cut off from the graph: the VAE's KL term would silently stop training anything
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean().detach()
+
+
 def kl_summed(mean, logvar):
     # sums over elements where the docstring asks for the mean (the KL weight would then depend on the image size)
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum()
@@ -260,6 +265,14 @@ def ddim_step_negative_index(self, x0, eps, t, t_prev, eta, noise):
     return math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * noise
 
 
+def ddim_step_zero_is_clean(self, x0, eps, t, t_prev, eta, noise):
+    # t_prev = 0 taken for the clean end (alpha_bar = 1) like -1: timestep 0 still holds a little noise
+    ab = self.alphas_cumprod[t].item()
+    ab_prev = self.alphas_cumprod[t_prev].item() if t_prev > 0 else 1.0
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    return math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * noise
+
+
 def ddim_step_variance_as_std(self, x0, eps, t, t_prev, eta, noise):
     # sigma without its square root (a variance used as a standard deviation)
     ab = self.alphas_cumprod[t].item()
@@ -285,6 +298,18 @@ def frechet_product_of_roots(mu1, cov1, mu2, cov2):
     # tr(S1^1/2 S2^1/2): equal to tr((S1 S2)^1/2) only when the covariances commute (diagonal ones do)
     cross = (metrics._sqrtm_psd(cov1) @ metrics._sqrtm_psd(cov2)).trace()
     return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
+
+
+def frechet_unclamped(mu1, cov1, mu2, cov2):
+    # square roots of the eigenvalues as they come: a singular covariance's zeros come out as -1e-17 and give NaN
+    root1 = metrics._sqrtm_psd(cov1)
+    cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
+
+
+def frechet_as_tensor(mu1, cov1, mu2, cov2):
+    # the right value, left a 0-d tensor where callers format and JSON-dump a float
+    return torch.tensor(metrics.frechet_distance(mu1, cov1, mu2, cov2), dtype=torch.float64)
 
 
 def frechet_mean_not_squared(mu1, cov1, mu2, cov2):
@@ -334,7 +359,7 @@ def empty(*args, **kwargs):
 EXERCISES = [
     ("psnr", checks.check_psnr, vae.psnr, empty,
      [psnr_without_rescale, psnr_natural_log, psnr_of_the_batch, psnr_unclamped]),
-    ("kl", checks.check_kl, vae.kl_divergence, empty, [kl_without_half, kl_logvar_as_log_std, kl_summed]),
+    ("kl", checks.check_kl, vae.kl_divergence, empty, [kl_without_half, kl_logvar_as_log_std, kl_summed, kl_detached]),
     ("q_sample", checks.check_q_sample, diffusion.Diffusion.q_sample, empty,
      [q_sample_without_roots, q_sample_swapped, q_sample_off_by_one]),
     ("sincos", checks.check_sincos, letstalk.sincos_1d, empty,
@@ -353,9 +378,10 @@ EXERCISES = [
     ("split", checks.check_split, diffusion.Diffusion.split, empty,
      [split_v_sign, split_eps_without_root, split_x0_without_root]),
     ("ddim_step", checks.check_ddim_step, diffusion.Diffusion.ddim_step, empty,
-     [ddim_step_negative_index, ddim_step_variance_as_std, ddim_step_eps_ignores_sigma]),
+     [ddim_step_negative_index, ddim_step_variance_as_std, ddim_step_eps_ignores_sigma, ddim_step_zero_is_clean]),
     ("frechet", checks.check_frechet, metrics.frechet_distance, empty,
-     [frechet_without_root, frechet_product_of_roots, frechet_mean_not_squared]),
+     [frechet_without_root, frechet_product_of_roots, frechet_mean_not_squared, frechet_unclamped,
+      frechet_as_tensor]),
     ("spatial", checks.check_spatial, Block.spatial, empty,
      [spatial_symbiotic_as_guides, spatial_frames_outer, spatial_ungated_mlp]),
     ("motion", checks.check_motion, Block.temporal, empty, [motion_ignored, motion_appended, motion_not_updated]),
