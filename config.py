@@ -78,8 +78,8 @@ class TrainConfig:
                                   "25.4 dB (24.4 before) and blink rates 1.06x, 1.33x, 1.6x (faded eyes read as "
                                   "closed; 0.73x before); 0: off", stage="vae", low=0, high=10)
     videos: int = setting(300, "--data synthetic: how many videos of 4 s to render (every 20th, or the last of "
-                          "fewer than 20, shows held-out people and is kept for validation); 300 hold 26,000 distinct 8-frame clips", low=2,
-                          high=100_000)
+                          "fewer than 20, shows held-out people and is kept for validation); 300 hold 26,000 "
+                          "distinct 8-frame clips", low=2, high=100_000)
     # stage 2: the diffusion transformer
     vae: str = setting(None, "VAE checkpoint from `train.py --stage vae` (default: runs/vae/ckpt.pt, or --init's "
                        "own VAE)", stage="diffusion")

@@ -143,7 +143,8 @@ class Diffusion:
 
     def ddim_step(self, x0, eps, t, t_prev, eta, noise):
         """One reverse step from timestep t to t_prev, Python ints (-1: the clean end, alpha_bar = 1; 0 is the
-        last real timestep), given the model's (x0, eps) at x_t, all (B, ...): x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma noise,
+        last real timestep), given the model's (x0, eps) at x_t, all (B, ...):
+        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma noise,
         sigma = eta sqrt((1 - ab_prev) / (1 - ab) (1 - ab / ab_prev))."""
         ab = self.alphas_cumprod[t].item()
         ab_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
