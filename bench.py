@@ -20,7 +20,8 @@ Tables (also written as JSON, --json):
      On CUDA at the paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64);
   4  data: clips per second the training sampler assembles on one CPU core from memory-mapped latents, at the
      demo's shape and the paper's (16 frames of 32x32x4 latents + 2 motion frames + mel windows), beside what the
-     official code's best consumes (48.5 clips/s per H100, table 2's compiled B): a GPU must never wait for it.
+     official code's best consumes (48.5 clips/s per H100, the README's measurement of the official code): a GPU
+     must never wait for it.
 Peak memory is measured on CUDA (torch.cuda.max_memory_allocated); on a CPU it is not tracked ("-"). Table 2 also
 counts the activations a training step saves for its backward (saved_mib), on any device.
 """
@@ -36,13 +37,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import Parser, add_device, atomic_write, bounded, check_device, user_errors, writable_file
+from common import Parser, add_device, atomic_write, bounded, check_device, out_of_memory, user_errors, writable_file
 from data import ClipSampler, VideoCache
 from diffusion import Diffusion
-from kernels import TEMPORAL_KERNELS, temporal_attention
-from letstalk import SIZES, Block, LetsTalk, config_for, forward_gflops
+from kernels import MAX_LENGTH, TEMPORAL_KERNELS, temporal_attention
+from letstalk import SIZES, Block, LetsTalk, config_for, forward_flops, forward_gflops
 from sample import AUDIO_SCALE, DEFAULT_CKPT, SAMPLER, SAMPLER_STEPS, generate, load_model
 from vae import VAE, VAEConfig
 
@@ -59,35 +59,35 @@ def gpu_peak(device):
 
 
 def measure(fn, device, repeats):
-    """Median wall time (s) of fn() over `repeats` runs after one warm-up, and peak memory (MiB, CUDA only)."""
+    """Median wall time (s) of fn() over `repeats` runs after one warm-up, and peak memory (MiB, CUDA only), on
+    `device` (not the current GPU: --device cuda:1 waits for and measures cuda:1)."""
     fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+    memory = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return statistics.median(times), memory
 
 
-def out_of_memory(what):
-    """Say which measurement did not fit (its row is left out of the table) and free what it left behind."""
+def measured(fn, device, repeats, what):
+    """measure(fn, device, repeats), or None when it does not fit in memory (CPU or GPU): then it says which
+    measurement was skipped (its row is left out of the table) and frees what the attempt left behind."""
+    try:
+        return measure(fn, device, repeats)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
     print(f"skipped {what}: out of memory")
-    torch.cuda.empty_cache()
-
-
-def forward_flops(module, *inputs):
-    """FLOPs of module(*inputs), counted on the meta device (shapes only). There attention decomposes into
-    matrix products that FlopCounterMode sees; a CPU run would hide them inside one fused kernel."""
-    counter = FlopCounterMode(display=False)
-    with torch.device("meta"), counter:
-        module(*inputs)
-    return counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None
 
 
 def autocast(device):
@@ -114,12 +114,11 @@ def attention_table(device, frames, patches, width, heads, batch, repeats):
                     t_ = [rearrange(t, "b h (f p) d -> (b p) h f d", f=F_) for t in qkv]  # temporal: F per position
                     out = out + rearrange(F.scaled_dot_product_attention(*t_), "(b p) h f d -> b h (f p) d", p=P)
                     out.sum().backward()
-            try:
-                t_full, m_full = measure(full, device, repeats)
-                t_fact, m_fact = measure(factorized, device, repeats)
-            except torch.OutOfMemoryError:
-                out_of_memory(f"table 1a at F={F_}, P={P}")
+            full_timed = measured(full, device, repeats, f"table 1a at F={F_}, P={P}, full attention")
+            factorized_timed = full_timed and measured(factorized, device, repeats, f"table 1a at F={F_}, P={P}")
+            if not factorized_timed:
                 continue
+            (t_full, m_full), (t_fact, m_fact) = full_timed, factorized_timed
             rows.append({"F": F_, "P": P, "full_s": t_full, "factorized_s": t_fact, "ratio": t_full / t_fact,
                          "eq4": F_ * P / (F_ + P), "full_mib": m_full, "factorized_mib": m_fact})
     return rows
@@ -144,11 +143,10 @@ def block_table(device, frames, patches, width, heads, batch, repeats):
                     with autocast(device):
                         out, _, sym = block(x, c, None, ref)
                         (out.float().sum() + sym.float().sum()).backward()
-                try:
-                    result[f"{kind}_s"], result[f"{kind}_mib"] = measure(step, device, repeats)
-                except torch.OutOfMemoryError:
-                    out_of_memory(f"table 1b at F={F_}, P={P}, {kind} attention")
+                timed = measured(step, device, repeats, f"table 1b at F={F_}, P={P}, {kind} attention")
+                if timed is None:
                     break
+                result[f"{kind}_s"], result[f"{kind}_mib"] = timed
                 with torch.device("meta"):
                     meta_block, meta_x = Block(cfg), torch.randn(batch * F_, P, width)
                     meta_c, meta_ref = torch.randn(batch, width), torch.randn(batch * F_, P, width)
@@ -184,13 +182,20 @@ def temporal_kernel_table(device, frames, motion, patches, width, heads, batch, 
     lay them out, (N, L, H, d) seen as (N, H, L, d). speedup = default time / this kernel's time (above 1: faster
     than the default)."""
     kernels = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention}
+    d = width // heads
     if device.type == "cuda":
         kernels.update({name: forced_sdpa(backend) for name, backend in KERNELS.items()})
-        kernels["triton"] = temporal_attention
+        if d >= 16 and not d & (d - 1) and max(frames) + motion <= MAX_LENGTH:
+            kernels["triton"] = temporal_attention
+        else:
+            print(f"table 1c: no triton row (kernels.py takes a head dim that is a power of two >= 16, here {d})")
     rows = []
     for F_ in frames:
         L = F_ + motion
-        qkv = [torch.randn(batch * patches, L, heads, width // heads, device=device, requires_grad=True)
+        # bf16 on CUDA, as the model's projections hand them over under autocast: autocast casts SDPA's inputs but
+        # not a custom op's, so fp32 inputs would time the Triton kernel in fp32 against SDPA in bf16
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        qkv = [torch.randn(batch * patches, L, heads, d, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3)]
         times = {}
         for name, attend in kernels.items():
@@ -198,11 +203,16 @@ def temporal_kernel_table(device, frames, motion, patches, width, heads, batch, 
                 with autocast(device):
                     attend(*(t.transpose(1, 2) for t in qkv)).float().sum().backward()
             try:
-                times[name], memory = measure(step, device, repeats)
-            except RuntimeError:  # this forced kernel does not take these shapes or dtype
+                timed = measured(step, device, repeats, f"table 1c at L={L}, {name}")
+            except RuntimeError:
+                if name not in KERNELS:
+                    raise
+                continue  # this forced SDPA kernel does not take these shapes or dtype
+            if timed is None:
                 continue
+            times[name], memory = timed
             rows.append({"L": L, "sequences": batch * patches, "kernel": name, "seconds": times[name],
-                         "speedup": times["sdpa"] / times[name], "peak_mib": memory})
+                         "speedup": times["sdpa"] / times[name] if "sdpa" in times else None, "peak_mib": memory})
     return rows
 
 
@@ -252,11 +262,11 @@ def throughput_row(device, size, frames, latent, batch, repeats, compiled=False,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    try:
-        seconds, memory = measure(step, device, repeats)
-    except torch.OutOfMemoryError:
-        out_of_memory(f"table 2, size {size} at {frames}x{latent}x{latent}x4{', compiled' if compiled else ''}")
+    timed = measured(step, device, repeats,
+                     f"table 2, size {size} at {frames}x{latent}x{latent}x4{', compiled' if compiled else ''}")
+    if timed is None:
         return None
+    seconds, memory = timed
     step_flops = 3 * forward_gflops(cfg, batch) * 1e9  # backward costs about twice the forward
     row = {"size": size, "frames": frames, "latent": s, "batch": batch, "compiled": compiled, "temporal": temporal,
            "step_s": seconds,
@@ -370,8 +380,8 @@ def main(argv=None):
                         help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
     parser.add_argument("--heads", type=bounded(int, 1, 256), default=12,
                         help="attention heads of tables 1a-1c (default: 12)")
-    parser.add_argument("--batch", type=bounded(int, 1, 4096), help="batch size; sampling also runs at batch 1 "
-                        "(default: 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--batch", type=bounded(int, 1, 4096), help="batch size of tables 1-3 (table 4 assembles "
+                        "batches of 8); sampling also runs at batch 1 (default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
                         "CUDA, T on CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

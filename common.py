@@ -155,7 +155,9 @@ def add_device(parser):
 
 
 def check_device(name):
-    """torch.device(name) if this machine has it, else a UserError that says what to pass instead."""
+    """torch.device(name) if this machine has it, else a UserError that says what to pass instead. A GPU named by
+    its index also becomes the current one: what launches on the current GPU (kernels.py's Triton kernels, which
+    take no device) then runs on it, without torchrun too."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -168,6 +170,8 @@ def check_device(name):
         raise UserError(f"--device {name}: this machine has no CUDA GPU; pass --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 

@@ -17,7 +17,7 @@ import torch
 
 from common import MAX_SEED, UserError, bounded, check_device
 from diffusion import PREDICTIONS, SCHEDULES
-from kernels import TEMPORAL_KERNELS
+from kernels import MAX_LENGTH, TEMPORAL_KERNELS
 from letstalk import FUSIONS, SIZES
 from vae import load_vae
 
@@ -46,7 +46,8 @@ class TrainConfig:
     steps: int = setting(100_000, "stop after this many optimizer steps (or earlier, with --max-minutes)",
                          resumable=True, low=1, high=10**8)
     batch_size: int = setting(None, "clips (frames for the VAE) per micro-batch and rank (default: 32 VAE; "
-                              "diffusion 16, or 8 for size B and 4 for L, which fit an 80 GB GPU)", low=1, high=4096)
+                              "diffusion 16, or 8 for size B and 4 for L, which fit an 80 GB GPU also eagerly; "
+                              "compiled, B fits 16)", low=1, high=4096)
     accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step", low=1, high=1024)
     lr: float = setting(None, "peak learning rate (default: VAE 5e-4, or 1e-4 with --init; diffusion 3e-4 for "
                         "size T, 1e-4 as the official code for S, B, L)", above=0, high=1)
@@ -126,7 +127,7 @@ class TrainConfig:
                             "is faster once compiled, a minute or two in)", stage="diffusion", resumable=True)
     temporal_kernel: str = setting(None, "temporal attention's kernel: sdpa, or triton (kernels.py: one program per "
                                    "short sequence; CUDA only) (default: triton on a GPU, where a compiled size-B step "
-                                   "took 254 ms against 274 on an H200; else sdpa)", stage="diffusion",
+                                   "of 16 clips took 254 ms against 274 on an H200; else sdpa)", stage="diffusion",
                                    choices=tuple(TEMPORAL_KERNELS), resumable=True)
 
 
@@ -200,7 +201,7 @@ def resolve(cfg):
     cfg.size = cfg.size or ("B" if gpu else "T")
     cfg.frames = cfg.frames or (16 if gpu else 8)
     # B and L at the paper's clip keep about 4.6 and 12 GiB of bf16 activations per clip for the backward (bench.py's
-    # saved_mib, README): batch 16 of B would not fit an 80 GB GPU beside the weights and AdamW
+    # saved_mib, README): batch 16 of B would not fit an 80 GB GPU eagerly (--no-compile; compiled it would)
     cfg.batch_size = cfg.batch_size or {"B": 8, "L": 4}.get(cfg.size, 16)
     cfg.lr = cfg.lr or (3e-4 if cfg.size == "T" else 1e-4)
     # a short CPU run's recipe, measured on the README's first-model commands (about 220 steps): x0 and x5 draws faces
@@ -209,8 +210,7 @@ def resolve(cfg):
     # real data can afford
     cfg.prediction = cfg.prediction or ("x0" if cfg.size == "T" else "eps")
     cfg.mouth_weight = cfg.mouth_weight if cfg.mouth_weight is not None else (5.0 if cfg.size == "T" else 1.0)
-    cfg.compile = gpu if cfg.compile is None else cfg.compile
-    choose_temporal_kernel(cfg, gpu)
+    device_defaults(cfg, gpu)
     if cfg.size in ("B", "L") and not gpu:
         raise UserError(f"--size {cfg.size} needs a GPU (one step on this CPU would take minutes). On a CPU, train "
                         "the tiny model: `python train.py --size T`; on GPUs: `torchrun --nproc_per_node=N train.py "
@@ -221,31 +221,46 @@ def resolve(cfg):
     return cfg
 
 
-def choose_temporal_kernel(cfg, gpu):
-    """Fill in --temporal-kernel's default for the device (triton on a GPU), in place; refuse triton on a CPU."""
-    cfg.temporal_kernel = cfg.temporal_kernel or ("triton" if gpu else "sdpa")
+def device_defaults(cfg, gpu):
+    """Fill in, in place, the diffusion settings whose default is the device's: --compile (on a GPU) and
+    --temporal-kernel (triton on a GPU, for clips its programs can hold); refuse triton where it cannot run."""
+    cfg.compile = gpu if cfg.compile is None else cfg.compile
+    too_long = cfg.frames + cfg.motion > MAX_LENGTH
+    cfg.temporal_kernel = cfg.temporal_kernel or ("triton" if gpu and not too_long else "sdpa")
     if cfg.temporal_kernel == "triton" and not gpu:
         raise UserError("--temporal-kernel triton: a GPU kernel; on a CPU use sdpa (the default there)")
+    if cfg.temporal_kernel == "triton" and too_long:
+        raise UserError(f"--temporal-kernel triton: holds sequences of at most {MAX_LENGTH} frames, and --frames "
+                        f"{cfg.frames} + --motion {cfg.motion} are more; use sdpa")
 
 
-def new_config(settings):
-    """The TrainConfig of a new run from the settings given on the command line ({name: value}), defaults
-    resolved. A setting of the other stage is a UserError: it would be silently ignored."""
-    stage = settings.get("stage", TrainConfig.stage)
+def refuse_other_stage(stage, settings):
+    """A setting of the other stage is a UserError: it would be silently ignored."""
     other = [flag(f.name) for f in fields(TrainConfig)
              if f.name in settings and f.metadata["stage"] not in (None, stage)]
     if other:
         raise UserError(f"{', '.join(other)}: not a setting of the {stage} stage; --stage "
-                        f"{STAGES[STAGES.index(stage) - 1]} takes {'it' if len(other) == 1 else 'them'}")
+                        f"{'diffusion' if stage == 'vae' else 'vae'} takes {'it' if len(other) == 1 else 'them'}")
+
+
+def new_config(settings):
+    """The TrainConfig of a new run from the settings given on the command line ({name: value}), defaults
+    resolved. A setting that would be silently ignored (one of the other stage, --videos with --data DIR) is a
+    UserError."""
+    refuse_other_stage(settings.get("stage", TrainConfig.stage), settings)
+    if "videos" in settings and settings.get("data", TrainConfig.data) != "synthetic":
+        raise UserError("--videos: how many synthetic videos to render; with --data DIR its videos are used, so drop "
+                        "--videos")
     return resolve(TrainConfig(**settings))
 
 
 def resumed_config(saved, settings, out):
     """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict), with the resumable ones the
     command line changed and the run folder where it is now. Repeating a saved setting is fine; changing one that
-    is not resumable is a UserError (it would silently not happen)."""
+    is not resumable, or giving one of the other stage, is a UserError (it would silently not happen)."""
     def same(name, a, b):  # paths compare as the files they name: runs/vae/ckpt.pt is /home/me/runs/vae/ckpt.pt
         return a == b or (name in PATHS and b is not None and Path(a).resolve() == Path(b).resolve())
+    refuse_other_stage(saved["stage"], settings)
     fixed = sorted(name for name, value in settings.items()
                    if name not in (*RESUMABLE, "out") and not same(name, value, saved.get(name)))
     if fixed:
@@ -256,8 +271,9 @@ def resumed_config(saved, settings, out):
         gpu = check_device(cfg.device).type == "cuda"
     except UserError as e:
         raise UserError(f"{e} (the run was saved with --device {saved['device']})") from None
-    # the kernel changes the speed, not the run: unless given, the default of the device the run continues on
-    cfg.temporal_kernel = settings.get("temporal_kernel")
-    choose_temporal_kernel(cfg, gpu)
+    if cfg.stage == "diffusion":  # compiling and the kernel change the speed, not the run: unless given, the
+        # defaults of the device the run continues on
+        cfg.compile, cfg.temporal_kernel = settings.get("compile"), settings.get("temporal_kernel")
+        device_defaults(cfg, gpu)
     return cfg
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.utils.flop_counter import FlopCounterMode
 
 # depth (blocks), width (D), heads. B and L are the paper's LetsTalk-B / -L: the official code builds them on VDT
 # (Video Diffusion Transformer) sizes B/2 and L/2, "/2" being the 2x2 latent patches.
@@ -482,20 +483,25 @@ def count_parameters(model):
     return parts
 
 
+def forward_flops(module, *inputs):
+    """FLOPs of module(*inputs), counted by torch's FlopCounterMode on the meta device (shapes only: nothing is
+    computed or allocated). There attention decomposes into matrix products the counter sees; on a CPU they
+    would hide inside one fused kernel it does not count."""
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"), counter:
+        module(*inputs)
+    return counter.get_total_flops()
+
+
 def forward_gflops(cfg, batch=1):
-    """GFLOPs of one forward pass on a clip of cfg.frames frames, counted by torch's FlopCounterMode on meta
-    tensors (shapes only: nothing is computed or allocated)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """GFLOPs of one forward pass of LetsTalk(cfg) on `batch` clips of cfg.frames frames."""
     with torch.device("meta"):
         model = LetsTalk(cfg)
         s, C = cfg.latent_size, cfg.latent_channels
         inputs = (torch.randn(batch, cfg.frames, C, s, s), torch.zeros(batch), torch.randn(batch, C, s, s),
                   torch.randn(batch, cfg.frames, cfg.mel_window, cfg.n_mels),
                   torch.randn(batch, cfg.motion, C, s, s) if cfg.motion else None)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(*inputs)
-    return counter.get_total_flops() / 1e9
+    return forward_flops(model, *inputs) / 1e9
 
 
 def fail(message):

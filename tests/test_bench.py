@@ -67,3 +67,15 @@ def test_tables_can_be_chosen(tmp_path, capsys):
             bench.main(wrong)
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
+
+
+def test_a_measurement_that_does_not_fit_is_skipped_and_other_errors_are_not(capsys):
+    def too_big():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    def broken():
+        raise RuntimeError("a bug in the measured code")
+    assert bench.measured(too_big, torch.device("cpu"), 1, "table 2, size L") is None
+    assert "skipped table 2, size L: out of memory" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="a bug"):
+        bench.measured(broken, torch.device("cpu"), 1, "table 2, size L")

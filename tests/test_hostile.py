@@ -421,7 +421,7 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
 
 def test_a_resume_takes_the_same_path_spelled_another_way(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    saved = asdict(config.TrainConfig(vae="runs/vae/ckpt.pt", device="cpu"))
+    saved = asdict(config.TrainConfig(vae="runs/vae/ckpt.pt", device="cpu", frames=8))  # resolved, as a run saves it
     assert config.resumed_config(saved, {"vae": str(tmp_path / "runs/vae/../vae/ckpt.pt")}, "run").vae == saved["vae"]
     with pytest.raises(UserError, match="--vae: a resumed run keeps"):
         config.resumed_config(saved, {"vae": "runs/other/ckpt.pt"}, "run")

@@ -243,13 +243,30 @@ def test_the_cpu_demo_defaults_to_the_recipe_that_learns_lip_sync_in_minutes(tmp
     assert (cfg.prediction, cfg.mouth_weight) == ("eps", 1.0)  # what the command line gives wins
 
 
-def test_a_gpu_run_continues_on_a_cpu_with_the_cpus_temporal_kernel(tmp_path, vae_ckpt, monkeypatch):
+def test_a_gpu_run_continues_on_a_cpu_with_the_cpus_kernel_and_no_compiling(tmp_path, vae_ckpt, monkeypatch):
     monkeypatch.setattr(train, "train", lambda cfg, **kw: cfg)
     saved = asdict(train.main(diffusion_args(tmp_path / "run", vae_ckpt)))
-    saved.update(device="cuda", temporal_kernel="triton")  # as a GPU run saves it
-    assert config.resumed_config(saved, {"device": "cpu"}, tmp_path / "run").temporal_kernel == "sdpa"
+    saved.update(device="cuda", temporal_kernel="triton", compile=True)  # as a GPU run saves it
+    cfg = config.resumed_config(saved, {"device": "cpu"}, tmp_path / "run")
+    assert (cfg.temporal_kernel, cfg.compile) == ("sdpa", False)  # not minutes of compiling on a CPU
+    assert config.resumed_config(saved, {"device": "cpu", "compile": True}, tmp_path / "run").compile  # if asked
     del saved["temporal_kernel"]  # a checkpoint from before the setting existed
     assert config.resumed_config(saved, {"device": "cpu"}, tmp_path / "run").temporal_kernel == "sdpa"
+
+
+def test_settings_that_would_silently_not_apply_are_refused(tmp_path):
+    vae_run = asdict(config.TrainConfig(stage="vae", device="cpu"))
+    with pytest.raises(common.UserError, match="--blink-repeat: not a setting of the vae stage"):
+        config.resumed_config(vae_run, {"blink_repeat": 5}, tmp_path / "run")  # resumable, but not the VAE's
+    with pytest.raises(common.UserError, match="--videos: how many synthetic videos"):
+        config.new_config({"data": str(tmp_path), "videos": 40})
+    # the Triton kernel holds a whole sequence in one program: longer clips get SDPA by default, and are refused it
+    # when asked for
+    clip = config.TrainConfig(frames=120, motion=16)
+    config.device_defaults(clip, gpu=True)
+    assert clip.temporal_kernel == "sdpa" and clip.compile
+    with pytest.raises(common.UserError, match="at most 128 frames"):
+        config.device_defaults(config.TrainConfig(frames=120, motion=16, temporal_kernel="triton"), gpu=True)
 
 
 def test_help_lists_every_setting(capsys):
