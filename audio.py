@@ -3,7 +3,7 @@
 The official code embeds speech with a pretrained wav2vec; nothing can be downloaded here, so we compute a log-mel
 spectrogram from scratch and let a small learned encoder (letstalk.AudioEncoder) read it:
 
-1. reading: a WAV reader for every common encoding (`read_wav`), any other format through the FFmpeg inside the
+1. reading: a WAV reader for PCM and float WAVs (`read_wav`), any other format through the FFmpeg inside the
    `av` wheel (`load_audio`), band-limited resampling to 16 kHz (`resample`);
 2. features: a log-mel spectrogram (STFT + triangular mel filterbank), normalised per utterance and cut into one
    window of 20 mel frames per video frame (`audio_features`);
@@ -88,8 +88,10 @@ def read_wav(path):
     if fmt is None or samples is None:
         raise UserError(f"{path}: WAV file without {'fmt' if fmt is None else 'data'} chunk")
     tag, channels, rate, bits = fmt
-    if (tag, bits) not in ((1, 8), (1, 16), (1, 24), (1, 32), (3, 32), (3, 64)):  # PCM (tag 1) and float (3) only
+    if tag not in (1, 3):  # PCM (tag 1) and IEEE float (3) are ours; mu-law (7), A-law (6), ADPCM... FFmpeg's
         raise OtherEncoding(f"{path}: a WAV encoding this reader does not decode (format tag {tag}, {bits} bits)")
+    if bits not in ((8, 16, 24, 32) if tag == 1 else (32, 64)):
+        raise UserError(f"{path}: corrupt or unsupported WAV header ({'PCM' if tag == 1 else 'float'} of {bits} bits)")
     width = bits // 8
     if streamed and width * channels:  # a stream cut mid-sample: keep the whole samples
         samples = samples[:len(samples) - len(samples) % (width * channels)]
@@ -183,6 +185,8 @@ def decode_audio(path):
             if not container.streams.audio:
                 raise UserError(f"{path}: no audio stream")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # a stream FFmpeg has no decoder for
+                raise UserError(f"{path}: cannot decode audio (no decoder for its {stream.codec_tag or 'stream'})")
             rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
             check_rate(path, rate)
             frames = list(container.decode(stream))

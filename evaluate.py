@@ -459,5 +459,6 @@ def run(args):
     print(f"wrote {path}")
     return result
 
+
 if __name__ == "__main__":
     main()

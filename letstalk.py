@@ -13,10 +13,11 @@ Factorizing attention this way costs O(F*P^2 + P*F^2) instead of O((F*P)^2) for 
 symbiotic fusion the spatial term is F*(2P)^2, as the portrait's P tokens join each frame's);
 `attention="full"` switches to joint attention for comparison (bench.py measures both).
 
-adaLN-Zero (from DiT; Fig. 2 leaves the timestep path out): each block's LayerNorms have no weights of their own;
-a shift, a scale and a gate per channel are computed from the timestep embedding, and the gates start at zero, so
-every block starts as the identity. Motion frames are not in the paper: they are the official code's way to
-continue a long video window by window (model_cat_long.py; sample.py), the last M latents of the previous window.
+adaLN-Zero (from DiT; Fig. 2 leaves the timestep path out): the LayerNorms of the spatial half have no weights of
+their own; a shift, a scale and a gate per channel are computed from the timestep embedding, and the gates start at
+zero (as do the output layers of the other branches: `Block`), so every block starts as the identity. Motion frames
+are not in the paper: they are the official code's way to continue a long video window by window (model_cat_long.py;
+sample.py), the last M latents of the previous window.
 
 Conditions (Sec. 3.3, Fig. 3), each fused by one of three schemes chosen independently:
   symbiotic  the condition's tokens are concatenated with each frame's tokens on the token axis and fused by the

@@ -134,9 +134,11 @@ def windows(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=SA
         yield to_uint8(torch.stack([vae.decode(clip / scale) for clip in z]))[:, :n - w * F_]  # (B, F, H, W, 3)
 
 
-def generate(*args, **kwargs):
-    """windows(...) gathered: frames uint8 (B, N, H, W, 3) at the model's resolution."""
-    return np.concatenate(list(windows(*args, **kwargs)), axis=1)
+def generate(model, vae, diffusion, images, mels, steps=SAMPLER_STEPS, sampler=SAMPLER, audio_scale=AUDIO_SCALE,
+             ref_scale=1.0, seed=0, device="cpu", progress=True):
+    """The frames of `windows` gathered: uint8 (B, N, H, W, 3) at the model's resolution."""
+    return np.concatenate(list(windows(model, vae, diffusion, images, mels, steps, sampler, audio_scale, ref_scale,
+                                       seed, device, progress)), axis=1)
 
 
 GRID_COLUMNS = 8  # --grid: the portrait, then this many evenly spaced frames
@@ -240,6 +242,7 @@ def animate(args, out):
     if args.grid:
         save_png(args.grid, np.concatenate(grid, axis=1))  # reference | frames, one row
         print(f"wrote {args.grid}")
+
 
 if __name__ == "__main__":
     main()

@@ -461,7 +461,7 @@ class DiffusionStage:
             refs, mels = self.val_portraits, self.val["mel"]
             both = generate(self.ema, self.vae, self.diffusion, np.concatenate([refs, refs]),
                             torch.cat([mels, mels[self.val_partner]]), steps=10, sampler="ddim", device=self.device,
-                            progress=False)  # DDIM 10: the sampling the README's logged val figures used
+                            progress=False)  # DDIM 10, as for the README's logged val figures
             opening, truth = probe_readings(self.probe, both)[..., 0], self.val["openness"].numpy()
             result["val_sync"] = per_clip_sync(opening[:n], truth)
             result["val_sync_mismatched"] = per_clip_sync(opening[n:], truth)

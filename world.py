@@ -114,7 +114,6 @@ def random_sentence(rng):
     return " ".join(w for w in words if w) + "."
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 2. People. Identities and utterances are split by index ranges, so the splits can never share one.
 SPLITS = {"train": (0, 1000), "val": (1000, 1050), "test": (1050, 1100)}
@@ -150,6 +149,7 @@ _HAIR = np.array([(20, 15, 10), (60, 35, 20), (110, 70, 35), (170, 120, 60), (22
 def identity(index, seed=0):
     """The person with global index `index` (see SPLITS for which indices belong to which split)."""
     rng = np.random.default_rng([seed, 1, index])
+
     def colour(lo, hi, saturation=1.0):  # a random colour, pulled towards its grey by 1 - saturation
         c = rng.uniform(lo, hi, 3)
         return tuple(int(x) for x in c.mean() + saturation * (c - c.mean()))
@@ -315,6 +315,7 @@ def render_frame(ident, size, openness, roundness, blink, pose):
     box = np.array(mask.getbbox() or (0, 0, 0, 0), np.float32) / ss
     return np.asarray(canvas.reduce(ss)), box
 
+
 def synth_script(split="train", index=0, seconds=4.0, seed=0):
     """What happens in synthetic video `index` of `split`, before anything is drawn: (Identity, wav, meta).
 
@@ -346,7 +347,6 @@ def synth_video(split="train", index=0, seconds=4.0, size=64, seed=0):
     return Video(np.stack(frames), wav, {**meta, "size": size, "mouth_box": np.stack(boxes).tolist()})
 
 
-
 class SyntheticVideos:
     """`n` synthetic videos of one split, rendered on access (no files), as a sequence of Video."""
 
@@ -364,7 +364,6 @@ class SyntheticVideos:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return synth_video(self.split, i, self.seconds, self.size, self.seed)
-
 
 
 def _write(job):

@@ -16,7 +16,6 @@ def pearson(a, b):
     return float(np.corrcoef(a, b)[0, 1])
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Audio
 
@@ -145,3 +144,12 @@ def test_telephone_encoded_wavs_are_decoded_by_ffmpeg(tmp_path, codec):
     got, want = audio.load_audio(tmp_path / "a.wav"), audio.resample(x, 8000, 16000)
     n = min(len(got), len(want))
     assert n > 15000 and np.abs(got[1000:n - 1000] - want[1000:n - 1000]).max() < 0.05  # 8-bit companding, ADPCM
+
+
+def test_a_pcm_header_of_impossible_bits_is_refused_in_one_line(tmp_path):
+    write_pcm(tmp_path / "ok.wav", np.zeros((100, 1)), 16000, 16)
+    raw = bytearray((tmp_path / "ok.wav").read_bytes())
+    raw[34:36] = (0).to_bytes(2, "little")  # bits per sample: 0
+    (tmp_path / "zero.wav").write_bytes(bytes(raw))
+    with pytest.raises(common.UserError, match="corrupt or unsupported WAV header"):
+        audio.load_audio(tmp_path / "zero.wav")

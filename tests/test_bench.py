@@ -68,7 +68,6 @@ def test_tables_can_be_chosen(tmp_path, capsys):
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
-
 def test_a_measurement_that_does_not_fit_is_skipped_and_other_errors_are_not(capsys):
     def too_big():
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")

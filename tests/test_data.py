@@ -28,15 +28,24 @@ def test_a_frame_pool_spreads_its_frames_over_every_video_with_their_ground_trut
     n = 3 * data.FRAMES_PER_VIDEO
     assert pool["frames"].shape == (n, 32, 32, 3) and pool["frames"].dtype == torch.uint8
     assert pool["pose"].shape == (n, 3) and pool["mouth_box"].shape == (n, 4)
-    picks = np.linspace(0, 149, n).round().astype(int)  # evenly spread over the 150 frames of the three videos
-    for i in (0, 17, n - 1):
-        v, f = divmod(picks[i], 50)
-        video = videos[v]
-        assert np.array_equal(pool["frames"][i].numpy(), video.frames[f])
-        assert pool["openness"][i].item() == pytest.approx(video.meta["openness"][f])
-        assert pool["pose"][i].tolist() == pytest.approx(video.meta["pose"][f])
+    everything = [(v, f) for v in range(3) for f in range(50)]
+    frames = {v: videos[v] for v in range(3)}
+    found, at = [], 0  # where each pool frame sits among the 150 frames of the three videos, in order
+    for i, frame in enumerate(pool["frames"].numpy()):
+        at = next(g for g in range(at, 150) if np.array_equal(frames[everything[g][0]].frames[everything[g][1]], frame))
+        v, f = everything[at]
+        assert pool["openness"][i].item() == pytest.approx(frames[v].meta["openness"][f])
+        assert pool["pose"][i].tolist() == pytest.approx(frames[v].meta["pose"][f])
+        found.append(at)
+        at += 1
+    gaps = np.diff(found)
+    assert found[0] == 0 and found[-1] == 149 and set(gaps) <= {3, 4}  # evenly spread, first and last included
+    assert [sum(everything[g][0] == v for g in found) for v in range(3)] == [16, 16, 16]  # every person alike
     loaded = data.load_frame_pool(tmp_path / "pool.pt")
     assert loaded.keys() == pool.keys() and all(torch.equal(loaded[k], pool[k]) for k in pool)
+    torch.save({k: v[:, None] for k, v in pool.items()}, tmp_path / "old.pt")  # the layout of ClipPool's clips
+    with pytest.raises(common.UserError, match="a frame pool of an older letstalk; delete it"):
+        data.load_frame_pool(tmp_path / "old.pt")
 
 
 def _write_raw_video(path, n, fps, width, height, audio):

@@ -252,6 +252,11 @@ def test_a_gpu_run_continues_on_a_cpu_with_the_cpus_kernel_and_no_compiling(tmp_
     assert config.resumed_config(saved, {"device": "cpu", "compile": True}, tmp_path / "run").compile  # if asked
     del saved["temporal_kernel"]  # a checkpoint from before the setting existed
     assert config.resumed_config(saved, {"device": "cpu"}, tmp_path / "run").temporal_kernel == "sdpa"
+    # on the same kind of device the run keeps what it was started with: --no-compile stays
+    gpu_run = {**saved, "compile": False, "temporal_kernel": "sdpa"}
+    monkeypatch.setattr(config, "check_device", lambda name: torch.device(name))  # this machine has no GPU
+    cfg = config.resumed_config(gpu_run, {}, tmp_path / "run")
+    assert (cfg.compile, cfg.temporal_kernel) == (False, "sdpa")
 
 
 def test_settings_that_would_silently_not_apply_are_refused(tmp_path):

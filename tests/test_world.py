@@ -21,7 +21,6 @@ def pearson(a, b):
     return float(np.corrcoef(a, b)[0, 1])
 
 
-
 def test_synthesis_is_deterministic_given_the_seed():
     a, b = world.synth_video("val", 3, 1.0, 64, seed=0), world.synth_video("val", 3, 1.0, 64, seed=0)
     c = world.synth_video("val", 3, 1.0, 64, seed=1)

@@ -340,5 +340,5 @@ def check_frechet(impl):
     want = ((X.mean(0) - Y.mean(0)) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2 * cross
     close(distance(X.mean(0), S1, Y.mean(0), S2), want, "covariances of 4 and 5 samples in 20 dimensions (rank "
           "3 and 4: clamp round-off eigenvalues below 0 before their square roots)", atol=1e-6, rtol=1e-6)
-    result = impl(*(torch.as_tensor(a, dtype=torch.float64) for a in (mu1, S1, mu2, S2)))
+    result = impl(*(torch.as_tensor(a, dtype=torch.float64) for a in (X.mean(0), S1, Y.mean(0), S2)))
     assert isinstance(result, float), f"the distance should be a Python float (.item()), got {type(result).__name__}"
