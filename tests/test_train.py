@@ -115,8 +115,10 @@ def test_a_gpu_run_resumes_from_a_checkpoint_read_on_the_cpu(tmp_path, vae_ckpt,
     monkeypatch.setattr(config, "check_device", lambda name: torch.device(name))
     build = train.DiffusionStage
     monkeypatch.setattr(train, "DiffusionStage", lambda cfg, device: build(cfg, torch.device("cpu")))
-    # sdpa: the Triton kernel (a GPU's default) would run in its slow CPU interpreter here, and is tested elsewhere
-    argv = ["--out", str(tmp_path / "run"), "--resume", "--device", "cuda", "--steps", "2", "--temporal-kernel", "sdpa"]
+    # sdpa and no compiling, not the GPU's defaults for a run that continues there: the Triton kernel would run in its
+    # slow CPU interpreter here (tests/test_kernels.py checks it), and compiling would take half a minute
+    argv = ["--out", str(tmp_path / "run"), "--resume", "--device", "cuda", "--steps", "2", "--temporal-kernel", "sdpa",
+            "--no-compile"]
     assert train.main(argv)["step"] == 2
 
 
