@@ -55,7 +55,7 @@ class OtherEncoding(UserError):
 def read_wav(path):
     """Read a RIFF/WAVE file of any common encoding.
 
-    Supports PCM 8-bit (unsigned), 16/24/32-bit (signed), IEEE float 32/64-bit, WAVE_FORMAT_EXTENSIBLE, any number
+    Supports PCM 8-bit (unsigned), 16/24/32/64-bit (signed), IEEE float 32/64-bit, WAVE_FORMAT_EXTENSIBLE, any number
     of channels and any sample rate. Returns (samples, sample_rate) with samples float32 of shape (T, channels)
     in [-1, 1] for the integer encodings, float ones as stored (load_audio rejects non-finite or huge values).
     Raises UserError for anything that is not a complete WAV file, OtherEncoding for the telephone encodings.
@@ -90,7 +90,7 @@ def read_wav(path):
     tag, channels, rate, bits = fmt
     if tag not in (1, 3):  # PCM (tag 1) and IEEE float (3) are ours; mu-law (7), A-law (6), ADPCM... FFmpeg's
         raise OtherEncoding(f"{path}: a WAV encoding this reader does not decode (format tag {tag}, {bits} bits)")
-    if bits not in ((8, 16, 24, 32) if tag == 1 else (32, 64)):
+    if bits not in ((8, 16, 24, 32, 64) if tag == 1 else (32, 64)):
         raise UserError(f"{path}: corrupt or unsupported WAV header ({'PCM' if tag == 1 else 'float'} of {bits} bits)")
     width = bits // 8
     if streamed and width * channels:  # a stream cut mid-sample: keep the whole samples
@@ -100,7 +100,7 @@ def read_wav(path):
     check_rate(path, rate)
     if tag == 1 and bits == 8:
         x = (np.frombuffer(samples, np.uint8).astype(np.float32) - 128) / 128
-    elif tag == 1 and bits in (16, 32):
+    elif tag == 1 and bits in (16, 32, 64):
         x = np.frombuffer(samples, f"<i{width}").astype(np.float32) / 2 ** (bits - 1)
     elif tag == 1 and bits == 24:  # three little-endian bytes: place them in the top of an int32
         b = np.frombuffer(samples, np.uint8).reshape(-1, 3).astype(np.int32)
@@ -186,7 +186,7 @@ def decode_audio(path):
                 raise UserError(f"{path}: no audio stream")
             stream = container.streams.audio[0]
             if stream.codec_context is None:  # a stream FFmpeg has no decoder for
-                raise UserError(f"{path}: cannot decode audio (no decoder for its {stream.codec_tag or 'stream'})")
+                raise UserError(f"{path}: cannot decode audio (FFmpeg has no decoder for its encoding)")
             rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
             check_rate(path, rate)
             frames = list(container.decode(stream))

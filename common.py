@@ -311,6 +311,10 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     if not path.is_file():
         raise UserError(f"{path}: a folder, not {what}{hint}" if path.is_dir() else
                         f"{path}: no such file; expected {what}{hint}")
+    try:  # is_zipfile answers False for a file it may not read
+        open(path, "rb").close()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if not zipfile.is_zipfile(path):  # what torch.save writes; an empty, truncated or foreign file is not one
         raise UserError(f"{path}: not {what} (not a whole file written by torch.save){hint}")
     try:

@@ -390,13 +390,23 @@ def build_frame_pool(videos, path):
 
 
 def load_frame_pool(path):
-    """The dict build_frame_pool saved at `path`; one without POOL_KEYS, or of an older layout, is refused."""
+    """The dict build_frame_pool saved at `path`; one without POOL_KEYS, of an older layout or of other shapes
+    is refused."""
     pool = load_checkpoint(path, what="a frame pool", hint="; delete it, and it is built again")
     missing = [k for k in POOL_KEYS if k not in pool]
     if missing:
         raise UserError(f"{path}: a frame pool without {', '.join(missing)}; delete it, and it is built again")
-    if pool["frames"].dim() != 4:
+    frames = pool["frames"]
+    if isinstance(frames, torch.Tensor) and frames.dim() == 5:
         raise UserError(f"{path}: a frame pool of an older letstalk; delete it, and it is built again")
+    n = frames.shape[0] if isinstance(frames, torch.Tensor) and frames.dim() else 0
+    readings = {"openness": (n,), "blink": (n,), "pose": (n, 3)}
+    fine = n > 0 and frames.dtype == torch.uint8 and frames.dim() == 4 and frames.shape[-1] == 3 and all(
+        isinstance(pool[k], torch.Tensor) and tuple(pool[k].shape) == shape and bool(pool[k].isfinite().all())
+        for k, shape in readings.items())
+    if not fine:
+        raise UserError(f"{path}: not a frame pool of uint8 frames (N, H, W, 3) with N finite openness, blink "
+                        "and pose readings; delete it, and it is built again")
     return pool
 
 

@@ -404,14 +404,16 @@ def main(argv=None):
 def run(args):
     """evaluate.py's work for the parsed command line; every output is checked before any work."""
     if args.command == "probe":
+        sizes = {"train": args.videos, "val": max(8, args.videos // 10)}
+        paths = {split: args.cache / f"frames_{split}_{n}.pt" for split, n in sizes.items()}  # --videos changes them
         writable_file(args.out, "--out", (".pt",))
+        if args.out.resolve() in {p.resolve() for p in paths.values()}:
+            raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
         writable_folder(args.cache, "--cache")
         args.cache.mkdir(parents=True, exist_ok=True)
-        pools = {}
-        for split, n in (("train", args.videos), ("val", max(8, args.videos // 10))):
-            path = args.cache / f"frames_{split}_{n}.pt"  # one pool per size: --videos changes what is cached
-            pools[split] = (load_frame_pool(path) if path.exists() else
-                            build_frame_pool(SyntheticVideos(split, n, 1.0, 64), path))
+        pools = {split: load_frame_pool(path) if path.exists() else
+                 build_frame_pool(SyntheticVideos(split, sizes[split], 1.0, 64), path)
+                 for split, path in paths.items()}
         probe, r = train_probe(pools["train"], pools["val"], args.steps)
         save_torch(args.out, probe.state_dict())
         print(f"probe: openness r = {r:.3f} on held-out identities; wrote {args.out}")

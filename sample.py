@@ -15,6 +15,7 @@ Every pass keeps the motion frames: they are the video so far, not a condition t
 its term: the default (s_ref = s_audio = 1) needs one pass per step, audio guidance alone two.
 """
 
+import contextlib
 import math
 import re
 import sys
@@ -188,6 +189,8 @@ def animate(args, out):
                   (".mp4",), inputs=inputs)
     if args.grid:
         writable_file(args.grid, "--grid", (".png",), inputs=inputs)
+        if args.frames and args.grid.resolve().parent == args.frames.resolve() and FRAME_NAME.fullmatch(args.grid.name):
+            raise UserError(f"--grid {args.grid}: the name of one of --frames' frames; pass another name")
     if args.frames:
         writable_folder(args.frames, "--frames")
         if any(Path(p).resolve().parent == args.frames.resolve() for p in inputs):
@@ -231,12 +234,13 @@ def animate(args, out):
             yield frame
     padded = np.zeros(n * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
     padded[:len(wav)] = wav[:len(padded)]
-    write_mp4(out, made(), padded)
+    with contextlib.closing(made()) as frames:  # closed before an error is printed: the bar ends on its own line
+        write_mp4(out, frames, padded)
     steps = diffusion.steps if args.sampler == "ddpm" else args.steps
     print(f"wrote {out}: {n} frames, {n / FPS:.2f} s ({args.ckpt}, {args.sampler} in {steps} steps)")
     if args.frames:
         for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's
-            if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= n:
+            if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= n and old.is_file():
                 old.unlink()
         print(f"wrote {n} PNGs into {args.frames}")
     if args.grid:

@@ -128,9 +128,10 @@ def test_a_streamed_wav_reads_to_the_end_of_the_file(tmp_path, claimed):
     assert rate == 16000 and np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("codec", ["pcm_mulaw", "pcm_alaw", "adpcm_ima_wav"])
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "pcm_alaw", "adpcm_ima_wav", "pcm_s64le"])
 def test_telephone_encoded_wavs_are_decoded_by_ffmpeg(tmp_path, codec):
-    """read_wav decodes PCM and float; a mu-law, A-law or ADPCM WAV (telephony, old recorders) goes to FFmpeg."""
+    """read_wav decodes PCM and float; a mu-law, A-law or ADPCM WAV (telephony, old recorders) goes to FFmpeg.
+    (64-bit PCM, as FFmpeg writes it, is read_wav's own.)"""
     t = np.arange(8000) / 8000
     x = 0.5 * np.sin(2 * np.pi * 300 * t)
     with av.open(str(tmp_path / "a.wav"), "w", format="wav") as out:  # written by FFmpeg, the reference encoder
@@ -139,8 +140,11 @@ def test_telephone_encoded_wavs_are_decoded_by_ffmpeg(tmp_path, codec):
         frame.sample_rate = 8000
         for packet in [*stream.encode(frame), *stream.encode()]:
             out.mux(packet)
-    with pytest.raises(audio.OtherEncoding):
-        audio.read_wav(tmp_path / "a.wav")
+    if codec == "pcm_s64le":
+        assert audio.read_wav(tmp_path / "a.wav")[0].shape == (8000, 1)
+    else:
+        with pytest.raises(audio.OtherEncoding):
+            audio.read_wav(tmp_path / "a.wav")
     got, want = audio.load_audio(tmp_path / "a.wav"), audio.resample(x, 8000, 16000)
     n = min(len(got), len(want))
     assert n > 15000 and np.abs(got[1000:n - 1000] - want[1000:n - 1000]).max() < 0.05  # 8-bit companding, ADPCM

@@ -511,6 +511,17 @@ def test_damaged_caches_of_evaluate_are_named(here, capsys):
     torch.save({"frames": torch.zeros(4, 1, 64, 64, 3, dtype=torch.uint8)}, here / "pools" / "frames_train_300.pt")
     assert refuse("evaluate", ["probe", "--out", "p.pt", "--cache", "pools"], capsys, here,
                   "frames_train_300.pt: a frame pool without openness, blink, pose")
+    n = 4  # the right keys, the wrong contents: each would end in a traceback inside the probe's training
+    good = {"frames": torch.zeros(n, 64, 64, 3, dtype=torch.uint8), "openness": torch.zeros(n),
+            "blink": torch.zeros(n), "pose": torch.zeros(n, 3)}
+    for damage in ({"frames": torch.tensor(5)}, {"frames": torch.zeros(0, 64, 64, 3, dtype=torch.uint8)},
+                   {"frames": torch.zeros(n, 3, 64, 64, dtype=torch.uint8)}, {"openness": torch.zeros(n - 1)},
+                   {"openness": torch.full((n,), float("nan"))}, {"pose": torch.zeros(n)}):
+        torch.save({**good, **damage}, here / "pools" / "frames_train_300.pt")
+        assert refuse("evaluate", ["probe", "--out", "p.pt", "--cache", "pools"], capsys, here,
+                      "frames_train_300.pt: not a frame pool of uint8 frames"), damage
+    assert refuse("evaluate", ["probe", "--out", "pools/frames_train_300.pt", "--cache", "pools"], capsys, here,
+                  "a frame pool this command reads from --cache")
 
 
 def test_an_export_whose_training_videos_are_gone_says_why_it_needs_them(here, capsys, diffusion_ckpt):
@@ -570,3 +581,35 @@ def test_a_second_run_into_a_folder_in_use_stops_at_once(here, capsys):
                       "another run is training into this folder")
     finally:
         os.close(busy)
+
+
+def test_a_wav_of_an_encoding_ffmpeg_cannot_decode_is_one_line(here, capsys):
+    fmt = (0).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little")  # format tag 0
+    fmt += (32000).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + (3200).to_bytes(4, "little")
+    (here / "unknown.wav").write_bytes(b"RIFF" + (len(body) + 3200).to_bytes(4, "little") + body + bytes(3200))
+    assert refuse("sample", [FACE, "unknown.wav", "-o", "o.mp4"], capsys, here, "unknown.wav: cannot decode audio")
+
+
+def test_frames_and_grid_do_not_collide_with_what_the_frames_folder_holds(here, capsys, diffusion_ckpt):
+    (here / "fr").mkdir()
+    assert refuse("sample", [FACE, SPEECH, "-o", "o.mp4", "--frames", "fr", "--grid", "fr/00003.png"], capsys, here,
+                  "--grid fr/00003.png: the name of one of --frames' frames")
+    (here / "fr" / "00099.png").mkdir()  # a folder of that name, not an earlier video's frame: left alone
+    (here / "fr" / sample.FRAMES_MARK).touch()
+    short = here / "short.wav"
+    audio.write_wav(short, audio.load_audio(SPEECH)[:3000])
+    sample.main([str(FACE), str(short), "--ckpt", str(diffusion_ckpt), "-o", "o.mp4", "--steps", "1", "--size", "64",
+                 "--frames", "fr"])
+    assert (here / "fr" / "00099.png").is_dir() and (here / "fr" / "00004.png").is_file()
+
+
+def test_an_error_while_the_video_is_written_ends_below_the_progress_bar(here, capsys, diffusion_ckpt, monkeypatch):
+    """The windows are sampled while the mp4 is written: a failure there (a full disk) must close the bar before
+    its message, or the bar is drawn again below it when the paused sampling is cleaned up."""
+    def full_disk(path, frames, wav=None):
+        next(iter(frames))
+        raise common.UserError(f"{path}: cannot write (No space left on device)")
+    monkeypatch.setattr(sample, "write_mp4", full_disk)
+    refuse("sample", [FACE, SPEECH, "--ckpt", diffusion_ckpt, "-o", "o.mp4", "--steps", "1", "--size", "64"], capsys,
+           here, "o.mp4: cannot write (No space left on device)", during_work=True)
