@@ -170,7 +170,8 @@ def main(argv=None):
     parser.add_argument("--size", type=bounded(int, 0, 2048), default=256,
                         help="frame size of the written video, even (upscaled from the model's resolution; 0 keeps "
                         "the model's)")
-    parser.add_argument("--frames", type=Path, help="also write every frame as a PNG into this folder")
+    parser.add_argument("--frames", type=Path, help="also write every frame as a PNG into this folder (a new or "
+                        "empty one, or one sample.py wrote before: its earlier frames are removed first)")
     parser.add_argument("--grid", type=Path, help="also write a contact sheet PNG: reference | frames")
     add_device(parser)
     args = parser.parse_args(argv)
@@ -220,6 +221,9 @@ def animate(args, out):
         except OSError as e:
             raise UserError(f"--frames {args.frames}: cannot make the folder ({e.strerror})") from None
         (args.frames / FRAMES_MARK).touch()
+        for old in args.frames.glob("*.png"):  # an earlier video's frames: none may stay beside this one's
+            if FRAME_NAME.fullmatch(old.name) and old.is_file():
+                old.unlink()
     in_grid = set(np.linspace(0, n - 1, min(GRID_COLUMNS, n)).round().astype(int).tolist())
     grid = [shown(image)]
 
@@ -239,9 +243,6 @@ def animate(args, out):
     steps = diffusion.steps if args.sampler == "ddpm" else args.steps
     print(f"wrote {out}: {n} frames, {n / FPS:.2f} s ({args.ckpt}, {args.sampler} in {steps} steps)")
     if args.frames:
-        for old in args.frames.glob("*.png"):  # an earlier, longer video's last frames are not this one's
-            if FRAME_NAME.fullmatch(old.name) and int(old.stem) >= n and old.is_file():
-                old.unlink()
         print(f"wrote {n} PNGs into {args.frames}")
     if args.grid:
         save_png(args.grid, np.concatenate(grid, axis=1))  # reference | frames, one row

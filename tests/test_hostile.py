@@ -611,5 +611,11 @@ def test_an_error_while_the_video_is_written_ends_below_the_progress_bar(here, c
         next(iter(frames))
         raise common.UserError(f"{path}: cannot write (No space left on device)")
     monkeypatch.setattr(sample, "write_mp4", full_disk)
-    refuse("sample", [FACE, SPEECH, "--ckpt", diffusion_ckpt, "-o", "o.mp4", "--steps", "1", "--size", "64"], capsys,
-           here, "o.mp4: cannot write (No space left on device)", during_work=True)
+    (here / "fr").mkdir()  # an earlier video's frames, which must not stay beside the few new ones
+    (here / "fr" / sample.FRAMES_MARK).touch()
+    for i in (0, 7, 99):
+        (here / "fr" / f"{i:05d}.png").write_bytes(b"an earlier frame")
+    argv = [FACE, SPEECH, "--ckpt", diffusion_ckpt, "-o", "o.mp4", "--steps", "1", "--size", "64", "--frames", "fr"]
+    refuse("sample", argv, capsys, here, "o.mp4: cannot write (No space left on device)", during_work=True)
+    assert [p.name for p in sorted((here / "fr").glob("*.png"))] == ["00000.png"]  # the one new frame written
+    assert (here / "fr" / "00000.png").read_bytes().startswith(b"\x89PNG")
