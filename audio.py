@@ -88,6 +88,8 @@ def read_wav(path):
     if fmt is None or samples is None:
         raise UserError(f"{path}: WAV file without {'fmt' if fmt is None else 'data'} chunk")
     tag, channels, rate, bits = fmt
+    if tag == 0xFFFE:  # still the extensible tag: its sub-format is missing or itself "extensible"
+        raise UserError(f"{path}: corrupt WAV header (an extensible format without a real sub-format)")
     if tag not in (1, 3):  # PCM (tag 1) and IEEE float (3) are ours; mu-law (7), A-law (6), ADPCM... FFmpeg's
         raise OtherEncoding(f"{path}: a WAV encoding this reader does not decode (format tag {tag}, {bits} bits)")
     if bits not in ((8, 16, 24, 32, 64) if tag == 1 else (32, 64)):

@@ -150,10 +150,15 @@ def test_telephone_encoded_wavs_are_decoded_by_ffmpeg(tmp_path, codec):
     assert n > 15000 and np.abs(got[1000:n - 1000] - want[1000:n - 1000]).max() < 0.05  # 8-bit companding, ADPCM
 
 
-def test_a_pcm_header_of_impossible_bits_is_refused_in_one_line(tmp_path):
+def test_impossible_wav_headers_are_refused_in_one_line(tmp_path):
     write_pcm(tmp_path / "ok.wav", np.zeros((100, 1)), 16000, 16)
     raw = bytearray((tmp_path / "ok.wav").read_bytes())
     raw[34:36] = (0).to_bytes(2, "little")  # bits per sample: 0
     (tmp_path / "zero.wav").write_bytes(bytes(raw))
     with pytest.raises(common.UserError, match="corrupt or unsupported WAV header"):
         audio.load_audio(tmp_path / "zero.wav")
+    raw = bytearray((tmp_path / "ok.wav").read_bytes())
+    raw[20:22] = (0xFFFE).to_bytes(2, "little")  # "extensible", in a 16-byte fmt chunk with no room for the sub-format
+    (tmp_path / "extensible.wav").write_bytes(bytes(raw))
+    with pytest.raises(common.UserError, match="an extensible format without a real sub-format"):
+        audio.load_audio(tmp_path / "extensible.wav")
