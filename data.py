@@ -564,7 +564,7 @@ def main(argv=None):
             wrong = next((k for k, v in boxes.items() if not _valid_box(v)), None)
             if wrong is not None:
                 raise UserError(f"{args.boxes}: the box of {wrong} is {list(boxes[wrong])}, not [x0, y0, x1, y1] "
-                                "with 0 <= x0 < x1 and 0 <= y0 < y1, in pixels of the source video")
+                                "with 0 <= x0 < x1 and 0 <= y0 < y1, a square in pixels of the source video")
         written, done, errors = prepare(args.raw, args.out, args.size, boxes, args.workers, shard)
         if errors and not written and not done:
             raise UserError(f"no video of {args.raw} could be prepared ({len(errors)} skipped); the first: {errors[0]}")
@@ -575,9 +575,11 @@ def main(argv=None):
 
 
 def _valid_box(box):
-    """A crop box of --boxes: four finite numbers x0 < x1, y0 < y1, none negative or beyond any video's size."""
+    """A crop box of --boxes: four finite numbers x0 < x1, y0 < y1, none negative or beyond any video's size, and
+    square to within a pixel (a wider box would be squeezed into the square frame, stretching the face)."""
     return (len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-            and all(0 <= v <= 100_000 and math.isfinite(v) for v in box) and box[0] < box[2] and box[1] < box[3])
+            and all(0 <= v <= 100_000 and math.isfinite(v) for v in box) and box[0] < box[2] and box[1] < box[3]
+            and abs((box[2] - box[0]) - (box[3] - box[1])) <= 1)
 
 
 if __name__ == "__main__":

@@ -283,7 +283,8 @@ def test_sources_that_would_share_a_folder_are_refused(names, here, capsys):
 
 
 @pytest.mark.parametrize("box", ["[30, 0, 10, 20]", "[NaN, 0, 10, 10]", "[0, 0, Infinity, 10]", "[0, 0, 1e9, 1e9]",
-                                 "[-5, 0, 10, 15]", "[5, 5, 5, 5]", "[0, 0, 10]", '["a", 0, 10, 10]'])
+                                 "[-5, 0, 10, 15]", "[5, 5, 5, 5]", "[0, 0, 10]", '["a", 0, 10, 10]',
+                                 "[0, 0, 40, 20]"])
 def test_bad_crop_boxes_are_refused_before_any_work(box, here, capsys):
     _video(here / "raw" / "a.mp4", 0.2)
     (here / "boxes.json").write_text('{"a": %s}' % box)
