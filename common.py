@@ -4,7 +4,8 @@
   a script reports one: `error: ...` on stderr, one line, exit status 2, no traceback;
 - the command line: `Parser` (usage errors go through `fail` too), `bounded` numbers, `add_device`;
 - work on many videos: `parallel_map` (worker processes with a progress bar);
-- files: `writable_file` / `writable_folder` check an output before any work, `atomic_write` (a crash never leaves
+- files: `writable_file` / `writable_folder` check an output before any work, `output_folder` leaves no empty one
+  behind, `atomic_write` (a crash never leaves
   half a file under the final name, and the next write of that name removes what a killed run left) and
   `load_checkpoint` (every torch.load of the project: weights_only=True, on the CPU, with an error that names the
   file);
@@ -246,6 +247,21 @@ def writable_folder(path, flag):
 
 
 MAX_NAME = 255 - 20  # file systems allow 255 bytes a name; atomic_write's temporary name adds up to 20
+
+
+@contextmanager
+def output_folder(path):
+    """Make the folder `path` for the files a with-block writes into it; if the block ends with nothing written
+    there (every input skipped, a full disk, Ctrl-C before the first file), a folder this call made is removed
+    again, so a failed run leaves no empty output behind. Yields the path."""
+    path = Path(path)
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if made and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _stat(path, flag):

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_features, decode_audio, load_audio, write_wav
-from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, parallel_map,
-                    save_torch, square_image, to_tensor, user_errors, writable_folder)
+from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, output_folder,
+                    parallel_map, save_torch, square_image, to_tensor, user_errors, writable_folder)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The on-disk layout: ROOT/<name>/{video.mp4, audio.wav, meta.json}
@@ -342,13 +342,8 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         if not (folder / "meta.json").exists():
             check_replaceable(folder)  # before any work: a file or folder of the user's in the way is never replaced
             jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with output_folder(out):
         errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
-    finally:  # nothing prepared (all skipped, or stopped before the first): leave no empty folder behind
-        if made and not any(out.iterdir()):
-            out.rmdir()
     return len(jobs) - len(errors), len(sources) - len(jobs), errors
 
 

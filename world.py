@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, frame_loudness, resample
-from common import MAX_SEED, HelpFormatter, Parser, bounded, parallel_map, save_png, user_errors
+from common import MAX_SEED, HelpFormatter, Parser, bounded, output_folder, parallel_map, save_png, user_errors
 from data import Video, check_output, held_out, save_video
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,8 +380,8 @@ def render_folder(root, n, seconds, size, seed=0, workers=None):
     root, val = Path(root), set(held_out(n))
     jobs = [(root / f"{i:05d}", "val" if i in val else "train", i, seconds, size, seed) for i in range(n)
             if not (root / f"{i:05d}" / "meta.json").exists()]
-    root.mkdir(parents=True, exist_ok=True)
-    parallel_map(_write, jobs, workers, "render videos")
+    with output_folder(root):
+        parallel_map(_write, jobs, workers, "render videos")
     return root
 
 
@@ -407,13 +407,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with user_errors():
         check_output(args.out, args.size)
-        args.out.mkdir(parents=True, exist_ok=True)
-        for i in tqdm(range(args.videos), desc="synth", unit="video"):
-            folder, video = args.out / f"{args.split}_{i:05d}", synth_video(args.split, i, args.seconds, args.size,
-                                                                            args.seed)
-            save_video(folder, video)
-            if args.still:
-                save_png(folder / "still.png", video.frames[0])
+        with output_folder(args.out):
+            for i in tqdm(range(args.videos), desc="synth", unit="video"):
+                folder = args.out / f"{args.split}_{i:05d}"
+                video = synth_video(args.split, i, args.seconds, args.size, args.seed)
+                save_video(folder, video)
+                if args.still:
+                    save_png(folder / "still.png", video.frames[0])
         print(f"wrote {args.videos} videos to {args.out}")
 
 

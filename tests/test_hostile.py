@@ -105,6 +105,18 @@ def test_a_failed_write_removes_its_temporary_file_and_names_the_path(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("made", [False, True])
+def test_a_full_disk_before_the_first_video_leaves_no_empty_output_folder(made, here, capsys, monkeypatch):
+    def disk_full(path, frames, wav):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(data, "write_mp4", disk_full)
+    if made:  # a folder the user made is theirs: it stays
+        (here / "out").mkdir()
+    refuse("world", ["out", "--videos", "2", "--size", "16"], capsys, here, "no space left", during_work=True)
+    assert sorted(p.name for p in here.iterdir()) == ["a_file", *(["out"] if made else [])]
+    assert not made or not any((here / "out").iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Numbers: every numeric option of every command is finite and bounded
 
