@@ -528,7 +528,8 @@ def main(argv=None):
                        formatter_class=HelpFormatter,
                        description="Convert every video under RAW (any fps, resolution and container, with sound) "
                        "to 25 fps, a square crop around the face resized to --size, and 16 kHz mono audio. The face "
-                       "is found by OpenCV's Haar cascade in 8 frames of each video (the box is kept in meta.json). "
+                       "is found by OpenCV's Haar cascade in 8 frames spread over each video, at most one a second "
+                       "(the box is kept in meta.json). "
                        "Corrupt or silent files, and videos without a face in most of those frames, are skipped "
                        "with a warning; rerunning resumes where an interrupted run stopped.")
     p.add_argument("raw", type=Path, help="folder of raw videos (searched recursively)")

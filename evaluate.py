@@ -127,8 +127,10 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
     if speech:
         result.update(unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, audio_scale, seed,
                                     device))
-    if sheet is not None:
-        write_sheet(sheet, refs[:2], real[:2], fake[:2], gen["mismatched"][:2])
+    if sheet is not None:  # the first videos of different people (a split's people can come back in later videos)
+        shown = [i for i, m in enumerate(metas) if m["identity"] not in [n["identity"] for n in metas[:i]]]
+        shown = shown[:SHEET_PEOPLE]
+        write_sheet(sheet, refs[shown], real[shown], fake[shown], gen["mismatched"][shown])
     return result
 
 
@@ -227,6 +229,9 @@ def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, au
     opening = probe_readings(probe, gen)[..., 0]
     return {"unseen_sync": per_clip_sync(opening, loud), "unseen_sync_mismatched":
             per_clip_sync(opening, np.roll(loud, -1, axis=0)), "unseen_files": len(wavs), "unseen_frames": T}
+
+
+SHEET_PEOPLE = 3  # videos on eval's contact sheet
 
 
 def write_sheet(path, refs, real, fake, mismatched):
@@ -382,7 +387,8 @@ def main(argv=None):
     p.add_argument("--expression", type=Path, help="expression extractor for the standard E-FID: " + EXPRESSION_HELP)
     p.add_argument("--speech", type=Path, nargs="*", default=[], help="WAV files of speech never trained on "
                    "(e.g. assets/unseen/*.wav): lip sync against their loudness")
-    p.add_argument("--sheet", type=Path, help="write a contact sheet PNG: reference | real; generated; other audio")
+    p.add_argument("--sheet", type=Path, help=f"write a contact sheet PNG of the first {SHEET_PEOPLE} people's "
+                   "videos: reference | real; generated; generated with other audio")
     p.add_argument("--data", type=Path, help="a folder from `data.py prepare`: evaluate on its held-out videos (SSIM, "
                    "and FID / FVD / E-FID with the extractors passed) instead of the synthetic world")
     p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/NAME_SPLIT.json, NAME the "
@@ -459,6 +465,8 @@ def run(args):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     print(report(result) if args.data is None else report_folder(result))
     print(f"wrote {path}")
+    if args.sheet:
+        print(f"wrote {args.sheet}")
     return result
 
 

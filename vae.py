@@ -193,7 +193,8 @@ def main(argv=None):
     """`python vae.py`: reconstruct one image through a trained VAE and print the PSNR (argv=None: sys.argv)."""
     parser = Parser(prog="vae.py", description="Reconstruct an image through a trained VAE: writes original | "
                     "reconstruction side by side and prints the PSNR.")
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `python train.py --stage vae`")
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint with a VAE: `train.py --stage vae`'s, a "
+                        "diffusion run's or an export")
     parser.add_argument("--image", type=Path, required=True, help="any image PIL opens; centre-cropped to a square "
                         "and resized to the resolution the VAE was trained at")
     parser.add_argument("--out", type=Path, help="output PNG (default: <image>_recon.png here)")

@@ -38,7 +38,9 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     assert "FID and FVD: fewer samples than feature dimensions" in out  # 20 frames, 128 features
     assert "fewer samples" not in evaluate.report({**result, "fid_probe_samples": 1200, "fvd_probe_samples": 300})
     assert json.loads((tmp_path / "r.json").read_text())["sync"] == result["sync"]
-    assert Image.open(tmp_path / "sheet.png").size == (2 * 9 * 32, 2 * 6 * 32)
+    # test videos 0 and 1 show the same person, drawn once: three rows (reference | real; generated; other audio)
+    assert Image.open(tmp_path / "sheet.png").size == (2 * 9 * 32, 2 * 3 * 32)
+    assert f"wrote {tmp_path / 'sheet.png'}" in out
     real = (scored[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (videos x frames, H, W, 3)
     assert len(real) == 20 and not any(np.array_equal(p, f) for p in portraits[0] for f in real)
 
