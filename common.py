@@ -69,10 +69,10 @@ def compile_failed(e):
 @contextmanager
 def user_errors():
     """Run a script's body; a UserError raised inside ends it through `fail`, and so do what the machine refuses:
-    memory (sizes within the options' bounds can still be too much), disk space, a file's permissions, a compiler
-    for torch.compile. Ctrl-C ends it with one line (exit 130) and a closed standard output (`| head`) quietly
-    (exit 141), instead of a traceback. A file name that is not UTF-8 is printed with escapes rather than crashing
-    the print."""
+    memory (sizes within the options' bounds can still be too much), disk space, a file's permissions, any other
+    file the system refuses to make or read, a compiler for torch.compile. Ctrl-C ends it with one line (exit 130)
+    and a closed standard output (`| head`) quietly (exit 141), instead of a traceback. A file name that is not
+    UTF-8 is printed with escapes rather than crashing the print."""
     try:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="backslashreplace")
@@ -98,10 +98,12 @@ def user_errors():
     except PermissionError as e:  # a file or folder this user may not read or write
         fail(f"{e.filename or e}: permission denied")
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fail(f"{e.filename or 'a file'}: no space left on the device; free some and run again (a training run "
+                 "continues from its last checkpoint with --resume)")
+        if e.filename is None:  # not about a file: a bug, whose traceback is wanted
             raise
-        fail(f"{e.filename or 'a file'}: no space left on the device; free some and run again (a training run "
-             "continues from its last checkpoint with --resume)")
+        fail(f"{e.filename}: {e.strerror or e}")  # a file the system refused (one our checks could not foresee)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,7 +113,17 @@ def user_errors():
 class Parser(argparse.ArgumentParser):
     """The command-line parser of every script but letstalk.py (the model file imports nothing of ours): a usage
     error (unknown option, bad number...) exits through `fail`, one line that points to --help, instead of a
-    usage dump."""
+    usage dump. An empty argument is one too: it is what an unset shell variable gives ("$OUT"), and as a path it
+    would quietly mean the current folder, or a default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parsing, after refusing an empty argument (`--out ""`, `--out=`)."""
+        args = sys.argv[1:] if args is None else [str(a) for a in args]
+        for i, arg in enumerate(args):
+            if arg == "" or (arg.startswith("--") and arg.endswith("=")):
+                where = arg if arg else f"after {args[i - 1]}" if i else "first"
+                self.error(f"an empty argument ({where}); pass a value (an unset shell variable?)")
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         """Report a usage error as one line and exit with status 2."""
@@ -321,8 +333,9 @@ def save_torch(path, obj):
 def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=False):
     """torch.load(path) the safe way: weights_only=True (plain tensors and numbers, no code runs) and on the CPU
     (the caller moves what it needs to its device; RNG states must stay on the CPU); with mmap=True the tensors
-    stay in the file, read on access. A UserError names the file when it is missing, is not a torch file, or is
-    not a dict holding every key of `needs`; `hint` says what to do."""
+    stay in the file, read on access. A UserError names the file when it is missing, is not a torch file, is
+    not a dict holding every key of `needs`, or holds a NaN or infinity in a float tensor (no run saves one: a
+    damaged or edited file; not checked with mmap, which would read it all); `hint` says what to do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: a folder, not {what}{hint}" if path.is_dir() else
@@ -341,7 +354,20 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
         raise UserError(f"{path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]}){hint}") from None
     if not isinstance(ckpt, dict) or not set(needs) <= ckpt.keys():
         raise UserError(f"{path}: not {what}{hint}")
+    if not mmap:
+        bad = next((name for name, t in _tensors(ckpt) if t.is_floating_point() and not t.isfinite().all()), None)
+        if bad is not None:
+            raise UserError(f"{path}: damaged: its {bad} holds NaN or infinite values{hint}")
     return ckpt
+
+
+def _tensors(obj, name=""):
+    """(dotted name, tensor) of every tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from _tensors(value, f"{name}.{key}" if name else str(key))
 
 
 @contextmanager

@@ -172,8 +172,8 @@ def resolve(cfg):
     if cfg.data != "synthetic" and not Path(cfg.data).is_dir():
         raise UserError(f"--data {cfg.data}: not a folder (make one with `python world.py` or `python data.py "
                         "prepare`), or use --data synthetic")
-    if cfg.init and not Path(cfg.init).is_file():
-        raise UserError(f"--init {cfg.init}: no such checkpoint")
+    if cfg.init:
+        checkpoint_file(cfg.init, "--init", "no such checkpoint")
     if cfg.stage == "vae":
         if cfg.init:  # a decoder fine-tune keeps the VAE's shape
             theirs = load_vae(cfg.init).config
@@ -217,9 +217,17 @@ def resolve(cfg):
                         "the tiny model: `python train.py --size T`; on GPUs: `torchrun --nproc_per_node=N train.py "
                         f"--size {cfg.size} --data DIR` with DIR from `python data.py prepare`.")
     cfg.vae = cfg.vae or cfg.init or "runs/vae/ckpt.pt"  # a diffusion checkpoint holds the VAE of its latents
-    if not Path(cfg.vae).is_file():
-        raise UserError(f"--vae {cfg.vae}: no VAE checkpoint; train one first with `python train.py --stage vae`")
+    checkpoint_file(cfg.vae, "--vae", "no VAE checkpoint; train one first with `python train.py --stage vae`")
     return cfg
+
+
+def checkpoint_file(path, option, missing):
+    """Refuse, before any work, a checkpoint option naming a folder (a run's: its file is ckpt.pt inside) or
+    nothing (`missing` says what to do)."""
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path}: a folder; pass the checkpoint in it, e.g. {Path(path) / 'ckpt.pt'}")
+    if not Path(path).is_file():
+        raise UserError(f"{option} {path}: {missing}")
 
 
 def device_defaults(cfg, gpu):
@@ -255,12 +263,39 @@ def new_config(settings):
     return resolve(TrainConfig(**settings))
 
 
+# the settings a saved run may leave at None: optional ones, and those a resume fills in (device_defaults)
+OPTIONAL = ("out", "init", "min_snr_gamma", "compile", "temporal_kernel")
+
+
+def check_saved(saved):
+    """A checkpoint's settings (a dict) must be what the command line and `resolve` could have made: each setting of
+    its stage present, of its type, and within its bounds or among its choices. An edited checkpoint, or one of
+    another version, fails here with a ValueError naming the setting, not in the middle of a step."""
+    if saved.get("stage") not in STAGES:
+        raise ValueError(f"its stage is {saved.get('stage')!r}")
+    for f in fields(TrainConfig):
+        value, meta = saved.get(f.name), f.metadata
+        if meta["stage"] not in (None, saved["stage"]) or (value is None and f.name in OPTIONAL):
+            continue
+        kinds = {bool: bool, int: int, float: (int, float), str: str}[f.type]
+        fine = isinstance(value, kinds) and (f.type is bool or not isinstance(value, bool))
+        if fine and meta["bounds"]:
+            try:
+                fine = bounded(f.type, **meta["bounds"])(str(value)) == value
+            except (argparse.ArgumentTypeError, ValueError):
+                fine = False
+        if not fine or (meta["choices"] and value not in meta["choices"]):
+            raise ValueError(f"its setting {flag(f.name)} is {value!r}")
+
+
 def resumed_config(saved, settings, out):
-    """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict), with the resumable ones the
-    command line changed and the run folder where it is now. Repeating a saved setting is fine; changing one that
-    is not resumable, or giving one of the other stage, is a UserError (it would silently not happen)."""
+    """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict, checked by check_saved), with the
+    resumable ones the command line changed and the run folder where it is now. Repeating a saved setting is fine;
+    changing one that is not resumable, or giving one of the other stage, is a UserError (it would silently not
+    happen)."""
     def same(name, a, b):  # paths compare as the files they name: runs/vae/ckpt.pt is /home/me/runs/vae/ckpt.pt
         return a == b or (name in PATHS and b is not None and Path(a).resolve() == Path(b).resolve())
+    check_saved(saved)
     refuse_other_stage(saved["stage"], settings)
     fixed = sorted(name for name, value in settings.items()
                    if name not in (*RESUMABLE, "out") and not same(name, value, saved.get(name)))

@@ -339,7 +339,10 @@ def ablation(root, budget_min, probe, **eval_args):
         done = out / "eval.json"
         if not done.exists():
             ckpt = out / "ckpt.pt"
-            spent = load_checkpoint(ckpt, needs=("elapsed",))["elapsed"] / 60 if ckpt.exists() else 0.0
+            spent = 0.0
+            if ckpt.exists():
+                with contents_of(ckpt, "a letstalk run's checkpoint"):
+                    spent = train.progress(load_checkpoint(ckpt, needs=("step", "elapsed")))[1] / 60
             if spent < budget_min:
                 args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--ref-fusion", ref,
                                                            "--audio-fusion", audio]

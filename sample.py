@@ -58,8 +58,6 @@ def load_model(path, device):
         domain = ckpt.get("domain")
         if domain is not None:  # exports hold it: the VAE's worst reconstruction of a training frame
             domain = {"vae_min_psnr": float(domain["vae_min_psnr"])}
-    if not all(p.isfinite().all() for p in model.parameters()):
-        raise UserError(f"{path}: its weights are not finite (a diverged run); use an earlier checkpoint")
     return model.to(device).eval(), vae, diffusion, domain
 
 

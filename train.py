@@ -38,7 +38,7 @@ from audio import FPS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
                     save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
-from data import ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
+from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS
 from letstalk import LetsTalk, config_for
@@ -337,6 +337,9 @@ class DiffusionStage:
                             f"videos have {SYNTH_SECONDS * FPS:.0f}")
         folder = data_folder(cfg, self.resolution)
         videos = VideoFolder(folder)
+        if len({tuple(k in meta for k in GROUND_TRUTH) for meta in videos.meta}) > 1:  # a batch stacks one kind
+            raise UserError(f"--data {cfg.data}: mixes videos with the synthetic world's per-frame ground truth and "
+                            "videos without it (from data.py prepare); train on one kind, in a folder of its own")
         if need > max(videos.meta[i]["num_frames"] for i in range(len(videos))):
             raise UserError(f"--frames {cfg.frames} and --motion {cfg.motion} span {need} frames; no video of "
                             f"{cfg.data} is that long")
@@ -567,6 +570,15 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
         save_torch(path, ckpt)
 
 
+def progress(ckpt):
+    """A run checkpoint's (step, training seconds so far); a ValueError (inside contents_of: a UserError naming the
+    file) when either is not what a run saves."""
+    step, elapsed = ckpt["step"], ckpt["elapsed"]
+    if not (type(step) is int and step >= 0 and type(elapsed) in (int, float) and 0 <= elapsed < math.inf):
+        raise ValueError(f"its step is {step!r} and its elapsed time {elapsed!r}")
+    return step, float(elapsed)
+
+
 def trim_log(path, step):
     """Drop the lines of a run's log.jsonl after `step`: a run resumed from its checkpoint at `step` logs the
     steps after it again. Lines that are no record of a step (one a crash cut short, or foreign) go too."""
@@ -609,17 +621,19 @@ def train(cfg, resume=False, max_minutes=None):
     step, elapsed, saved_at = 0, 0.0, None
     torch.manual_seed(cfg.seed * 1000 + rank())  # from here on each rank draws its own noise
     if resume:  # loaded on the CPU: the model and optimizer copy what they need to the device, RNG states stay
-        ckpt = load_checkpoint(ckpt_path, needs=("step", "rng", "optimizer"), what="a letstalk run's checkpoint")
+        ckpt = load_checkpoint(ckpt_path, needs=("step", "elapsed", "rng", "optimizer"),
+                               what="a letstalk run's checkpoint")
         with contents_of(ckpt_path, "a letstalk run's checkpoint"):
             stage.load(ckpt)
             optimizer.load_state_dict(ckpt["optimizer"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
+            step, elapsed = progress(ckpt)
+            same_world = len(ckpt["rng"]) == world()
+            if same_world:  # (a row is cloned: set_rng_state reads a view's storage from its start)
+                torch.set_rng_state(ckpt["rng"][rank()].clone())
+                if "cuda_rng" in ckpt and device.type == "cuda":  # the noise drawn on the GPU continues exactly too
+                    torch.cuda.set_rng_state(ckpt["cuda_rng"][rank()].clone())
         saved_at = step
-        if len(ckpt["rng"]) == world():  # (a row is cloned: set_rng_state reads a view's storage from its start)
-            torch.set_rng_state(ckpt["rng"][rank()].clone())
-            if "cuda_rng" in ckpt and device.type == "cuda":  # the noise drawn on the GPU continues exactly too
-                torch.cuda.set_rng_state(ckpt["cuda_rng"][rank()].clone())
-        else:  # another number of ranks: the run continues, its random draws are new ones
+        if not same_world:  # another number of ranks: the run continues, its random draws are new ones
             torch.manual_seed(cfg.seed * 1000 + rank() + step)
             if rank() == 0:
                 print(f"note: the run was saved by {len(ckpt['rng'])} process(es) and resumes on {world()}: it "
@@ -712,6 +726,12 @@ def main(argv=None):
 
     if args.export:
         with user_errors():
+            ignored = [flag(k) for k in settings if k not in ("out", "vae")]
+            ignored += [name for name, value in (("--resume", args.resume), ("--max-minutes", args.max_minutes))
+                        if value not in (False, None)]
+            if ignored:
+                raise UserError(f"{', '.join(ignored)}: --export only writes --out's run (with --vae's decoder) for "
+                                "sample.py; drop them")
             run = Path(args.out or "runs/diffusion") / "ckpt.pt"
             inputs = (run, Path(args.vae)) if args.vae else (run,)
             export(run, writable_file(args.export, "--export", (".pt",), inputs=inputs), args.vae)
@@ -729,6 +749,10 @@ def main(argv=None):
     try:
         with user_errors():
             writable_folder(out, "--out")
+            for part, kind in (("ckpt.pt", "file"), ("log.jsonl", "file"), ("samples", "folder")):
+                if (out / part).exists() and (out / part).is_dir() != (kind == "folder"):
+                    raise UserError(f"--out {out}: the run keeps a {kind} named {part} there, and something else has "
+                                    "that name; move it away or pass another --out")
             writable_folder(args.cache or TrainConfig.cache, "--cache")
             if args.resume:
                 if not (out / "ckpt.pt").exists():
@@ -739,6 +763,10 @@ def main(argv=None):
                                     "state to resume; start a new run from it with --init")
                 with contents_of(out / "ckpt.pt", "a letstalk run's checkpoint"):
                     cfg = resumed_config(saved["train_config"], settings, out)
+                    step, _ = progress(saved)
+                if step >= cfg.steps:
+                    raise UserError(f"{out}: the run is at step {step} of --steps {cfg.steps}; pass a larger --steps "
+                                    "to train on")
             else:
                 cfg = new_config(settings)
                 if (out / "ckpt.pt").exists():

@@ -262,7 +262,7 @@ def test_a_gpu_run_continues_on_a_cpu_with_the_cpus_kernel_and_no_compiling(tmp_
 
 
 def test_settings_that_would_silently_not_apply_are_refused(tmp_path):
-    vae_run = asdict(config.TrainConfig(stage="vae", device="cpu"))
+    vae_run = asdict(config.resolve(config.TrainConfig(stage="vae", device="cpu")))
     with pytest.raises(common.UserError, match="--blink-repeat: not a setting of the vae stage"):
         config.resumed_config(vae_run, {"blink_repeat": 5}, tmp_path / "run")  # resumable, but not the VAE's
     with pytest.raises(common.UserError, match="--videos: how many synthetic videos"):
