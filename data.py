@@ -162,6 +162,7 @@ class VideoFolder:
         val = [folders[i] for i in held_out(len(folders))]
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [metas[p] for p in self.folders]
+        self.size = None  # (while the first video is decoded for it)
         self.size = sized[0][1] if sized else self[0].frames.shape[1]
 
     def __len__(self):
@@ -180,6 +181,9 @@ class VideoFolder:
         if size is not None and frames.shape[1:3] != (size, size):
             raise UserError(f"{self.folders[i]}: meta.json gives {size}x{size} frames, video.mp4 holds "
                             f"{frames.shape[2]}x{frames.shape[1]}; delete the folder and prepare or render it again")
+        if size is None and self.size is not None and frames.shape[1:3] != (self.size, self.size):  # an old folder
+            raise UserError(f"{self.folders[i]}: {frames.shape[2]}x{frames.shape[1]} frames, the folder's others "
+                            f"{self.size}x{self.size}; prepare (or render) all the videos of a folder with one --size")
         return Video(frames, load_audio(self.folders[i] / "audio.wav"), self.meta[i])
 
 

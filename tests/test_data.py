@@ -267,6 +267,12 @@ def test_a_folder_of_mixed_frame_sizes_is_refused_and_its_size_is_known(tmp_path
         with pytest.raises(common.UserError, match="train_00000 holds 32 px frames but .*val_00000 16 px; "
                            "prepare .or render. all the videos of a folder with one --size"):
             data.VideoFolder(tmp_path, split)
+    for name in ("train_00000", "val_00000"):  # an old folder of mixed sizes: found as its videos are decoded
+        meta = json.loads((tmp_path / name / "meta.json").read_text())
+        (tmp_path / name / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "size"}))
+    videos = data.VideoFolder(tmp_path)
+    with pytest.raises(common.UserError, match="val_00000: 16x16 frames, the folder's others 32x32"):
+        videos[1]
 
 
 def test_video_folder_splits_never_overlap(tmp_path):
