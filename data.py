@@ -326,6 +326,8 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         raise UserError(f"{raw_dir}: inside the output folder {out_dir}; pass an output folder outside it")
     sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
                      and out not in p.resolve().parents)  # an output folder inside raw_dir is not raw material
+    if not sources:
+        raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
     # every video gets a folder of its own: a/b.mp4 -> a__b, .c.mp4 -> c (VideoFolder skips names with a leading
     # dot: unfinished folders); two sources with one folder would lose one of them
     folders = {}
@@ -337,9 +339,7 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
             raise UserError(f"{folders[name]} and {src} would both be prepared into {out_dir}/{name}; rename one")
         folders[name] = src
     name_of = {src: name for name, src in folders.items()}
-    sources = sources[shard[0]::shard[1]]
-    if not sources:
-        raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in this shard")
+    sources = sources[shard[0]::shard[1]]  # (none, for a shard beyond the number of videos: nothing to do)
     jobs = []
     for src in sources:
         folder = Path(out_dir) / name_of[src]

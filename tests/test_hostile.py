@@ -703,3 +703,9 @@ def test_a_folder_mixing_synthetic_and_real_videos_is_refused(here, capsys, vae_
     meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k not in data.GROUND_TRUTH}))
     assert refuse("train", ["--data", "mixed", "--vae", vae_ckpt, "--size", "T", "--frames", "4", "--out", "run",
                             "--device", "cpu"], capsys, here, "mixes videos with the synthetic world's")
+
+
+def test_a_machine_whose_shard_holds_no_video_has_nothing_to_do(here, capsys):
+    _video(here / "raw" / "a.mp4", 0.2)
+    data.main(["prepare", "raw", "out", "--shard", "1/2"])  # two machines, one video: the second prepares none
+    assert "prepared 0, already done 0, skipped 0" in capsys.readouterr().out and not (here / "out").exists()
