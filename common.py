@@ -22,6 +22,8 @@ import pickle
 import re
 import signal
 import sys
+import threading
+import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -200,7 +202,8 @@ def parallel_map(fn, jobs, workers, desc):
         with tqdm(jobs, desc=desc, unit="video", disable=not jobs) as bar:  # closed first: `interrupted` gets its
             return [fn(job) for job in bar]  # own line
     # spawn, not fork: this process may hold torch's thread pools, which a forked child must not inherit
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_end_with,
+                             initargs=(os.getpid(),)) as pool:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers, started by submit, inherit this:
         try:  # Ctrl-C is this process's to handle (a worker interrupted while it imports torch prints a traceback)
             futures = [pool.submit(fn, job) for job in jobs]
@@ -217,6 +220,16 @@ def parallel_map(fn, jobs, workers, desc):
                 raise UserError(f"{desc}: a worker process died (killed, perhaps for want of memory); run again to "
                                 "continue, with fewer workers if it happens again") from None
             raise
+
+
+def _end_with(parent):
+    """Run in each worker of parallel_map as it starts: end the worker once `parent` is gone. A parent killed with
+    SIGKILL cannot stop its workers, which would otherwise wait for jobs forever, each holding its imports."""
+    def watch():
+        while os.getppid() == parent:  # a worker whose parent died is handed to another process
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # ----------------------------------------------------------------------------------------------------------------

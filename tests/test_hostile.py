@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -709,3 +711,35 @@ def test_a_machine_whose_shard_holds_no_video_has_nothing_to_do(here, capsys):
     _video(here / "raw" / "a.mp4", 0.2)
     data.main(["prepare", "raw", "out", "--shard", "1/2"])  # two machines, one video: the second prepares none
     assert "prepared 0, already done 0, skipped 0" in capsys.readouterr().out and not (here / "out").exists()
+
+
+def _stat(proc):
+    """(state, parent pid) of a /proc/<pid> entry, or None if it is no process (any more)."""
+    try:
+        state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        return state, int(ppid)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid):
+    return (_stat(Path(f"/proc/{pid}")) or ("Z",))[0] != "Z"  # a zombie has ended, only not been reaped
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """kill -9 of a command gives it no chance to stop its worker processes: they must notice and end."""
+    script = tmp_path / "pool.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nimport common\n"
+                      "if __name__ == '__main__':\n    common.parallel_map(time.sleep, [60] * 8, 2, 'sleep')\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.time() + 60
+    while len(workers) < 3 and time.time() < deadline:  # two workers and the resource tracker
+        time.sleep(0.2)
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and (_stat(p) or (None, None))[1] == parent.pid]
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 15
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers) == 3 and not any(map(_alive, workers))
