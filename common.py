@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -427,21 +428,25 @@ def load_image(path, size):
     """Any image PIL opens (RGB, RGBA, grayscale, palette, 16-bit), centre square crop -> uint8 (size, size, 3)."""
     if not Path(path).is_file():  # a folder, a device, a pipe: nothing an image can be read from
         raise UserError(f"{path}: {'no such file' if not Path(path).exists() else 'not a regular file'}")
-    try:
-        img = Image.open(path)
-        if img.width * img.height > MAX_PIXELS:  # checked from the header, before the pixels are decoded
-            raise UserError(f"{path}: {img.width}x{img.height} pixels; a portrait needs far fewer (at most "
-                            f"{MAX_PIXELS // 10**6} megapixels): scale it down first")
-        img.load()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except UserError:
-        raise
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:  # ValueError: e.g. a
-        # compressed text chunk too large to unpack
-        raise UserError(f"{path}: cannot read image ({e})") from None
-    img = ImageOps.exif_transpose(img)  # a phone's photo: stored sideways, with an EXIF tag saying how to turn it
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits first
+    with warnings.catch_warnings():  # damaged EXIF is only metadata: PIL warns, and reads the image without it
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            img = Image.open(path)
+            if img.width * img.height > MAX_PIXELS:  # checked from the header, before the pixels are decoded
+                raise UserError(f"{path}: {img.width}x{img.height} pixels; a portrait needs far fewer (at most "
+                                f"{MAX_PIXELS // 10**6} megapixels): scale it down first")
+            img.load()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except UserError:
+            raise
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:  # ValueError: e.g.
+            # a compressed text chunk too large to unpack
+            raise UserError(f"{path}: cannot read image ({e})") from None
+        img = ImageOps.exif_transpose(img)  # a phone's photo: stored sideways, with an EXIF tag saying how to turn it
+    if img.mode.startswith("I;16"):  # 16-bit grey: to 8 bits
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
+    elif img.mode in ("I", "F"):  # 32-bit integer or float grey, of no fixed range: stretched to 8 bits
         a = np.asarray(img, dtype=np.float64)
         if not np.isfinite(a).all():
             raise UserError(f"{path}: the image holds NaN or infinite values")

@@ -100,13 +100,14 @@ class Diffusion:
     def sample(self, denoise, shape, steps=25, sampler="ddim", generator=None, device="cpu", progress=False):
         """Draw x_0 from noise: denoise(x_t, t) -> (x0, eps) is the model (with guidance), shape the latents'.
 
-        One denoise call per step, on `steps` evenly spaced timesteps: "ddim" is deterministic DDIM (Song et al.);
+        One denoise call per step, on `steps` evenly spaced timesteps (at most self.steps, which are all there are):
+        "ddim" is deterministic DDIM (Song et al.);
         "dpm++" is DPM-Solver++(2M) (Lu et al., 2022), which also uses the previous step's x0 for a second-order
         step; "ddpm" is DDPM's ancestral sampler with the posterior variance, on all self.steps timesteps.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler is one of {SAMPLERS}, got {sampler!r}")
-        steps = self.steps if sampler == "ddpm" else steps
+        steps = self.steps if sampler == "ddpm" else min(steps, self.steps)
         x = torch.randn(shape, generator=generator, device="cpu").to(device)
         times = torch.linspace(self.steps - 1, 0, steps).round().long().tolist()
         last = None  # (x0, t) of the previous step, for DPM-Solver++'s second order

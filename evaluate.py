@@ -180,11 +180,15 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, s
                         f"{vae.config.resolution} px (prepare it with --size {vae.config.resolution})")
     extractors = standard_extractors(vae.config.resolution, inception, i3d, expression)
     stats, ssims, lead, T = {}, [], PORTRAIT_LEAD, round(seconds * FPS)
-    for i in tqdm(range(min(videos, len(held_out))), desc="videos", unit="video"):
+    n = min(videos, len(held_out))
+    short = next((i for i in range(n) if held_out.num_frames(i) < lead + T), None)  # from meta.json, before any work
+    if short is not None:
+        frames = held_out.num_frames(short)
+        raise UserError(f"{held_out.folders[short]}: {frames} frames, fewer than {lead} before the scored ones + {T}; "
+                        + (f"pass --seconds {(frames - lead) / FPS:g} or less" if frames - lead >= 10 else
+                           "too short to score; replace it with a longer video"))
+    for i in tqdm(range(n), desc="videos", unit="video"):
         video = held_out[i]
-        if len(video.frames) < lead + T:
-            raise UserError(f"{held_out.folders[i]}: {len(video.frames)} frames, fewer than {lead} + {T}; pass a "
-                            "shorter --seconds")
         real = video.frames[None, lead:lead + T]
         mel = audio_features(video.wav[lead * SAMPLES_PER_FRAME:(lead + T) * SAMPLES_PER_FRAME], T)[None]
         fake = generate(model, vae, diffusion, video.frames[:1], mel, steps=steps, sampler=sampler,
@@ -389,7 +393,8 @@ def main(argv=None):
     p.add_argument("--i3d", type=Path, help="I3D TorchScript for the standard FVD: " + I3D_HELP)
     p.add_argument("--expression", type=Path, help="expression extractor for the standard E-FID: " + EXPRESSION_HELP)
     p.add_argument("--speech", type=Path, nargs="*", default=[], help="WAV files of speech never trained on "
-                   "(e.g. assets/unseen/*.wav): lip sync against their loudness")
+                   "(e.g. assets/unseen/*.wav), two or more: lip sync against their loudness, over the length of "
+                   "the shortest once silence is trimmed")
     p.add_argument("--sheet", type=Path, help=f"write a contact sheet PNG of the first {SHEET_PEOPLE} people's "
                    "videos: reference | real; generated; generated with other audio")
     p.add_argument("--data", type=Path, help="a folder from `data.py prepare`: evaluate on its held-out videos (SSIM, "
@@ -416,6 +421,12 @@ def run(args):
         sizes = {"train": args.videos, "val": max(8, args.videos // 10)}
         paths = {split: args.cache / f"frames_{split}_{n}.pt" for split, n in sizes.items()}  # --videos changes them
         writable_file(args.out, "--out", (".pt",))
+        if args.out.exists():  # the shipped probe is replaced by default; any other checkpoint is kept
+            try:
+                load_probe(args.out)
+            except UserError:
+                raise UserError(f"--out {args.out}: holds something other than a probe, which this would replace; "
+                                "pass another name") from None
         if args.out.resolve() in {p.resolve() for p in paths.values()}:
             raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
         writable_folder(args.cache, "--cache")
@@ -438,7 +449,8 @@ def run(args):
         return results
     for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
         if getattr(args, flag) is not None and not getattr(args, flag).is_file():
-            raise UserError(f"--{flag} {getattr(args, flag)}: no such file")
+            raise UserError(f"--{flag} {getattr(args, flag)}: "
+                            + ("a folder; pass the weights file" if getattr(args, flag).is_dir() else "no such file"))
     if args.i3d is not None and args.seconds * FPS < 24:  # FVD's statistics need at least two clips
         raise UserError(f"--seconds {args.seconds}: FVD takes 16-frame clips every 8 frames; pass at least 0.96 "
                         "for two per video")
@@ -448,6 +460,11 @@ def run(args):
     if args.sheet:
         writable_file(args.sheet, "--sheet", (".png",), inputs=inputs)
     path = args.json or results_path(args.ckpt, args.data.name if args.data else args.split)
+    if path.exists() and any(Path(p).exists() and path.samefile(p) for p in inputs):
+        raise UserError(f"{path}: the results file would overwrite an input of this command; pass another --json")
+    if args.data is not None and args.data.resolve() in path.resolve().parents:
+        raise UserError(f"{path}: the results file would be written into the data folder {args.data}; pass another "
+                        "--json")
     if args.json:  # a folder the user names must exist; the default one is made when the results are written
         writable_file(path, "--json", (".json",), inputs=inputs)
     else:
@@ -455,9 +472,14 @@ def run(args):
         if len(os.fsencode(path.name)) > MAX_NAME:
             raise UserError(f"{path}: the default results file's name is too long; pass --json")
     speech = [load_audio(p) for p in args.speech]  # read now: a bad file fails before the generation
-    short = next((p for p, wav in zip(args.speech, speech) if len(wav) < 2 * SAMPLES_PER_FRAME), None)
+    if len(speech) == 1:
+        raise UserError("--speech: give two or more recordings (each is also scored against the next one's loudness: "
+                        "the mismatched figure)")
+    short = next((p for p, wav in zip(args.speech, speech)
+                  if len(wav) < 2 * SAMPLES_PER_FRAME or len(trim_silence(wav)) < 2 * SAMPLES_PER_FRAME), None)
     if short is not None:
-        raise UserError(f"--speech {short}: shorter than two video frames (80 ms), too short to follow")
+        raise UserError(f"--speech {short}: shorter than two video frames (80 ms) of sound once its silence is "
+                        "trimmed, too short to follow")
     extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
     if args.data is not None:
         shared.pop("split")

@@ -58,6 +58,8 @@ def load_model(path, device):
         domain = ckpt.get("domain")
         if domain is not None:  # exports hold it: the VAE's worst reconstruction of a training frame
             domain = {"vae_min_psnr": float(domain["vae_min_psnr"])}
+            if math.isnan(domain["vae_min_psnr"]):
+                raise ValueError("its domain's vae_min_psnr is NaN")
     return model.to(device).eval(), vae, diffusion, domain
 
 
@@ -75,8 +77,8 @@ def out_of_domain(vae, image, domain):
     if got >= domain["vae_min_psnr"] - DOMAIN_MARGIN_DB:
         return None
     return (f"note: this portrait is unlike the checkpoint's training faces (VAE reconstruction {got:.1f} dB, worst "
-            f"in training {domain['vae_min_psnr']:.1f} dB). The shipped checkpoint is a demo trained on a synthetic "
-            "world; for real faces train on real video (README, 'Real data').")
+            f"in training {domain['vae_min_psnr']:.1f} dB): expect a poor video. For real faces, train on real video "
+            "(README, 'Real data'); the shipped checkpoint knows only a synthetic world.")
 
 
 @torch.no_grad()
@@ -192,6 +194,9 @@ def animate(args, out):
             raise UserError(f"--grid {args.grid}: the name of one of --frames' frames; pass another name")
     if args.frames:
         writable_folder(args.frames, "--frames")
+        if any(p and p.resolve() == args.frames.resolve() for p in (out, args.grid)):
+            raise UserError(f"--frames {args.frames}: also the name of another output of this command; pass another "
+                            "folder")
         if any(Path(p).resolve().parent == args.frames.resolve() for p in inputs):
             raise UserError(f"--frames {args.frames}: holds an input of this command, which its PNGs could "
                             "overwrite; pass another folder")
@@ -226,14 +231,14 @@ def animate(args, out):
     grid = [shown(image)]
 
     def made():  # each frame at --size as its window is made, also into --frames and --grid: none piles up
-        frames = (f for window in windows(model, vae, diffusion, image[None], mel[None], args.steps, args.sampler,
-                                          args.audio_scale, args.ref_scale, args.seed, args.device) for f in window[0])
-        for i, frame in enumerate(map(shown, frames)):
-            if args.frames:
-                save_png(args.frames / f"{i:05d}.png", frame)
-            if i in in_grid:
-                grid.append(frame)
-            yield frame
+        with contextlib.closing(windows(model, vae, diffusion, image[None], mel[None], args.steps, args.sampler,
+                                        args.audio_scale, args.ref_scale, args.seed, args.device)) as sampled:
+            for i, frame in enumerate(shown(f) for window in sampled for f in window[0]):
+                if args.frames:
+                    save_png(args.frames / f"{i:05d}.png", frame)
+                if i in in_grid:
+                    grid.append(frame)
+                yield frame
     padded = np.zeros(n * SAMPLES_PER_FRAME, np.float32)  # the sound lasts exactly as the video
     padded[:len(wav)] = wav[:len(padded)]
     with contextlib.closing(made()) as frames:  # closed before an error is printed: the bar ends on its own line

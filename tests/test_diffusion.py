@@ -60,3 +60,11 @@ def test_dpm_solver_integrates_the_probability_flow_more_accurately_than_ddim():
     for steps, ratio in ((10, 1.0), (25, 0.6), (50, 0.2)):  # (measured: 0.93, 0.54, 0.13)
         assert error("dpm++", steps) < ratio * error("ddim", steps), steps
     assert error("dpm++", 50) < 0.2 * error("dpm++", 25)  # second order: 4x less error for 2x the steps
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_more_sampling_steps_than_the_process_has_take_each_step_once(sampler):
+    d = Diffusion(steps=3, prediction="x0")
+    x0, calls = torch.randn(2, 3, 4, 4), []
+    out = d.sample(lambda x, t: calls.append(t[0].item()) or d.split(x, t, x0), x0.shape, steps=8, sampler=sampler)
+    assert calls == [2, 1, 0] and torch.isfinite(out).all()

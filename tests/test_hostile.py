@@ -503,8 +503,22 @@ def test_what_the_work_would_find_late_is_found_first(here, capsys):
 
 def test_what_eval_reads_is_checked_before_it_generates(here, capsys):
     quick = ["--videos", "1", "--seconds", "0.4", "--steps", "1", "--json", "r.json"]
-    audio.write_wav(here / "click.wav", np.zeros(100, np.float32))
-    assert refuse("evaluate", ["eval", "--speech", "click.wav", *quick], capsys, here, "shorter than two video frames")
+    audio.write_wav(here / "short.wav", np.zeros(100, np.float32))
+    assert refuse("evaluate", ["eval", "--speech", "short.wav", SPEECH, *quick], capsys, here,
+                  "short.wav: shorter than two video frames")
+    click = np.zeros(16_000, np.float32)
+    click[8000:8300] = 0.5  # a second of silence around a click: one frame of sound
+    audio.write_wav(here / "click.wav", click)
+    assert refuse("evaluate", ["eval", "--speech", SPEECH, "click.wav", *quick], capsys, here,
+                  "click.wav: shorter than two video frames (80 ms) of sound once its silence is trimmed")
+    assert refuse("evaluate", ["eval", "--speech", SPEECH, *quick], capsys, here, "give two or more recordings")
+    (here / "runs" / "eval").mkdir(parents=True)
+    shutil.copy(SPEECH, here / "runs" / "eval" / "letstalk-tiny_test.json")  # a recording where the results go
+    assert refuse("evaluate", ["eval", "--speech", SPEECH, "runs/eval/letstalk-tiny_test.json", *quick[:-2]], capsys,
+                  here, "letstalk-tiny_test.json: the results file would overwrite an input")
+    (here / "data" / "v").mkdir(parents=True)
+    assert refuse("evaluate", ["eval", "--data", "data", "--json", "data/v/meta.json"], capsys, here,
+                  "would be written into the data folder data")
     torch.save({"fc.weight": torch.zeros(10, 2048)}, here / "resnet.pt")  # another network's classifier
     assert refuse("evaluate", ["eval", "--inception", "resnet.pt", *quick], capsys, here,
                   "resnet.pt: not Inception-v3 weights")
@@ -743,3 +757,41 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     while any(map(_alive, workers)) and time.time() < deadline:
         time.sleep(0.2)
     assert len(workers) == 3 and not any(map(_alive, workers))
+
+
+def test_outputs_that_collide_are_refused_before_the_work(here, capsys):
+    assert refuse("sample", [FACE, SPEECH, "-o", "x.mp4", "--frames", "x.mp4"], capsys, here,
+                  "--frames x.mp4: also the name of another output")
+    assert refuse("sample", [FACE, SPEECH, "--frames", "s.png", "--grid", "s.png"], capsys, here,
+                  "--frames s.png: also the name of another output")
+
+
+def test_a_full_disk_under_the_frames_ends_below_the_progress_bar(here, capsys, diffusion_ckpt, monkeypatch):
+    def full_after_one(path, image):
+        if path.name != "00000.png":
+            raise common.UserError(f"{path}: cannot write (No space left on device)")
+        Path(path).write_bytes(b"frame")
+    monkeypatch.setattr(sample, "save_png", full_after_one)
+    argv = [FACE, SPEECH, "--ckpt", diffusion_ckpt, "-o", "o.mp4", "--steps", "1", "--size", "64", "--frames", "fr"]
+    refuse("sample", argv, capsys, here, "fr/00001.png: cannot write (No space left on device)", during_work=True)
+
+
+def test_what_eval_and_probe_are_pointed_at_is_what_they_take(here, capsys):
+    shutil.copy(sample.DEFAULT_CKPT, here / "model.pt")  # the probe's --out would replace a model
+    assert refuse("evaluate", ["probe", "--out", "model.pt", "--steps", "1", "--videos", "1"], capsys, here,
+                  "--out model.pt: holds something other than a probe")
+    (here / "weights").mkdir()
+    assert refuse("evaluate", ["eval", "--inception", "weights"], capsys, here, "--inception weights: a folder")
+    ckpt = torch.load(sample.DEFAULT_CKPT, weights_only=True)
+    ckpt["domain"]["vae_min_psnr"] = float("nan")
+    torch.save(ckpt, here / "nan_domain.pt")
+    assert refuse("sample", [FACE, SPEECH, "--ckpt", "nan_domain.pt"], capsys, here, "vae_min_psnr is NaN")
+
+
+def test_held_out_videos_too_short_for_eval_say_what_would_do(here, capsys, diffusion_ckpt):
+    world.main(["short", "--videos", "2", "--seconds", "0.8", "--size", "32"])  # 20 frames each
+    argv = ["eval", "--ckpt", diffusion_ckpt, "--data", "short", "--json", "r.json", "--seconds"]
+    assert refuse("evaluate", [*argv, "0.6"], capsys, here, "20 frames, fewer than 10 before the scored ones + 15; "
+                  "pass --seconds 0.4 or less")
+    world.main(["tiny", "--videos", "2", "--seconds", "0.6", "--size", "32"])
+    assert refuse("evaluate", [*argv[:4], "tiny", *argv[5:], "0.4"], capsys, here, "too short to score")

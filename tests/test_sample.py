@@ -64,6 +64,14 @@ def test_images_of_every_mode_load(tmp_path, mode):
     assert got.shape == (32, 32, 3) and got.dtype == np.uint8 and got.std() > 10
 
 
+def test_a_flat_16_bit_grey_keeps_its_grey_and_damaged_exif_is_ignored_quietly(tmp_path, recwarn):
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(tmp_path / "grey.png")  # not stretched to black
+    assert (common.load_image(tmp_path / "grey.png", 32) == round(30000 / 257)).all()
+    Image.new("RGB", (40, 40), (100, 150, 200)).save(tmp_path / "x.jpg", exif=b"Exif\0\0II*\0" + b"\xff" * 40)
+    assert abs(common.load_image(tmp_path / "x.jpg", 32).astype(int) - [100, 150, 200]).max() <= 3
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # PIL's "Corrupt EXIF data"
+
+
 def test_a_phone_photo_stored_sideways_loads_upright(tmp_path):
     """A camera stores the sensor's pixels and an EXIF orientation (6: turn 90 degrees clockwise to show it)."""
     upright = Image.fromarray(world.synth_video("test", 1, 0.04, 64).frames[0])
