@@ -421,14 +421,14 @@ def run(args):
         sizes = {"train": args.videos, "val": max(8, args.videos // 10)}
         paths = {split: args.cache / f"frames_{split}_{n}.pt" for split, n in sizes.items()}  # --videos changes them
         writable_file(args.out, "--out", (".pt",))
+        if args.out.resolve() in {p.resolve() for p in paths.values()}:
+            raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
         if args.out.exists():  # the shipped probe is replaced by default; any other checkpoint is kept
             try:
                 load_probe(args.out)
             except UserError:
                 raise UserError(f"--out {args.out}: holds something other than a probe, which this would replace; "
                                 "pass another name") from None
-        if args.out.resolve() in {p.resolve() for p in paths.values()}:
-            raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
         writable_folder(args.cache, "--cache")
         args.cache.mkdir(parents=True, exist_ok=True)
         pools = {split: load_frame_pool(path) if path.exists() else
