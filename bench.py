@@ -379,10 +379,9 @@ def main(argv=None):
     parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated: "
                         "attention (1a), block (1b), temporal (1c), throughput (2), sampling (3), data (4) "
                         "(default: all of them)")
-    parser.add_argument("--width", type=bounded(int, 1, 8192), default=768,
+    parser.add_argument("--width", type=bounded(int, 1, 8192),
                         help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
-    parser.add_argument("--heads", type=bounded(int, 1, 256), default=12,
-                        help="attention heads of tables 1a-1c (default: 12)")
+    parser.add_argument("--heads", type=bounded(int, 1, 256), help="attention heads of tables 1a-1c (default: 12)")
     parser.add_argument("--batch", type=bounded(int, 1, 4096), help="batch size of tables 1-3 (table 4 assembles "
                         "batches of 8); sampling also runs at batch 1 (default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
@@ -397,6 +396,13 @@ def main(argv=None):
         parser.error(f"--tables {args.tables}: choose from {','.join(TABLES)}")
     if args.sizes and not set(args.sizes.split(",")) <= set(SIZES):
         parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
+    used_by = {"width": TABLES[:3], "heads": TABLES[:3], "batch": TABLES[:5], "sizes": TABLES[3:5],
+               "compile": TABLES[3:5]}  # an option no chosen table uses would be silently ignored
+    unused = [f"--{name}" for name, tables in used_by.items()
+              if getattr(args, name) not in (None, "") and not set(chosen) & set(tables)]
+    if unused:
+        parser.error(f"{', '.join(unused)}: not used by --tables {args.tables}")
+    args.width, args.heads = args.width or 768, args.heads or 12
     if args.width % args.heads:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     with user_errors():  # Ctrl-C, out of memory, a closed output: one line, or none

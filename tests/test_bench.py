@@ -62,7 +62,7 @@ def test_tables_can_be_chosen(tmp_path, capsys):
         "device", "torch", "peak_bf16_flop_s", "batch", "width", "temporal"]
     capsys.readouterr()
     for wrong in (["--tables", "attention,speed"], ["--sizes", "T,XL"], ["--device", "tpu7"], ["--batch", "0"],
-                  ["--heads", "5"]):
+                  ["--heads", "5"], ["--tables", "data", "--width", "8"], ["--tables", "temporal", "--sizes", "B"]):
         with pytest.raises(SystemExit) as e:
             bench.main(wrong)
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
