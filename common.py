@@ -318,11 +318,8 @@ def remove_stale_temps(path):
 def atomic_write(path, write):
     """Call write(tmp_path) on a temporary file next to `path`, then rename it into place, so a crash never leaves
     a half-written file under the final name. A failure to write (disk full, read-only folder) removes the
-    temporary file and is a UserError that names `path`. A symbolic link is written through, as any program writes
-    a file: its target gets the new contents, the link stays."""
+    temporary file and is a UserError that names `path`."""
     path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()
     remove_stale_temps(path)
     tmp = _temp_name(path)
     try:

@@ -795,10 +795,3 @@ def test_held_out_videos_too_short_for_eval_say_what_would_do(here, capsys, diff
                   "pass --seconds 0.4 or less")
     world.main(["tiny", "--videos", "2", "--seconds", "0.6", "--size", "32"])
     assert refuse("evaluate", [*argv[:4], "tiny", *argv[5:], "0.4"], capsys, here, "too short to score")
-
-
-def test_an_output_that_is_a_link_is_written_through(tmp_path):
-    (tmp_path / "real.mp4").write_bytes(b"old")
-    (tmp_path / "link.mp4").symlink_to("real.mp4")
-    atomic_write(tmp_path / "link.mp4", lambda tmp: Path(tmp).write_bytes(b"new"))
-    assert (tmp_path / "link.mp4").is_symlink() and (tmp_path / "real.mp4").read_bytes() == b"new"
