@@ -123,7 +123,7 @@ class Parser(argparse.ArgumentParser):
         """argparse's parsing, after refusing an empty argument (`--out ""`, `--out=`)."""
         args = sys.argv[1:] if args is None else [str(a) for a in args]
         for i, arg in enumerate(args):
-            if arg == "" or (arg.startswith("--") and arg.endswith("=")):
+            if arg == "" or (arg.startswith("-") and "=" in arg and not arg.partition("=")[2]):  # "", --out=, -o=
                 where = arg if arg else f"after {args[i - 1]}" if i else "first"
                 self.error(f"an empty argument ({where}); pass a value (an unset shell variable?)")
         return super().parse_known_args(args, namespace)
@@ -287,7 +287,10 @@ def output_folder(path):
         yield path
     finally:
         if made and not any(path.iterdir()):
-            path.rmdir()
+            try:
+                path.rmdir()
+            except OSError:  # another process (a machine sharing the folder) wrote into it meanwhile: it stays
+                pass
 
 
 def _stat(path, flag):

@@ -273,9 +273,10 @@ def check_saved(saved):
     another version, fails here with a ValueError naming the setting, not in the middle of a step."""
     if saved.get("stage") not in STAGES:
         raise ValueError(f"its stage is {saved.get('stage')!r}")
-    for f in fields(TrainConfig):
-        value, meta = saved.get(f.name), f.metadata
-        if meta["stage"] not in (None, saved["stage"]) or (value is None and f.name in OPTIONAL):
+    for f in fields(TrainConfig):  # a setting newer than the checkpoint: its default, as TrainConfig(**saved) fills in
+        value, meta = saved.get(f.name, f.default), f.metadata
+        optional = f.name in OPTIONAL or f.name not in saved
+        if meta["stage"] not in (None, saved["stage"]) or (value is None and optional):
             continue
         kinds = {bool: bool, int: int, float: (int, float), str: str}[f.type]
         fine = isinstance(value, kinds) and (f.type is bool or not isinstance(value, bool))

@@ -531,7 +531,7 @@ def main(argv=None):
                        formatter_class=HelpFormatter,
                        description="Convert every video under RAW (any fps, resolution and container, with sound) "
                        "to 25 fps, a square crop around the face resized to --size, and 16 kHz mono audio. The face "
-                       "is found by OpenCV's Haar cascade in 8 frames spread over each video, at most one a second "
+                       "is found by OpenCV's Haar cascade in 8 frames spread over each video (at most one in 25) "
                        "(the box is kept in meta.json). "
                        "Corrupt or silent files, and videos without a face in most of those frames, are skipped "
                        "with a warning; rerunning resumes where an interrupted run stopped.")

@@ -32,6 +32,7 @@ from sample import AUDIO_SCALE, DEFAULT_CKPT, MAX_SCALE, SAMPLER, SAMPLER_STEPS,
 from world import Identity, SyntheticVideos, synth_video
 
 PORTRAIT_LEAD = 10  # frames rendered before each evaluated video; the portrait is the first of them
+SHEET_PEOPLE = 3  # videos on eval's contact sheet
 FIDELITY_FRAMES = 3  # frames per video whose re-render fidelity is measured (about a second each)
 
 
@@ -235,9 +236,6 @@ def unseen_speech(model, vae, diffusion, probe, refs, speech, steps, sampler, au
             per_clip_sync(opening, np.roll(loud, -1, axis=0)), "unseen_files": len(wavs), "unseen_frames": T}
 
 
-SHEET_PEOPLE = 3  # videos on eval's contact sheet
-
-
 def write_sheet(path, refs, real, fake, mismatched):
     """Contact sheet, per video three rows: reference | ground truth; generated; generated with other audio (8
     evenly spaced frames each)."""
@@ -423,12 +421,14 @@ def run(args):
         writable_file(args.out, "--out", (".pt",))
         if args.out.resolve() in {p.resolve() for p in paths.values()}:
             raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
-        if args.out.exists():  # the shipped probe is replaced by default; any other checkpoint is kept
+        if args.out.exists():  # a probe (even a damaged or outdated one) is replaced; another checkpoint is kept
             try:
-                load_probe(args.out)
-            except UserError:
+                other = "head.weight" not in load_checkpoint(args.out)
+            except UserError:  # not a whole torch file: nothing to keep
+                other = False
+            if other:
                 raise UserError(f"--out {args.out}: holds something other than a probe, which this would replace; "
-                                "pass another name") from None
+                                "pass another name")
         writable_folder(args.cache, "--cache")
         args.cache.mkdir(parents=True, exist_ok=True)
         pools = {split: load_frame_pool(path) if path.exists() else
@@ -460,8 +460,6 @@ def run(args):
     if args.sheet:
         writable_file(args.sheet, "--sheet", (".png",), inputs=inputs)
     path = args.json or results_path(args.ckpt, args.data.name if args.data else args.split)
-    if path.exists() and any(Path(p).exists() and path.samefile(p) for p in inputs):
-        raise UserError(f"{path}: the results file would overwrite an input of this command; pass another --json")
     if args.data is not None and args.data.resolve() in path.resolve().parents:
         raise UserError(f"{path}: the results file would be written into the data folder {args.data}; pass another "
                         "--json")
@@ -471,6 +469,8 @@ def run(args):
         writable_folder(path.parent, "--json")
         if len(os.fsencode(path.name)) > MAX_NAME:
             raise UserError(f"{path}: the default results file's name is too long; pass --json")
+        if path.exists() and any(Path(p).exists() and path.samefile(p) for p in inputs):
+            raise UserError(f"{path}: the results file would overwrite an input of this command; pass --json")
     speech = [load_audio(p) for p in args.speech]  # read now: a bad file fails before the generation
     if len(speech) == 1:
         raise UserError("--speech: give two or more recordings (each is also scored against the next one's loudness: "

@@ -727,8 +727,7 @@ def main(argv=None):
     if args.export:
         with user_errors():
             ignored = [flag(k) for k in settings if k not in ("out", "vae")]
-            ignored += [name for name, value in (("--resume", args.resume), ("--max-minutes", args.max_minutes))
-                        if value not in (False, None)]
+            ignored += ["--resume"] * args.resume + ["--max-minutes"] * (args.max_minutes is not None)
             if ignored:
                 raise UserError(f"{', '.join(ignored)}: --export only writes --out's run (with --vae's decoder) for "
                                 "sample.py; drop them")
@@ -757,7 +756,8 @@ def main(argv=None):
             if args.resume:
                 if not (out / "ckpt.pt").exists():
                     raise UserError(f"nothing to resume in {out} (no ckpt.pt); drop --resume to start a run")
-                saved = load_checkpoint(out / "ckpt.pt", needs=("train_config",), what="a letstalk run's checkpoint")
+                saved = load_checkpoint(out / "ckpt.pt", needs=("train_config",), what="a letstalk run's checkpoint",
+                                        mmap=True)  # only its settings and step are read here
                 if saved.get("stage") == "export":
                     raise UserError(f"{out / 'ckpt.pt'}: an export (train.py --export), which keeps no optimizer "
                                     "state to resume; start a new run from it with --init")

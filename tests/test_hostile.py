@@ -661,9 +661,16 @@ def test_an_error_while_the_video_is_written_ends_below_the_progress_bar(here, c
 
 @pytest.mark.parametrize("command, argv, where", [
     ("train", ["--init", ""], "after --init"), ("train", ["--out="], "--out="), ("world", [""], "first"),
-    ("sample", [FACE, ""], "after"), ("bench", ["--sizes", ""], "after --sizes")])
+    ("sample", [FACE, ""], "after"), ("bench", ["--sizes", ""], "after --sizes"),
+    ("sample", [FACE, SPEECH, "-o="], "-o=")])
 def test_an_empty_argument_is_refused_not_read_as_the_current_folder(command, argv, where, here, capsys):
     assert refuse(command, argv, capsys, here, f"an empty argument ({where}")
+
+
+def test_a_value_that_ends_in_an_equals_sign_is_not_empty():
+    parser = common.Parser()
+    parser.add_argument("--json")
+    assert parser.parse_args(["--json=a="]).json == "a="
 
 
 def test_a_run_folder_with_something_else_in_its_places_is_refused_first(here, capsys):
@@ -677,6 +684,8 @@ def test_a_run_folder_with_something_else_in_its_places_is_refused_first(here, c
 def test_export_refuses_the_settings_it_would_ignore(here, capsys):
     assert refuse("train", ["--out", "run", "--export", "e.pt", "--size", "S", "--resume"], capsys, here,
                   "--size, --resume: --export only writes")
+    assert refuse("train", ["--out", "run", "--export", "e.pt", "--max-minutes", "0"], capsys, here,
+                  "--max-minutes: --export only writes")
 
 
 def test_checkpoint_options_naming_a_folder_or_damaged_weights_are_refused(here, capsys, vae_ckpt):
@@ -703,6 +712,12 @@ def test_a_resume_checks_what_its_checkpoint_holds(edit, words, here, capsys, di
     assert refuse("train", ["--out", "run", "--resume", "--steps", "5"], capsys, here,
                   f"run/ckpt.pt: not a letstalk run's checkpoint (ValueError: {words}" if "Key" not in words else
                   f"run/ckpt.pt: not a letstalk run's checkpoint ({words}")
+
+
+def test_a_checkpoint_from_before_a_setting_existed_still_resumes(diffusion_ckpt, tmp_path):
+    saved = torch.load(diffusion_ckpt, weights_only=True)["train_config"]
+    del saved["motion_weight"]  # as runs saved before --motion-weight existed
+    assert config.resumed_config(saved, {}, tmp_path / "run").motion_weight == 1.0  # the default they trained with
 
 
 def test_a_resume_that_would_train_nothing_is_refused(here, capsys, diffusion_ckpt):
@@ -780,6 +795,9 @@ def test_what_eval_and_probe_are_pointed_at_is_what_they_take(here, capsys):
     shutil.copy(sample.DEFAULT_CKPT, here / "model.pt")  # the probe's --out would replace a model
     assert refuse("evaluate", ["probe", "--out", "model.pt", "--steps", "1", "--videos", "1"], capsys, here,
                   "--out model.pt: holds something other than a probe")
+    (here / "old_probe.pt").write_bytes(b"a damaged probe")  # what `eval` says to retrain: replaced
+    evaluate.main(["probe", "--out", "old_probe.pt", "--steps", "1", "--videos", "1", "--cache", "pools"])
+    assert "head.weight" in torch.load(here / "old_probe.pt", weights_only=True)
     (here / "weights").mkdir()
     assert refuse("evaluate", ["eval", "--inception", "weights"], capsys, here, "--inception weights: a folder")
     ckpt = torch.load(sample.DEFAULT_CKPT, weights_only=True)
