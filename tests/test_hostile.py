@@ -788,7 +788,9 @@ def test_a_full_disk_under_the_frames_ends_below_the_progress_bar(here, capsys, 
         Path(path).write_bytes(b"frame")
     monkeypatch.setattr(sample, "save_png", full_after_one)
     argv = [FACE, SPEECH, "--ckpt", diffusion_ckpt, "-o", "o.mp4", "--steps", "1", "--size", "64", "--frames", "fr"]
-    refuse("sample", argv, capsys, here, "fr/00001.png: cannot write (No space left on device)", during_work=True)
+    err = refuse("sample", argv, capsys, here, "fr/00001.png: cannot write (No space left on device)", during_work=True)
+    assert err.rstrip().endswith("(No space left on device)")  # the last line: no bar drawn again below it
+    assert (here / "fr" / "00000.png").read_bytes() == b"frame"
 
 
 def test_what_eval_and_probe_are_pointed_at_is_what_they_take(here, capsys):
