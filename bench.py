@@ -369,6 +369,8 @@ def show(title, rows, columns):
 
 
 TABLES = ("attention", "block", "temporal", "throughput", "sampling", "data")
+USED_BY = {"width": TABLES[:3], "heads": TABLES[:3], "batch": TABLES[:5], "sizes": TABLES[3:5],
+           "compile": TABLES[3:5]}  # the tables each option sets: one no chosen table uses would be silently ignored
 
 
 def main(argv=None):
@@ -396,9 +398,7 @@ def main(argv=None):
         parser.error(f"--tables {args.tables}: choose from {','.join(TABLES)}")
     if args.sizes and not set(args.sizes.split(",")) <= set(SIZES):
         parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
-    used_by = {"width": TABLES[:3], "heads": TABLES[:3], "batch": TABLES[:5], "sizes": TABLES[3:5],
-               "compile": TABLES[3:5]}  # an option no chosen table uses would be silently ignored
-    unused = [f"--{name}" for name, tables in used_by.items()
+    unused = [f"--{name}" for name, tables in USED_BY.items()
               if getattr(args, name) not in (None, "") and not set(chosen) & set(tables)]
     if unused:
         parser.error(f"{', '.join(unused)}: not used by --tables {args.tables}")
@@ -427,8 +427,10 @@ def run(args):
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
     peak = gpu_peak(device) if gpu else None
     peak_text = f" (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, the MFU denominator)" if peak else ""
-    print(f"device: {device_name}{peak_text}, {'bf16 autocast' if gpu else 'fp32'}, batch {batch}, width {args.width}, "
-          f"torch {torch.__version__}")
+    chosen = args.tables.split(",")
+    shape = "".join(f", {name} {value}" for name, value in (("batch", batch), ("width", args.width))
+                    if set(chosen) & set(USED_BY[name]))  # the settings of the chosen tables only
+    print(f"device: {device_name}{peak_text}, {'bf16 autocast' if gpu else 'fp32'}{shape}, torch {torch.__version__}")
     measure_table = {
         "attention": lambda: attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
         "block": lambda: block_table(device, frames, patches, args.width, args.heads, batch, repeats),
@@ -442,7 +444,7 @@ def run(args):
                                            1 if args.quick else 2, compiled),
         "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
-    tables = {name: measure_table[name]() for name in TABLES if name in args.tables.split(",")}
+    tables = {name: measure_table[name]() for name in TABLES if name in chosen}
     columns = {
         "attention": ("1a. attention alone, forward + backward: full / (spatial + temporal)",
                       ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"]),

@@ -57,10 +57,13 @@ def test_matmul_attention_is_the_same_attention():
 def test_tables_can_be_chosen(tmp_path, capsys):
     tables = bench.main(["--quick", "--tables", "temporal", "--width", "64", "--heads", "4", "--device", "cpu",
                          "--json", str(tmp_path / "bench.json")])
-    assert list(tables) == ["temporal"] and "1a." not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert list(tables) == ["temporal"] and "1a." not in out
+    assert ", batch 1, width 64, torch" in out.splitlines()[0]  # the header names the chosen tables' settings
     assert list(json.loads((tmp_path / "bench.json").read_text())) == [
         "device", "torch", "peak_bf16_flop_s", "batch", "width", "temporal"]
-    capsys.readouterr()
+    bench.main(["--quick", "--tables", "data", "--device", "cpu", "--json", str(tmp_path / "bench.json")])
+    assert "batch" not in capsys.readouterr().out.splitlines()[0]  # table 4 takes neither --batch nor --width
     for wrong in (["--tables", "attention,speed"], ["--sizes", "T,XL"], ["--device", "tpu7"], ["--batch", "0"],
                   ["--heads", "5"], ["--tables", "data", "--width", "8"], ["--tables", "temporal", "--sizes", "B"]):
         with pytest.raises(SystemExit) as e:
