@@ -8,14 +8,15 @@ only mean something on the device that measured them (say which).
 Tables (also written as JSON, --json):
   1a attention alone: full attention over F*P tokens vs spatial (P per frame) + temporal (F per position), beside
      Eq. 4's prediction (F*P)^2 / (F*P^2 + P*F^2) = F*P / (F + P);
-  1b whole blocks: a full-attention block vs our spatial-temporal block, beside the ratio of their FLOP counts
+  1b whole blocks: a full-attention block vs our spatial-temporal block (with the portrait's symbiotic tokens, without
+     the audio's cross-attention: the same in both), beside the ratio of their FLOP counts
      (projections and MLP cost the same in both, so the block saves far less than attention alone);
   1c temporal attention alone at its short lengths (F + 2 motion frames): SDPA's default kernel against each kernel
      forced and kernels.py's Triton kernel (CUDA), and a plain batched-matmul softmax;
   2  training throughput (clips/s, tokens/s, and MFU on CUDA) per model size, eager and (--compile) compiled, the
      compiled step on CUDA once per temporal kernel (train.py --temporal-kernel);
   3  sampling speed: seconds of compute per second of video (and its inverse, x real time): DDIM 25 with audio
-     guidance x2 (2 model passes per step, the paper's way and the old default) and sample.py's default
+     guidance x2 (2 model passes per step, the old default) and sample.py's default
      (DPM-Solver++ in 8 steps, no guidance: 1 pass), per model size and batch, and for the shipped checkpoint.
      On CUDA at the paper's shape (16 frames of 256x256), on a CPU at the demo's (8 frames of 64x64);
   4  data: clips per second the training sampler assembles on one CPU core from memory-mapped latents, at the
@@ -125,7 +126,8 @@ def attention_table(device, frames, patches, width, heads, batch, repeats):
 
 
 def block_table(device, frames, patches, width, heads, batch, repeats):
-    """Table 1b: forward + backward of one whole block, full attention vs spatial-temporal."""
+    """Table 1b: forward + backward of one whole block, full attention vs spatial-temporal, with the portrait's
+    symbiotic tokens and no direct-fusion context (the audio's cross-attention costs the same in both)."""
     rows = []
     for F_ in frames:
         for P in patches:
@@ -310,17 +312,22 @@ def sampling_table(device, sizes, shape, batches, samplers, repeats, compiled=Fa
 
 
 def sampling_rows(device, name, model, vae, diffusion, batches, samplers, repeats, compiled):
-    """Table 3's rows for one model, per batch size, eager then (compiled) compiled, each sampler; the model is
-    freed on return."""
+    """Table 3's rows for one model, per batch size, eager then (compiled) compiled, each sampler (a row that does
+    not fit in memory is left out); the model is freed on return."""
     F_, res = model.cfg.frames, vae.config.resolution
     rows = []
     for batch in batches:
         for use_compile in (False, True) if compiled else (False,):
             net = compiled_model(model) if use_compile else model
-            image, mel = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy(), torch.randn(batch, F_, 20, 80)
+            image = torch.zeros(batch, res, res, 3, dtype=torch.uint8).numpy()
+            mel = torch.randn(batch, F_, model.cfg.mel_window, model.cfg.n_mels)
             for sampler, steps, audio_scale in samplers:
-                seconds, memory = measure(lambda: generate(net, vae, diffusion, image, mel, steps, sampler, audio_scale,
-                                                           progress=False, device=device), device, repeats)
+                timed = measured(lambda: generate(net, vae, diffusion, image, mel, steps, sampler, audio_scale,
+                                                  progress=False, device=device), device, repeats,
+                                 f"table 3, {name} at batch {batch}{', compiled' if use_compile else ''}, {sampler}")
+                if timed is None:
+                    continue
+                seconds, memory = timed
                 video_seconds = batch * F_ / 25
                 rows.append({"model": name, "batch": batch, "compiled": use_compile, "frames": F_,
                              "resolution": res, "sampler": sampler, "steps": steps, "audio_scale": audio_scale,

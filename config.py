@@ -110,7 +110,7 @@ class TrainConfig:
                                    "off. 3-6 moved the heads of single windows 0.59x -> 0.81-0.86x as much as real "
                                    "ones, at 0.6 dB of re-render fidelity (README, Training)", stage="diffusion",
                                    low=1, high=100)
-    blink_repeat: int = setting(1, "synthetic data: clips with a blink appear this many times per epoch, since a "
+    blink_repeat: int = setting(1, "synthetic data: clips with a blink are drawn this many times as often, since a "
                                 "small model under-produces rare blinks; 1: off", stage="diffusion", resumable=True,
                                 low=1, high=1000)
     drop_audio: float = setting(0.1, "probability of dropping the audio (classifier-free guidance), independent of "
@@ -196,8 +196,8 @@ def resolve(cfg):
             raise UserError(f"--resolution {cfg.resolution}: must be a multiple of {2 * cfg.factor}, twice --factor "
                             "(the diffusion model cuts the latents into 2x2 patches)")
         if cfg.vae_width % 4:
-            raise UserError(f"--vae-width {cfg.vae_width}: must be a multiple of 4 (GroupNorm takes groups of 4 "
-                            "channels)")
+            raise UserError(f"--vae-width {cfg.vae_width}: must be a multiple of 4 (GroupNorm splits the channels "
+                            "into equal groups of at least 4)")
         return cfg
     cfg.size = cfg.size or ("B" if gpu else "T")
     cfg.frames = cfg.frames or (16 if gpu else 8)

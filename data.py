@@ -68,17 +68,9 @@ def write_mp4(path, frames, wav=None, crf=16):
 
 
 def read_video(path):
-    """Decode every frame of a video file. Returns (frames uint8 (N, H, W, 3), fps as a float)."""
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            fps = float(stream.average_rate or FPS)
-    except (av.FFmpegError, IndexError) as e:
-        raise UserError(f"{path}: cannot decode video ({e})") from None
-    if not frames:
-        raise UserError(f"{path}: no video frames")
-    return np.stack(frames), fps
+    """Decode every frame of one of the layout's videos (upright, square and 25 fps already, unlike the raw videos
+    `prepare` reads) -> uint8 (N, H, W, 3)."""
+    return np.stack([frame.to_ndarray(format="rgb24") for _, frame in video_frames(path)])
 
 
 def check_replaceable(folder):
@@ -139,11 +131,11 @@ def held_out(n):
 class VideoFolder:
     """A dataset root in the on-disk layout, as a sequence of Video (decoded on access).
 
-    split "all" takes every video; "val" holds out the videos held_out names and "train" the rest, so a
-    prepared folder gives held-out videos without a second copy. `size` is the frame size in pixels that every
-    video of the folder (all splits) has, as their meta.json files say (in old folders, whose meta.json does not,
-    the first video's, decoded): a folder of mixed sizes is refused, since training stacks frames of different
-    videos.
+    split "all" takes every video; "val" holds out the videos held_out names and "train" the rest (a folder of one
+    video trains on it too, with a note), so a prepared folder gives held-out videos without a second copy. `size`
+    is the frame size in pixels that every video of the folder (all splits) has, as their meta.json files say (in
+    old folders, whose meta.json does not, the first video's, decoded): a folder of mixed sizes is refused, since
+    training stacks frames of different videos.
     """
 
     def __init__(self, root, split="all"):
@@ -160,6 +152,9 @@ class VideoFolder:
             raise UserError(f"{sized[0][0]} holds {sized[0][1]} px frames but {other[0]} {other[1]} px; prepare (or "
                             "render) all the videos of a folder with one --size")
         val = [folders[i] for i in held_out(len(folders))]
+        if split == "train" and len(folders) == 1:
+            print(f"note: {root} holds one video, so training validates on the video it trains on: its validation "
+                  "figures measure the fit, not how well it generalises", file=sys.stderr)
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [metas[p] for p in self.folders]
         self.size = None  # (while the first video is decoded for it)
@@ -173,7 +168,7 @@ class VideoFolder:
         return self.meta[i]["num_frames"]
 
     def __getitem__(self, i):
-        frames, _ = read_video(self.folders[i] / "video.mp4")
+        frames = read_video(self.folders[i] / "video.mp4")
         if len(frames) < self.num_frames(i):
             raise UserError(f"{self.folders[i]}: meta.json counts {self.num_frames(i)} frames, video.mp4 holds "
                             f"{len(frames)}; delete the folder and prepare or render it again")
@@ -330,14 +325,19 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
     # every video gets a folder of its own: a/b.mp4 -> a__b, .c.mp4 -> c (VideoFolder skips names with a leading
     # dot: unfinished folders); two sources with one folder would lose one of them
-    folders = {}
+    folders, key_of = {}, {}  # key: the path under raw_dir without the suffix, what --boxes names a video by
     for src in sources:
-        name = src.relative_to(raw_dir).with_suffix("").as_posix().replace("/", "__").lstrip(".")
+        key_of[src] = src.relative_to(raw_dir).with_suffix("").as_posix()
+        name = key_of[src].replace("/", "__").lstrip(".")
         if not name:
             raise UserError(f"{src}: a name of dots only, which makes no folder name; rename it")
         if name in folders:
             raise UserError(f"{folders[name]} and {src} would both be prepared into {out_dir}/{name}; rename one")
         folders[name] = src
+    unknown = sorted(set(boxes or ()) - set(key_of.values()))
+    if unknown:
+        raise UserError(f"--boxes: {unknown[0]!r} names no video of {raw_dir} (name a video by its path under it "
+                        "without the suffix: a/b for a/b.mp4)")
     name_of = {src: name for name, src in folders.items()}
     sources = sources[shard[0]::shard[1]]  # (none, for a shard beyond the number of videos: nothing to do)
     jobs = []
@@ -345,7 +345,7 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         folder = Path(out_dir) / name_of[src]
         if not (folder / "meta.json").exists():
             check_replaceable(folder)  # before any work: a file or folder of the user's in the way is never replaced
-            jobs.append((src, folder, size, None if boxes is None else boxes.get(src.stem)))
+            jobs.append((src, folder, size, None if boxes is None else boxes.get(key_of[src])))
     with output_folder(out):
         errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
     return len(jobs) - len(errors), len(sources) - len(jobs), errors
@@ -539,10 +539,12 @@ def main(argv=None):
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--size", type=bounded(int, 16, 2048), default=256,
                    help="output frame size, even (256 is the paper's)")
-    p.add_argument("--boxes", type=Path, help="JSON file {video_stem: [x0, y0, x1, y1]} of square crop boxes in "
-                   "pixels of the upright source frame, for the videos whose box the detector should not choose")
+    p.add_argument("--boxes", type=Path, help="JSON file {video: [x0, y0, x1, y1]} of square crop boxes in pixels "
+                   "of the upright source frame, for the videos whose box the detector should not choose; a video is "
+                   "named by its path under RAW without the suffix (a/b for RAW/a/b.mp4)")
     p.add_argument("--workers", type=bounded(int, 1, 1024),
-                   help="videos prepared at once, in worker processes (default: one per core)")
+                   help="videos prepared at once, in worker processes: up to this many and at most one per 4 videos "
+                   "(under 8 videos: none, this process prepares them) (default: one per core)")
     p.add_argument("--shard", default="0/1", help="i/n: prepare every n-th video from the i-th, so that n machines "
                    "share a dataset (default: 0/1, all of them)")
     args = parser.parse_args(argv)

@@ -97,7 +97,7 @@ class Diffusion:
         return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1)}[self.prediction]
 
     @torch.no_grad()
-    def sample(self, denoise, shape, steps=25, sampler="ddim", generator=None, device="cpu", progress=False):
+    def sample(self, denoise, shape, steps, sampler, generator=None, device="cpu", progress=False):
         """Draw x_0 from noise: denoise(x_t, t) -> (x0, eps) is the model (with guidance), shape the latents'.
 
         One denoise call per step, on `steps` evenly spaced timesteps (at most self.steps, which are all there are):
@@ -116,10 +116,12 @@ class Diffusion:
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             if sampler == "dpm++" and last is not None and i + 2 < len(times):
                 x = self.dpm_step(x, x0, t, t_prev, *last)
-            else:  # DDIM; also DPM-Solver++'s first step and its last two (to t = 0, then to the clean end): those
-                # are the longest steps in log-SNR, where x0 extrapolated from a shorter step before overshoots
-                # ddpm's fresh noise (eta 1). DDIM's eta 0 ignores it, but it is drawn all the same: the generator
-                # then reaches a long video's later windows as it did when the README's figures were measured
+            else:  # DDIM; also DPM-Solver++'s first step (no earlier x0 to extrapolate from) and its last two (to
+                # t = 0, then to the clean end), the longest in log-SNR, where an x0 extrapolated across the shorter
+                # step before overshoots.
+                # The noise is ddpm's (eta 1). DDIM's eta 0 ignores it but it is drawn all the same, so that a
+                # generator shared by a long video's windows (sample.windows) reaches each window in the state it
+                # had when the README's figures were measured
                 noise = torch.randn(shape, generator=generator, device="cpu").to(device)
                 x = self.ddim_step(x0, eps, t, t_prev, 1.0 if sampler == "ddpm" else 0.0, noise)
             last = (x0, t)

@@ -72,8 +72,8 @@ class LetsTalkConfig:
     patch: int = 2
     frames: int = 16  # F, frames generated per window
     motion: int = 2  # M, motion frames from the previous window, as the official long model (0: the model takes none)
-    mel_window: int = 20  # mel frames seen by each video frame: its own 4 and two frames' worth either side (audio.py)
-    n_mels: int = 80
+    mel_window: int = 20  # mel frames seen by each video frame: its own 4 and two frames' worth either side
+    n_mels: int = 80  # (both audio.py's: train.py passes its MEL_WINDOW and N_MELS)
     audio_tokens: int = 5  # K audio tokens per frame, one per video frame of that window (the official code: 32
     # wav2vec tokens of width 768)
     audio_layers: int = 2  # transformer layers of the audio encoder
@@ -85,7 +85,8 @@ class LetsTalkConfig:
         """Refuse a shape no model can have (a typo, or the config of a damaged or foreign checkpoint)."""
         counts = (self.depth, self.width, self.heads, self.latent_channels, self.latent_size, self.patch, self.frames,
                   self.mel_window, self.n_mels, self.audio_tokens, self.audio_layers)
-        if min(counts) < 1 or self.motion < 0 or self.width % self.heads or self.latent_size % self.patch:
+        if (min(counts) < 1 or self.motion < 0 or self.width % self.heads or self.width % 4  # 4: sincos_2d's
+                or self.latent_size % self.patch):
             raise ValueError(f"no model has this shape: {self}")
 
 
@@ -171,7 +172,8 @@ def modulate(x, shift, scale):
 
 
 def norm(width):
-    """LayerNorm without its own affine parameters: adaLN supplies them."""
+    """LayerNorm without its own affine parameters: adaLN supplies them where it modulates (the spatial half); the
+    direct-fusion and siamese-guide norms stay unmodulated, as in the official code and DiT."""
     return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
 
@@ -249,7 +251,8 @@ class Block(nn.Module):
 
     Works on frame tokens x (B*F, P, D). Every residual branch ends in a zero-initialised layer (adaLN-Zero gates,
     the temporal and cross-attention output projections), so a new block is the identity. (The official code
-    zero-initialises only the adaLN gates; we extend it so the identity holds for the whole block.)
+    zero-initialises only the adaLN modulation layers and the final layer; we extend it so the identity holds for
+    the whole block.)
     """
 
     def __init__(self, cfg):
@@ -299,6 +302,7 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation(self.ada, c, 6, frames=F_)
         h = x if symbiotic is None else torch.cat([x, symbiotic], dim=1)
         q = modulate(self.norm1(h), shift1, scale1)
+        # guides are normalised but not modulated here: their own tower's blocks modulated them by the timestep
         kv = q if guides is None else torch.cat([q, self.norm1(guides)], dim=1)
         if self.full:  # joint attention over every token of the clip: O((F*P)^2)
             out = self.attn(rearrange(q, "(b f) n d -> b (f n) d", b=B), rearrange(kv, "(b f) n d -> b (f n) d", b=B))
@@ -448,8 +452,9 @@ class LetsTalk(nn.Module):
         # video token p (official code); audio tokens come from the audio encoder, K per frame
         ref_tokens = self._drop(self.patchify(ref), self.null_ref, drop_ref)  # (B, P, D)
         audio_tokens = self._drop(self.audio_encoder(mel), self.null_audio, drop_audio)  # (B, F, K, D)
-        per_frame = {"ref": repeat(ref_tokens, "b p d -> (b f) p d", f=F_),  # Fig. 2: repeated along frames
-                     "audio": rearrange(audio_tokens, "b f k d -> (b f) k d")}  # frame f: its own audio only
+        per_frame = {"audio": rearrange(audio_tokens, "b f k d -> (b f) k d")}  # frame f: its own audio only
+        if cfg.ref_fusion != "siamese":  # (the siamese tower repeats its own hidden states instead)
+            per_frame["ref"] = repeat(ref_tokens, "b p d -> (b f) p d", f=F_)  # Fig. 2: repeated along frames
         schemes = {"ref": cfg.ref_fusion, "audio": cfg.audio_fusion}
         symbiotic = [per_frame[n] for n in ("ref", "audio") if schemes[n] == "symbiotic"]
         symbiotic = torch.cat(symbiotic, dim=1) if symbiotic else None

@@ -5,7 +5,8 @@
 
 The whole audio is animated: ceil(duration x 25) frames, generated in windows of F frames. Each window after the
 first is conditioned on the last M frames of the previous one (motion frames, the official long-video variant), so
-there is no jump at window borders; the first window continues the portrait, standing still for M frames (as the
+it continues that one (the jump left at the borders is measured by metrics.border_jump); the first window continues
+the portrait, standing still for M frames (as the
 official sample_long.py starts a video).
 
 Classifier-free guidance with separate scales: the model is run with neither the portrait nor the audio (their

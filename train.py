@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from audio import FPS
+from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
                     save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
@@ -317,8 +317,8 @@ class DiffusionStage:
         self.resolution = self.vae.config.resolution
         latent = self.resolution // self.vae.config.factor
         mcfg = config_for(cfg.size, latent_size=latent, latent_channels=self.vae.config.latent_channels,
-                          frames=cfg.frames, motion=cfg.motion, ref_fusion=cfg.ref_fusion,
-                          audio_fusion=cfg.audio_fusion)
+                          frames=cfg.frames, motion=cfg.motion, mel_window=MEL_WINDOW, n_mels=N_MELS,
+                          ref_fusion=cfg.ref_fusion, audio_fusion=cfg.audio_fusion)
         self.model = LetsTalk(mcfg).to(device)
         self.model.set_temporal_kernel(TEMPORAL_KERNELS[cfg.temporal_kernel])  # the EMA, only sampled, keeps SDPA
         self.ema = LetsTalk(mcfg).to(device).requires_grad_(False)
@@ -433,9 +433,9 @@ class DiffusionStage:
 
     @torch.no_grad()
     def evaluate(self, step, out):
-        """Validation loss of the EMA model at fixed timesteps and noise, and a PNG grid of sampled frames
-        (per clip: reference | generated frames, then the real frames below); with the probe also val_sync,
-        val_sync_mismatched and val_fidelity. Returns those figures as a dict."""
+        """Validation loss of the EMA model at fixed timesteps and noise, and a PNG grid of sampled frames (per
+        clip: reference | generated frames, then the VAE's reconstruction of the real frames below); with the probe
+        also val_sync, val_sync_mismatched and val_fidelity. Returns those figures as a dict."""
         g = torch.Generator().manual_seed(1234)
         x0, ref, mel, motion, _ = self.conditions(self.val, train=False)
         n = len(x0)
@@ -448,7 +448,7 @@ class DiffusionStage:
         def denoise(x, tt):
             out = self.ema(x, tt, ref[:k], mel[:k], None if motion is None else motion[:k])
             return self.diffusion.split(x, tt, out)
-        z = self.diffusion.sample(denoise, (k, *x0.shape[1:]), steps=25, generator=g, device=self.device)
+        z = self.diffusion.sample(denoise, (k, *x0.shape[1:]), 25, "ddim", generator=g, device=self.device)
         rows = []
         for i in range(k):
             gen = to_uint8(self.vae.decode(z[i] / self.vae.latent_scale))  # (F, H, W, 3)
@@ -506,9 +506,9 @@ class DiffusionStage:
         then, now = (len(ckpt["seen"]["videos"]), len(ckpt["seen"]["clips"])), (len(self.seen["videos"]),
                                                                                len(self.seen["clips"]))
         if then != now:  # the data position is a function of the step and of the data: other data, other batches
-            raise UserError(f"--data {self.cfg.data}: {now[0]} training videos ({now[1]} clips), but the run's "
-                            f"checkpoint was trained on {then[0]} ({then[1]}); an exact resume needs the same videos: "
-                            "start a new run from it with --init")
+            raise UserError(f"--data {self.cfg.data}: {now[0]} training videos ({now[1]} frames), but the "
+                            f"run's checkpoint was trained on {then[0]} ({then[1]}); an exact resume needs the same "
+                            "videos: start a new run from it with --init")
         self.model.load_state_dict(ckpt["model"]["weights"])
         self.ema.load_state_dict(ckpt["ema"])
         self.seen = {k: v.clone() for k, v in ckpt["seen"].items()}
@@ -596,11 +596,14 @@ def trim_log(path, step):
 
 
 def diverged(what, value, step, ckpt_path, saved_at, cfg):
-    """The UserError that stops a diverged run: which value went wrong, and which checkpoint is safe."""
+    """The UserError that stops a diverged run: which value went wrong, which checkpoint is safe, and what to do (a
+    resume keeps the run's --lr, so a lower one means a new run; a diffusion run can start from the safe one)."""
     safe = (f"the last checkpoint ({ckpt_path}, step {saved_at}) was written before and is intact" if saved_at
             is not None else "no checkpoint was written")
-    return UserError(f"the {what} became {value:.4g} at step {step}: training diverged; {safe}. Lower --lr (now "
-                     f"{cfg.lr:g}) or check the data")
+    start = (f" (--init {ckpt_path} starts it from that checkpoint)" if saved_at is not None and
+             cfg.stage == "diffusion" else "")
+    return UserError(f"the {what} became {value:.4g} at step {step}: training diverged; {safe}. Start a new run with "
+                     f"a lower --lr than {cfg.lr:g}{start}, or check the data")
 
 
 def train(cfg, resume=False, max_minutes=None):
@@ -615,7 +618,8 @@ def train(cfg, resume=False, max_minutes=None):
     out.mkdir(parents=True, exist_ok=True)
     if rank() == 0:
         remove_stale_temps(ckpt_path)  # what a run killed while saving left
-    # fused: one kernel updates every parameter (CPU and CUDA alike); the default steps them one by one
+    # fused: one kernel updates every parameter (CPU and CUDA alike); the default loops over them on a CPU and
+    # groups them into a few foreach kernels on CUDA
     trained = [p for p in stage.model.parameters() if p.requires_grad]  # a decoder fine-tune freezes the encoder
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0, fused=True)
     step, elapsed, saved_at = 0, 0.0, None
@@ -720,7 +724,8 @@ def main(argv=None):
     add_settings(parser)
     parser.add_argument("--export", type=Path, metavar="PATH", help="write the sampling part of --out's checkpoint "
                         "(EMA weights, VAE, fp16) to PATH for sample.py, and exit; with --vae, that checkpoint's "
-                        "fine-tuned decoder (--stage vae --init) replaces the run's")
+                        "fine-tuned decoder (--stage vae --init) replaces the run's. It reads the run's training "
+                        "videos to measure its VAE on them (synthetic ones are rendered again if its --cache is gone)")
     args = parser.parse_args(argv)
     settings = given(args)
 

@@ -43,13 +43,14 @@ class VAEConfig:
     def __post_init__(self):
         """Refuse a shape no VAE here can have (a typo, or the config of a damaged or foreign checkpoint)."""
         if (self.factor not in (4, 8) or not 16 <= self.resolution <= 1024 or self.resolution % self.factor
-                or min(self.latent_channels, self.width) < 1):
+                or self.latent_channels < 1 or self.width < 4 or self.width % 4):  # norm: groups of 4 channels
             raise ValueError(f"no VAE has this shape: {self}")
 
 
 def norm(channels):
-    """GroupNorm with up to 32 groups of at least 4 channels."""
-    return nn.GroupNorm(min(32, channels // 4), channels)
+    """GroupNorm with up to 32 groups of at least 4 channels: the largest power of two that divides channels / 4,
+    capped at 32 (so the groups split any multiple of 4 evenly; 32 groups from 128 channels on, as SD's VAE)."""
+    return nn.GroupNorm(math.gcd(32, channels // 4), channels)
 
 
 class ResBlock(nn.Module):
@@ -79,9 +80,7 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        levels = int(math.log2(config.factor))
-        if 2 ** levels != config.factor:
-            raise ValueError(f"factor must be a power of two, got {config.factor}")
+        levels = int(math.log2(config.factor))  # halvings: 2 or 3
         ch = [config.width * 2 ** i for i in range(levels + 1)]
         down = []
         for i in range(levels):
@@ -127,10 +126,9 @@ class VAE(nn.Module):
         return self.decoder(z), mean, logvar
 
     def decode(self, z):
-        """(B, 4, h, w) -> (B, 3, H, W). Clamped to [-1, 1] in eval mode; unclamped when training, so pixels that
-        overshoot still get a gradient back."""
-        x = self.decoder(z)
-        return x if self.training else x.clamp(-1, 1)
+        """(B, 4, h, w) -> (B, 3, H, W), clamped to [-1, 1], the range of frames. (Training reconstructs through
+        forward, unclamped, so that pixels which overshoot still get a gradient back.)"""
+        return self.decoder(z).clamp(-1, 1)
 
 
 def kl_divergence(mean, logvar):

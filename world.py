@@ -399,7 +399,9 @@ def main(argv=None):
     parser.add_argument("--size", type=bounded(int, 16, 1024), default=64, help="frame size in pixels, even (64 for "
                         "CPU, 256 as the paper)")
     parser.add_argument("--split", choices=list(SPLITS), default="train",
-                        help="identities and sentences of this split (they never overlap across splits)")
+                        help="identities and sentences of this split (they never overlap across splits; "
+                        "train.py --data on this folder holds out every 20th video, whose people may recur in the "
+                        "others: --data synthetic renders its held-out videos from the val split)")
     parser.add_argument("--seed", type=bounded(int, 0, MAX_SEED), default=0,
                         help="world seed; the same seed gives the same videos")
     parser.add_argument("--still", action="store_true", help="also write each video's first frame as still.png (a "

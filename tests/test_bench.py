@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import bench
+from diffusion import Diffusion
+from letstalk import LetsTalk, config_for
+from vae import VAE, VAEConfig
 
 
 def test_quick_bench_produces_every_table(tmp_path, capsys):
@@ -81,3 +84,20 @@ def test_a_measurement_that_does_not_fit_is_skipped_and_other_errors_are_not(cap
     assert "skipped table 2, size L: out of memory" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="a bug"):
         bench.measured(broken, torch.device("cpu"), 1, "table 2, size L")
+
+
+def test_a_sampling_row_that_does_not_fit_is_skipped(monkeypatch, capsys):
+    """Table 3 leaves out a batch that does not fit, as tables 1-2 do, instead of ending the run (and losing the
+    tables already measured, which are written at the end)."""
+    model = LetsTalk(config_for("T", frames=2, latent_size=4)).eval()
+    vae = VAE(VAEConfig(resolution=16, factor=4, width=4)).eval()
+    real = bench.generate
+
+    def fits_batch_1(model, vae, diffusion, image, mel, *args, **kwargs):
+        if len(image) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, vae, diffusion, image, mel, *args, **kwargs)
+    monkeypatch.setattr(bench, "generate", fits_batch_1)
+    rows = bench.sampling_rows(torch.device("cpu"), "T", model, vae, Diffusion(), [1, 2], [("ddim", 2, 1.0)], 1, False)
+    assert [r["batch"] for r in rows] == [1] and rows[0]["realtime_x"] > 0
+    assert "skipped table 3, T at batch 2, ddim: out of memory" in capsys.readouterr().out

@@ -4,6 +4,7 @@ import fractions
 import json
 import math
 import os
+import shutil
 import struct
 import weakref
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     _write_raw_video(raw / "speaker" / "talk.mp4", 60, 30, 96, 64, 0.3 * np.sin(2 * np.pi * 300 * t))
     _write_raw_video(raw / "silent.mp4", 30, 30, 96, 64, np.zeros_like(t))
     (raw / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(300))
-    (tmp_path / "boxes.json").write_text(json.dumps({"talk": [16, 0, 80, 64]}))  # the centre: no face to find
+    (tmp_path / "boxes.json").write_text(json.dumps({"speaker/talk": [16, 0, 80, 64]}))  # the centre: no face
     boxes = ["--boxes", str(tmp_path / "boxes.json")]
     data.main(["prepare", str(raw), str(out), "--size", "32", *boxes])
     lines = capsys.readouterr()
@@ -85,7 +86,7 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     assert folder.name == "speaker__talk"
     info = probe_video(folder / "video.mp4")
     assert info["frames"] == 50 and info["fps"] == 25 and info["size"] == (32, 32)
-    frames, _ = data.read_video(folder / "video.mp4")
+    frames = data.read_video(folder / "video.mp4")
     # centre square only (no red or blue bar), and output frame k shows source frame floor(k * 30 / 25)
     assert np.abs(frames[:, :, :, 0].astype(int) - frames[:, :, :, 2]).max() < 12
     want = 4 * np.floor(np.arange(50) * 30 / 25)
@@ -123,19 +124,28 @@ def test_prepare_finds_the_face_and_skips_a_video_without_one(tmp_path, capsys):
     assert "prepared 1, already done 0, skipped 1" in capsys.readouterr().out
     x0, y0, x1, y1 = json.loads((out / "astronaut" / "meta.json").read_text())["box"]
     assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= 256 and 0 <= y0 and y1 <= 192
-    frames, _ = data.read_video(out / "astronaut" / "video.mp4")
+    frames = data.read_video(out / "astronaut" / "video.mp4")
     fx0, fy0, fx1, fy1 = data.find_face([frames[len(frames) // 2]] * 3, enlarge=1)
     assert abs((fx0 + fx1) / 2 - 48) < 12 and abs((fy0 + fy1) / 2 - 48) < 12  # the face in the middle
 
 
 def test_prepare_uses_the_crop_boxes_given(tmp_path, capsys):
+    """A box is given to one video by its path under the raw folder: a.mp4 and sub/a.mp4, one stem, take their own
+    (the red bar left, the blue bar right); a box naming no video is refused before any work."""
     raw, out = tmp_path / "raw", tmp_path / "out"
-    raw.mkdir()
-    _write_raw_video(raw / "a.mp4", 10, 25, 96, 64, 0.3 * np.sin(np.arange(44100) * 0.05))
-    (tmp_path / "boxes.json").write_text(json.dumps({"a": [0, 0, 16, 16]}))  # inside the red bar
+    (raw / "sub").mkdir(parents=True)
+    for path in (raw / "a.mp4", raw / "sub" / "a.mp4"):
+        _write_raw_video(path, 10, 25, 96, 64, 0.3 * np.sin(np.arange(44100) * 0.05))
+    (tmp_path / "boxes.json").write_text(json.dumps({"a": [0, 0, 16, 16], "sub/a": [80, 0, 96, 16]}))
     data.main(["prepare", str(raw), str(out), "--size", "16", "--boxes", str(tmp_path / "boxes.json")])
-    frames, _ = data.read_video(out / "a" / "video.mp4")
-    assert frames[:, 4:12, 4:12, 0].mean() > 200 and frames[:, 4:12, 4:12, 2].mean() < 40
+    red, blue = data.read_video(out / "a" / "video.mp4"), data.read_video(out / "sub__a" / "video.mp4")
+    assert red[:, 4:12, 4:12, 0].mean() > 200 and red[:, 4:12, 4:12, 2].mean() < 40
+    assert blue[:, 4:12, 4:12, 2].mean() > 200 and blue[:, 4:12, 4:12, 0].mean() < 40
+    (tmp_path / "boxes.json").write_text(json.dumps({"a": [0, 0, 16, 16], "sub/b": [80, 0, 96, 16]}))
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", str(raw), str(tmp_path / "new"), "--boxes", str(tmp_path / "boxes.json")])
+    assert e.value.code == 2 and "--boxes: 'sub/b' names no video of" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -275,13 +285,19 @@ def test_a_folder_of_mixed_frame_sizes_is_refused_and_its_size_is_known(tmp_path
         videos[1]
 
 
-def test_video_folder_splits_never_overlap(tmp_path):
-    """Every 20th video is held out for validation; a folder of fewer than 20 holds out its last one."""
+def test_video_folder_splits_never_overlap(tmp_path, capsys):
+    """Every 20th video is held out for validation; a folder of fewer than 20 holds out its last one, and a folder
+    of one video, which a run can only train on, says that its validation is on that video."""
     world.main([str(tmp_path), "--videos", "3", "--seconds", "0.2", "--size", "32"])
     train_set, val_set = data.VideoFolder(tmp_path, "train"), data.VideoFolder(tmp_path, "val")
     assert len(val_set) == 1 and len(train_set) == 2
     assert not set(train_set.folders) & set(val_set.folders)
     assert set(train_set.folders) | set(val_set.folders) == set(data.VideoFolder(tmp_path).folders)
+    assert "note" not in capsys.readouterr().err
+    for extra in train_set.folders:
+        shutil.rmtree(extra)
+    assert data.VideoFolder(tmp_path, "train").folders == data.VideoFolder(tmp_path, "val").folders
+    assert "holds one video, so training validates on the video it trains on" in capsys.readouterr().err
 
 
 def test_prepare_keeps_sound_and_picture_together_when_the_streams_start_apart(tmp_path):

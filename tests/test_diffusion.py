@@ -35,7 +35,7 @@ def test_every_target_gives_back_x0_and_eps(prediction):
 def test_ddim_with_a_perfect_denoiser_returns_the_data():
     d = Diffusion(prediction="x0")
     x0 = torch.randn(2, 3, 4, 4)
-    out = d.sample(lambda x, t: d.split(x, t, x0), x0.shape, steps=10)
+    out = d.sample(lambda x, t: d.split(x, t, x0), x0.shape, 10, "ddim")
     assert torch.allclose(out, x0, atol=1e-4)
 
 

@@ -204,6 +204,9 @@ def test_unknown_fusion_or_attention_is_refused():
         L.LetsTalk(tiny(ref_fusion="concat"))
     with pytest.raises(ValueError, match="motion"):
         L.LetsTalk(tiny(attention="full", motion=2))
+    for width, heads in ((6, 2), (10, 1)):  # divisible by the heads, not by 4: the 2D sin-cos embedding's quarters
+        with pytest.raises(ValueError, match="no model has this shape"):
+            tiny(width=width, heads=heads)
 
 
 def test_size_table_prints_every_fusion_choice(capsys):

@@ -164,6 +164,7 @@ def test_a_diverged_loss_stops_and_names_the_safe_checkpoint(bad, tmp_path, vae_
         train.main(["--out", str(out), "--steps", "4", "--resume"])
     err = capsys.readouterr().err.splitlines()[-1]
     assert e.value.code == 2 and "training diverged" in err and f"{out / 'ckpt.pt'}, step 2) was written" in err
+    assert f"new run with a lower --lr than 0.0003 (--init {out / 'ckpt.pt'} starts" in err  # a resume keeps --lr
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     with pytest.raises(SystemExit) as e:  # a new run that diverges before its first checkpoint
         train.main(diffusion_args(tmp_path / "new", vae_ckpt, "--steps", "4"))

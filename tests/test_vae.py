@@ -23,6 +23,20 @@ def test_shapes(factor, size):
         y = model.decode(z)
     assert z.shape == mean.shape == logvar.shape == (2, 4, size // factor, size // factor)
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    model.train()  # decode clamps in training mode too (training reconstructs through forward, unclamped)
+    assert model.decode(z * 100).abs().max() <= 1
+
+
+def test_every_width_train_py_accepts_builds_a_vae():
+    """--vae-width takes any multiple of 4: GroupNorm's groups must divide every level's channels (36 -> 144 at the
+    third level, which 32 groups do not divide); a width under 4 or not a multiple of 4 is no VAE's."""
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for width in (4, 12, 36, 68, 100):
+        model = VAE(VAEConfig(resolution=16, factor=4, width=width))
+        assert model(x)[0].shape == x.shape
+    for width in (1, 2, 3, 6):
+        with pytest.raises(ValueError, match="no VAE has this shape"):
+            VAEConfig(width=width)
 
 
 def test_kl_divergence():
