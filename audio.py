@@ -197,10 +197,16 @@ def decode_audio(path):
         raise UserError(f"{path}: cannot decode audio ({e})") from None
     if not chunks:
         raise UserError(f"{path}: the audio stream is empty")
+    if any((f.sample_rate, f.layout.nb_channels) != (rate, channels) for f in frames):  # joined recordings
+        raise UserError(f"{path}: the audio changes its sample rate or channels partway; convert it to one first "
+                        "(e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)")
     # decoded frames are (channels, n) when planar and (1, n * channels) when packed
     x = np.concatenate([c.T if c.shape[0] == channels else c.reshape(-1, channels) for c in chunks]).astype(np.float32)
-    if np.issubdtype(chunks[0].dtype, np.integer):
-        x /= np.iinfo(chunks[0].dtype).max + 1
+    kind = chunks[0].dtype
+    if np.issubdtype(kind, np.unsignedinteger):  # unsigned PCM (8-bit) has its silence at half its range
+        x = x / (np.iinfo(kind).max + 1) * 2 - 1
+    elif np.issubdtype(kind, np.integer):
+        x /= np.iinfo(kind).max + 1
     return resample(x.mean(1), rate, SAMPLE_RATE), float(frames[0].time or 0.0)
 
 

@@ -48,7 +48,9 @@ class UserError(ValueError):
 
 def fail(message):
     """Print `error: message` to stderr and exit with status 2: how every script ends on a user error. The message
-    stays one line even when a path in it holds a line break (shown as \\n)."""
+    stays one line even when a path in it holds a line break (shown as \\n), and printable when a file name in it
+    is not UTF-8 (its bytes shown as \\udcff escapes)."""
+    message = message.encode("utf-8", "backslashreplace").decode()
     print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     sys.exit(2)
 

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_features, decode_audio, load_audio, write_wav
-from common import (HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint, output_folder,
-                    parallel_map, save_torch, square_image, to_tensor, user_errors, writable_folder)
+from common import (MAX_NAME, HelpFormatter, Parser, UserError, atomic_write, bounded, load_checkpoint,
+                    output_folder, parallel_map, save_torch, square_image, to_tensor, user_errors, writable_folder)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The on-disk layout: ROOT/<name>/{video.mp4, audio.wav, meta.json}
@@ -70,7 +70,7 @@ def write_mp4(path, frames, wav=None, crf=16):
 def read_video(path):
     """Decode every frame of one of the layout's videos (upright, square and 25 fps already, unlike the raw videos
     `prepare` reads) -> uint8 (N, H, W, 3)."""
-    return np.stack([frame.to_ndarray(format="rgb24") for _, frame in video_frames(path)])
+    return np.stack([frame.to_ndarray(format="rgb24") for _, frame, _ in video_frames(path)])
 
 
 def check_replaceable(folder):
@@ -196,7 +196,8 @@ def find_face(frames, enlarge=2.2):
     """One square crop box (x0, y0, x1, y1) for a whole video, from a few of its frames uint8 (H, W, 3): OpenCV's
     Haar cascade (Viola and Jones) finds the largest face in each; the median of those boxes (which smooths the
     detector's jitter from frame to frame) is enlarged `enlarge` times around the face's centre so that hair and
-    chin fit, made square and kept inside the frame. None when most of the frames show no face."""
+    chin fit, made square and kept inside the frame. None when most of the frames show no face, or no one face:
+    when the largest face moves between people (an interview), their median box lies between them."""
     detector = cv2.CascadeClassifier(FACE_DETECTOR)
     found = []
     for frame in frames:
@@ -207,6 +208,9 @@ def find_face(frames, enlarge=2.2):
     if len(found) <= len(frames) / 2:
         return None
     x, y, w, h = np.median(np.array(found, float), axis=0)
+    cx, cy = x + w / 2, y + h / 2
+    if sum(fx <= cx <= fx + fw and fy <= cy <= fy + fh for fx, fy, fw, fh in found) <= len(frames) / 2:
+        return None  # the median's centre is not on the face most frames found
     height, width = frames[0].shape[:2]
     side = min(enlarge * max(w, h), width, height)
     x0 = float(np.clip(x + w / 2 - side / 2, 0, width - side))
@@ -216,26 +220,31 @@ def find_face(frames, enlarge=2.2):
 
 def video_frames(src):
     """Decode a file's first video stream frame by frame: yields (the frame's time in seconds on the file's clock,
-    av.VideoFrame). A UserError names the file when it cannot be decoded or holds no frame."""
+    av.VideoFrame, the stream's pixel aspect ratio: 1 for square pixels, 4/3 when each stored pixel is shown 4/3
+    as wide as high). A UserError names the file when it cannot be decoded or holds no frame."""
     count = 0
     try:
         with av.open(str(src)) as container:
             if not container.streams.video:
                 raise UserError(f"{src}: no video stream")
             stream = container.streams.video[0]
+            aspect = float(stream.sample_aspect_ratio or 1)  # (unset: 0/1, square)
             for i, f in enumerate(container.decode(stream)):
                 count += 1
-                yield (float(f.time) if f.time is not None else i / float(stream.average_rate)), f
+                yield (float(f.time) if f.time is not None else i / float(stream.average_rate)), f, aspect
     except av.FFmpegError as e:
         raise UserError(f"{src}: cannot decode ({e})") from None
     if not count:
         raise UserError(f"{src}: no video frames")
 
 
-def upright(frame):
-    """A decoded av.VideoFrame as a PIL image the right way up: phone videos store their frames sideways, with the
-    rotation to apply when shown (frame.rotation, degrees counterclockwise)."""
+def upright(frame, aspect=1.0):
+    """A decoded av.VideoFrame as a PIL image as it is shown: in square pixels (a video may store its frames
+    squeezed, with the pixel `aspect` ratio to widen them by) and the right way up (phone videos store their frames
+    sideways, with the rotation to apply: frame.rotation, degrees counterclockwise)."""
     image = frame.to_image()
+    if abs(aspect - 1) > 1e-3:
+        image = image.resize((max(1, round(image.width * aspect)), image.height))  # bicubic
     return image.rotate(frame.rotation, expand=True) if frame.rotation else image
 
 
@@ -244,8 +253,8 @@ def decode_frames(src, convert=lambda image: image):
     the file's clock. Each frame is converted as soon as it is decoded, so a long video's full-size frames never sit in
     memory together (a minute of 1080p is 9 GB)."""
     frames, times = [], []
-    for time, frame in video_frames(src):
-        frames.append(convert(upright(frame)))
+    for time, frame, aspect in video_frames(src):
+        frames.append(convert(upright(frame, aspect)))
         times.append(time)
     return frames, times
 
@@ -255,9 +264,9 @@ def spread_frames(src, n=FACE_SAMPLES):
     decoding pass that holds at most 2n of them: every 25th frame at first (a second at 25 fps); whenever 2n are
     held, every other one is dropped and the stride doubles."""
     held, stride = [], FPS
-    for i, (_, frame) in enumerate(video_frames(src)):
+    for i, (_, frame, aspect) in enumerate(video_frames(src)):
         if i % stride == 0:
-            held.append(np.asarray(upright(frame)))
+            held.append(np.asarray(upright(frame, aspect)))
             if len(held) == 2 * n:
                 held, stride = held[::2], 2 * stride
     return [held[k] for k in np.linspace(0, len(held) - 1, min(n, len(held))).astype(int)]
@@ -272,7 +281,8 @@ def prepare_video(src, size, box=None):
         samples = spread_frames(src)
         box = find_face(samples)
         if box is None:
-            raise UserError(f"{src}: no face in most of {len(samples)} frames looked at (give its box with --boxes)")
+            raise UserError(f"{src}: no face, or not one face, in most of {len(samples)} frames looked at (give its "
+                            "box with --boxes)")
 
     def crop(image):  # each frame to size x size as it is decoded: only the small frames are kept
         if not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
@@ -319,8 +329,14 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     out = Path(out_dir).resolve()
     if out == Path(raw_dir).resolve() or out in Path(raw_dir).resolve().parents:
         raise UserError(f"{raw_dir}: inside the output folder {out_dir}; pass an output folder outside it")
-    sources = sorted(p for p in Path(raw_dir).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
-                     and out not in p.resolve().parents)  # an output folder inside raw_dir is not raw material
+    # not raw material: the output folder, if inside raw_dir, and any earlier output there (a prepared video is
+    # <folder>/video.mp4 beside its meta.json); a second name (a link) of a file already listed
+    sources, seen = [], set()
+    for p in sorted(Path(raw_dir).rglob("*")):
+        if (p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file() and out not in p.resolve().parents
+                and not (p.name == "video.mp4" and (p.parent / "meta.json").is_file()) and p.resolve() not in seen):
+            sources.append(p)
+            seen.add(p.resolve())
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
     # every video gets a folder of its own: a/b.mp4 -> a__b, .c.mp4 -> c (VideoFolder skips names with a leading
@@ -331,6 +347,14 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         name = key_of[src].replace("/", "__").lstrip(".")
         if not name:
             raise UserError(f"{src}: a name of dots only, which makes no folder name; rename it")
+        try:  # the folder's name is also its cache file's and its name in JSON: it must be text
+            name.encode()
+        except UnicodeEncodeError:
+            raise UserError(f"{src}: a name that is not UTF-8 text, which cache files and JSON cannot hold; rename "
+                            "it") from None
+        if len(name.encode()) > MAX_NAME - len(".pt"):  # its cache file, <name>.pt, is the longest name it gets
+            raise UserError(f"{src}: makes a folder name of {len(name.encode())} bytes (a/b.mp4 -> a__b), more than "
+                            f"the {MAX_NAME - len('.pt')} this allows; rename it or move it up")
         if name in folders:
             raise UserError(f"{folders[name]} and {src} would both be prepared into {out_dir}/{name}; rename one")
         folders[name] = src
@@ -357,6 +381,11 @@ def check_output(out, size):
     writable_folder(out, "output folder")
     if size % 2:
         raise UserError(f"--size {size}: must be even (H.264 needs even frame sizes)")
+    earlier = next((m for m in Path(out).glob("*/meta.json") if not m.parent.name.startswith(".")), None)
+    theirs = _read_meta(earlier).get("size") if earlier else None
+    if theirs not in (None, size):  # training stacks frames of every video: one folder, one size
+        raise UserError(f"{out} holds videos of {theirs} px ({earlier.parent.name}); add to it with --size {theirs} "
+                        "or pass another output folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,16 +442,37 @@ def load_frame_pool(path):
 
 
 def _cache_each(videos, cache, entry, desc, rank=0, world=1):
-    """Write cache/<name>.pt = entry(video) for each video of a VideoFolder not cached yet. Rank r of `world`
-    takes videos r, r + world, ...; each file is written atomically, so a killed run continues with the videos not
-    yet done. Returns how many this rank wrote."""
+    """Write cache/<name>.pt = entry(video) for each video of a VideoFolder not cached yet, or cached from another
+    preparation of that name (_cached). Rank r of `world` takes videos r, r + world, ...; each file is written
+    atomically, so a killed run continues with the videos not yet done. Returns how many this rank wrote."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(rank, len(videos), world) if not (cache / f"{videos.folders[i].name}.pt").exists()]
+    todo = [i for i in range(rank, len(videos), world) if not _cached(cache / f"{videos.folders[i].name}.pt",
+                                                                      videos.folders[i])]
     for i in tqdm(todo, desc=desc, unit="video", disable=rank > 0 or not todo):
         item = entry(videos[i])
-        save_torch(cache / f"{videos.folders[i].name}.pt", item)
+        save_torch(cache / f"{videos.folders[i].name}.pt", {**item, "source": _source(videos.folders[i])})
     return len(todo)
+
+
+def _source(folder):
+    """What a cache file records of the video it was made from: video.mp4's size and modification time, which
+    change when the folder is prepared or rendered again (the cache is named after the folder, not its contents).
+    -> int64 (2,)."""
+    stat = (Path(folder) / "video.mp4").stat()
+    return torch.tensor([stat.st_size, stat.st_mtime_ns])
+
+
+def _cached(path, folder):
+    """Whether the cache file `path` holds video `folder` as it is now. One made from an earlier preparation of
+    that name (other frames, another size), by an older letstalk or damaged is not: it is made again."""
+    if not path.exists():
+        return False
+    try:
+        source = load_checkpoint(path, needs=("source",), mmap=True)["source"]
+    except UserError:
+        return False
+    return isinstance(source, torch.Tensor) and source.tolist() == _source(folder).tolist()
 
 
 FRAME_EVERY = 8  # the VAE stage keeps every 8th frame of every video (~3 per second): ~600 KB per second at 256 px
@@ -430,16 +480,16 @@ FRAME_EVERY = 8  # the VAE stage keeps every 8th frame of every video (~3 per se
 
 def cache_frames(videos, cache, rank=0, world=1):
     """The VAE stage's frames: cache/<name>.pt holds frames uint8 (ceil(N / FRAME_EVERY), H, W, 3), every
-    FRAME_EVERY-th frame of the video (resumable, each rank its share, as _cache_each). Returns how many this rank
-    wrote."""
+    FRAME_EVERY-th frame of the video, and its source (resumable, each rank its share, as _cache_each). Returns how
+    many this rank wrote."""
     return _cache_each(videos, cache, lambda video: {"frames": torch.from_numpy(video.frames[::FRAME_EVERY].copy())},
                        "cache frames", rank, world)
 
 
 def encode_videos(videos, vae, cache, device, rank=0, world=1):
     """Encode the videos of a VideoFolder with the VAE, once: cache/<name>.pt holds latents fp16 (N, C, h, w)
-    (scaled to unit variance), mel fp16 (N, 20, 80) and the per-frame ground truth of synthetic videos (resumable,
-    each rank its share, as _cache_each). Returns how many this rank encoded."""
+    (scaled to unit variance), mel fp16 (N, 20, 80), the per-frame ground truth of synthetic videos and the source
+    (resumable, each rank its share, as _cache_each). Returns how many this rank encoded."""
     @torch.no_grad()
     def encode(video):
         x = to_tensor(video.frames)

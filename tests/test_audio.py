@@ -150,6 +150,37 @@ def test_telephone_encoded_wavs_are_decoded_by_ffmpeg(tmp_path, codec):
     assert n > 15000 and np.abs(got[1000:n - 1000] - want[1000:n - 1000]).max() < 0.05  # 8-bit companding, ADPCM
 
 
+def _mp2_stream(path, rate, x):
+    """x (T,) in [-1, 1] as a mono MPEG-2 audio stream of an MPEG-TS file at `rate` (a broadcast recording)."""
+    with av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream("mp2", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.round(x * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+
+
+def test_unsigned_pcm_is_centred_and_a_rate_change_midway_is_refused(tmp_path):
+    """8-bit PCM is unsigned, its silence at 128: decoded without centring, a silent track read as a constant 0.5
+    (and passed the silence check). Recordings joined end to end can change their sample rate partway: read at the
+    first one's rate, the rest played 3x slow, so they are refused."""
+    with av.open(str(tmp_path / "u8.mkv"), "w") as out:
+        stream = out.add_stream("pcm_u8", rate=16000, layout="mono")
+        x = 0.5 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000)
+        frame = av.AudioFrame.from_ndarray(np.round(x * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    got, _ = audio.decode_audio(tmp_path / "u8.mkv")
+    assert np.abs(got - x).max() < 0.02  # 8 bits: steps of 1/128
+    for rate in (16000, 48000):
+        _mp2_stream(tmp_path / f"{rate}.ts", rate, 0.5 * np.sin(2 * np.pi * 300 * np.arange(rate) / rate))
+    (tmp_path / "joined.ts").write_bytes((tmp_path / "16000.ts").read_bytes() + (tmp_path / "48000.ts").read_bytes())
+    assert len(audio.decode_audio(tmp_path / "48000.ts")[0]) > 15000  # one rate: read
+    with pytest.raises(common.UserError, match="changes its sample rate or channels partway"):
+        audio.decode_audio(tmp_path / "joined.ts")
+
+
 def test_impossible_wav_headers_are_refused_in_one_line(tmp_path):
     write_pcm(tmp_path / "ok.wav", np.zeros((100, 1)), 16000, 16)
     raw = bytearray((tmp_path / "ok.wav").read_bytes())

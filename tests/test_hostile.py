@@ -815,3 +815,28 @@ def test_held_out_videos_too_short_for_eval_say_what_would_do(here, capsys, diff
                   "pass --seconds 0.4 or less")
     world.main(["tiny", "--videos", "2", "--seconds", "0.6", "--size", "32"])
     assert refuse("evaluate", [*argv[:4], "tiny", *argv[5:], "0.4"], capsys, here, "too short to score")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Found by a fourth sweep (190 tries of data.py prepare on odd real-world files): one case of each cause
+
+
+def test_prepare_takes_each_raw_video_once_and_names_it_as_a_folder_can(here, capsys):
+    """An earlier output inside the raw folder is not raw material (its videos were prepared again, re-cropped),
+    nor is a second name (a link) of a video; a name that is not UTF-8 text or too long for its cache file is
+    refused before any work, naming the source; adding videos at another --size is refused, not mixed."""
+    _video(here / "raw" / "a.mp4", 0.2)
+    (here / "raw" / "b.mp4").symlink_to("a.mp4")
+    (here / "boxes.json").write_text('{"a": [0, 0, 64, 64]}')  # the test video shows no face
+    data.main(["prepare", "raw", "raw/prepared", "--size", "32", "--boxes", "boxes.json"])
+    assert "prepared 1, already done 0, skipped 0" in capsys.readouterr().out
+    data.main(["prepare", "raw", "elsewhere", "--size", "32", "--boxes", "boxes.json"])
+    assert "prepared 1, already done 0, skipped 0" in capsys.readouterr().out
+    assert [p.name for p in (here / "elsewhere").iterdir()] == ["a"]
+    assert refuse("data", ["prepare", "raw", "elsewhere", "--size", "16"], capsys, here,
+                  "elsewhere holds videos of 32 px (a); add to it with --size 32")
+    _video(here / "odd" / os.fsdecode(b"bad\xff.mp4"), 0.2)
+    assert refuse("data", ["prepare", "odd", "out", "--size", "32"], capsys, here, "a name that is not UTF-8 text")
+    shutil.rmtree(here / "odd")
+    _video(here / "odd" / ("x" * 120) / ("y" * 120 + ".mp4"), 0.2)
+    assert refuse("data", ["prepare", "odd", "out", "--size", "32"], capsys, here, "makes a folder name of 242 bytes")

@@ -223,8 +223,9 @@ def check_model_size(sizes):
         count, error = _parameters_or_error(tuple(sorted(entry.items())))
         assert error is None, f"size {name} does not run: {error}"
         if previous is not None:
-            assert count > previous[1], (f"size {name} ({count / 1e6:.1f}M parameters on 4x4 latents) comes after {previous[0]} "
-                                         f"({previous[1] / 1e6:.1f}M): keep SIZES ordered from small to large")
+            assert count > previous[1], (f"size {name} ({count / 1e6:.1f}M parameters on 4x4 latents) comes after "
+                                         f"{previous[0]} ({previous[1] / 1e6:.1f}M): keep SIZES ordered from small to "
+                                         "large")
         previous = name, count
 
 
