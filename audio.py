@@ -198,8 +198,8 @@ def decode_audio(path):
     if not chunks:
         raise UserError(f"{path}: the audio stream is empty")
     if any((f.sample_rate, f.layout.nb_channels) != (rate, channels) for f in frames):  # joined recordings
-        raise UserError(f"{path}: the audio changes its sample rate or channels partway; convert it to one first "
-                        "(e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)")
+        raise UserError(f"{path}: the audio changes its sample rate or channel count partway; convert it to one rate "
+                        "and one channel count with an audio tool first (e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)")
     # decoded frames are (channels, n) when planar and (1, n * channels) when packed
     x = np.concatenate([c.T if c.shape[0] == channels else c.reshape(-1, channels) for c in chunks]).astype(np.float32)
     kind = chunks[0].dtype

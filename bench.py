@@ -389,7 +389,7 @@ def main(argv=None):
                         "attention (1a), block (1b), temporal (1c), throughput (2), sampling (3), data (4) "
                         "(default: all of them)")
     parser.add_argument("--width", type=bounded(int, 1, 8192),
-                        help="width of tables 1a-1c, a multiple of --heads (default: 768, size B's)")
+                        help="width of tables 1a-1c, a multiple of --heads and of 4 (default: 768, size B's)")
     parser.add_argument("--heads", type=bounded(int, 1, 256), help="attention heads of tables 1a-1c (default: 12)")
     parser.add_argument("--batch", type=bounded(int, 1, 4096), help="batch size of tables 1-3 (table 4 assembles "
                         "batches of 8); sampling also runs at batch 1 (default: 8 on CUDA, 1 on CPU)")
@@ -410,8 +410,8 @@ def main(argv=None):
     if unused:
         parser.error(f"{', '.join(unused)}: not used by --tables {args.tables}")
     args.width, args.heads = args.width or 768, args.heads or 12
-    if args.width % args.heads:
-        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
+    if args.width % args.heads or args.width % 4:  # 4: the 2D sin-cos position embedding's quarters
+        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads} and of 4")
     with user_errors():  # Ctrl-C, out of memory, a closed output: one line, or none
         return run(args)
 

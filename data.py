@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,7 @@ class VideoFolder:
     """A dataset root in the on-disk layout, as a sequence of Video (decoded on access).
 
     split "all" takes every video; "val" holds out the videos held_out names and "train" the rest (a folder of one
-    video trains on it too, with a note), so a prepared folder gives held-out videos without a second copy. `size`
+    video trains on it too), so a prepared folder gives held-out videos without a second copy. `size`
     is the frame size in pixels that every video of the folder (all splits) has, as their meta.json files say (in
     old folders, whose meta.json does not, the first video's, decoded): a folder of mixed sizes is refused, since
     training stacks frames of different videos.
@@ -152,9 +153,6 @@ class VideoFolder:
             raise UserError(f"{sized[0][0]} holds {sized[0][1]} px frames but {other[0]} {other[1]} px; prepare (or "
                             "render) all the videos of a folder with one --size")
         val = [folders[i] for i in held_out(len(folders))]
-        if split == "train" and len(folders) == 1:
-            print(f"note: {root} holds one video, so training validates on the video it trains on: its validation "
-                  "figures measure the fit, not how well it generalises", file=sys.stderr)
         self.folders = {"all": folders, "train": [f for f in folders if f not in val] or folders, "val": val}[split]
         self.meta = [metas[p] for p in self.folders]
         self.size = None  # (while the first video is decoded for it)
@@ -179,7 +177,11 @@ class VideoFolder:
         if size is None and self.size is not None and frames.shape[1:3] != (self.size, self.size):  # an old folder
             raise UserError(f"{self.folders[i]}: {frames.shape[2]}x{frames.shape[1]} frames, the folder's others "
                             f"{self.size}x{self.size}; prepare (or render) all the videos of a folder with one --size")
-        return Video(frames, load_audio(self.folders[i] / "audio.wav"), self.meta[i])
+        wav = load_audio(self.folders[i] / "audio.wav")
+        if len(wav) < self.num_frames(i) * SAMPLES_PER_FRAME:  # (a folder edited by hand: its missing end is silence)
+            raise UserError(f"{self.folders[i]}: audio.wav holds {len(wav) / SAMPLE_RATE:.2f} s, the video "
+                            f"{self.num_frames(i) / FPS:.2f} s; delete the folder and prepare or render it again")
+        return Video(frames, wav, self.meta[i])
 
 
 def _resample_frames(times, n_out):
@@ -208,13 +210,13 @@ def find_face(frames, enlarge=2.2):
     if len(found) <= len(frames) / 2:
         return None
     x, y, w, h = np.median(np.array(found, float), axis=0)
-    cx, cy = x + w / 2, y + h / 2
-    if sum(fx <= cx <= fx + fw and fy <= cy <= fy + fh for fx, fy, fw, fh in found) <= len(frames) / 2:
-        return None  # the median's centre is not on the face most frames found
     height, width = frames[0].shape[:2]
     side = min(enlarge * max(w, h), width, height)
     x0 = float(np.clip(x + w / 2 - side / 2, 0, width - side))
     y0 = float(np.clip(y + h / 2 - side / 2, 0, height - side))
+    centres = [(fx + fw / 2, fy + fh / 2) for fx, fy, fw, fh in found]
+    if sum(x0 <= cx <= x0 + side and y0 <= cy <= y0 + side for cx, cy in centres) <= len(found) / 2:
+        return None  # most faces found lie outside the crop: not one face (a face that sways stays inside it)
     return tuple(round(v) for v in (x0, y0, x0 + side, y0 + side))
 
 
@@ -238,7 +240,7 @@ def video_frames(src):
         raise UserError(f"{src}: no video frames")
 
 
-def upright(frame, aspect=1.0):
+def upright(frame, aspect):
     """A decoded av.VideoFrame as a PIL image as it is shown: in square pixels (a video may store its frames
     squeezed, with the pixel `aspect` ratio to widen them by) and the right way up (phone videos store their frames
     sideways, with the rotation to apply: frame.rotation, degrees counterclockwise)."""
@@ -274,9 +276,9 @@ def spread_frames(src, n=FACE_SAMPLES):
 
 def prepare_video(src, size, box=None):
     """Convert one real talking-head video into a Video: 25 fps, a square crop resized to size x size, 16 kHz mono
-    audio. The crop is `box` (x0, y0, x1, y1) in pixels of the upright source frame, else the face find_face sees
-    in FACE_SAMPLES frames spread over the video; meta.json records it. Raises UserError if the file is unreadable
-    or silent or shows no face."""
+    audio. The crop is `box` (x0, y0, x1, y1) in pixels of the source frame as shown (upright, square pixels), else
+    the face find_face sees in FACE_SAMPLES frames spread over the video; meta.json records it. Raises UserError if
+    the file is unreadable or silent or shows no one face."""
     if box is None:  # a first pass for the detector
         samples = spread_frames(src)
         box = find_face(samples)
@@ -309,6 +311,19 @@ def prepare_video(src, size, box=None):
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
 
 
+def _prepared(path):
+    """Whether a file is the video.mp4 of a video folder of the layout (save_video's: beside its audio.wav and a
+    meta.json with a frame count), which an earlier prepare wrote."""
+    folder = path.parent
+    if path.name != "video.mp4" or not (folder / "audio.wav").is_file() or not (folder / "meta.json").is_file():
+        return False
+    try:
+        _read_meta(folder / "meta.json")
+    except UserError:
+        return False
+    return True
+
+
 def _prepare_one(job):
     """Prepare and save one video of `prepare`: job = (src, folder, size, box). Returns the error's text, or None."""
     src, folder, size, box = job
@@ -329,14 +344,14 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     out = Path(out_dir).resolve()
     if out == Path(raw_dir).resolve() or out in Path(raw_dir).resolve().parents:
         raise UserError(f"{raw_dir}: inside the output folder {out_dir}; pass an output folder outside it")
-    # not raw material: the output folder, if inside raw_dir, and any earlier output there (a prepared video is
-    # <folder>/video.mp4 beside its meta.json); a second name (a link) of a file already listed
-    sources, seen = [], set()
-    for p in sorted(Path(raw_dir).rglob("*")):
+    # not raw material: the output folder, if inside raw_dir, and any earlier output there; of a file with a second
+    # name (a link), one name: its own
+    named = {}
+    for p in sorted(Path(raw_dir).rglob("*"), key=lambda p: (p.is_symlink(), p)):
         if (p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file() and out not in p.resolve().parents
-                and not (p.name == "video.mp4" and (p.parent / "meta.json").is_file()) and p.resolve() not in seen):
-            sources.append(p)
-            seen.add(p.resolve())
+                and not _prepared(p)):
+            named.setdefault(p.resolve(), p)
+    sources = sorted(named.values())
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
     # every video gets a folder of its own: a/b.mp4 -> a__b, .c.mp4 -> c (VideoFolder skips names with a leading
@@ -449,6 +464,10 @@ def _cache_each(videos, cache, entry, desc, rank=0, world=1):
     cache.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(rank, len(videos), world) if not _cached(cache / f"{videos.folders[i].name}.pt",
                                                                       videos.folders[i])]
+    stale = sum((cache / f"{videos.folders[i].name}.pt").exists() for i in todo)
+    if stale:  # (each rank of its own share)
+        print(f"note: {cache}: {stale} cached videos were made from other versions of their videos (prepared or "
+              "rendered again since, or cached by an older letstalk); making them again", file=sys.stderr)
     for i in tqdm(todo, desc=desc, unit="video", disable=rank > 0 or not todo):
         item = entry(videos[i])
         save_torch(cache / f"{videos.folders[i].name}.pt", {**item, "source": _source(videos.folders[i])})
@@ -456,11 +475,12 @@ def _cache_each(videos, cache, entry, desc, rank=0, world=1):
 
 
 def _source(folder):
-    """What a cache file records of the video it was made from: video.mp4's size and modification time, which
-    change when the folder is prepared or rendered again (the cache is named after the folder, not its contents).
-    -> int64 (2,)."""
-    stat = (Path(folder) / "video.mp4").stat()
-    return torch.tensor([stat.st_size, stat.st_mtime_ns])
+    """What a cache file records of the video it was made from: video.mp4's size in bytes and a checksum of its
+    meta.json (frame count, frame size, crop box, ...), which change when the folder is prepared or rendered again
+    from other material (the cache is named after the folder, not its contents; copying or touching the files
+    changes neither). -> int64 (2,)."""
+    folder = Path(folder)
+    return torch.tensor([(folder / "video.mp4").stat().st_size, zlib.crc32((folder / "meta.json").read_bytes())])
 
 
 def _cached(path, folder):
@@ -583,15 +603,17 @@ def main(argv=None):
                        "to 25 fps, a square crop around the face resized to --size, and 16 kHz mono audio. The face "
                        "is found by OpenCV's Haar cascade in 8 frames spread over each video (at most one in 25) "
                        "(the box is kept in meta.json). "
-                       "Corrupt or silent files, and videos without a face in most of those frames, are skipped "
-                       "with a warning; rerunning resumes where an interrupted run stopped.")
+                       "Corrupt or silent files, and videos without one face in most of those frames (none, or the "
+                       "largest face moving between people), are skipped with a warning; rerunning resumes where an "
+                       "interrupted run stopped.")
     p.add_argument("raw", type=Path, help="folder of raw videos (searched recursively)")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--size", type=bounded(int, 16, 2048), default=256,
                    help="output frame size, even (256 is the paper's)")
     p.add_argument("--boxes", type=Path, help="JSON file {video: [x0, y0, x1, y1]} of square crop boxes in pixels "
-                   "of the upright source frame, for the videos whose box the detector should not choose; a video is "
-                   "named by its path under RAW without the suffix (a/b for RAW/a/b.mp4)")
+                   "of the source frame as shown (upright, in square pixels), for the videos whose box the detector "
+                   "should not choose; a video is named by its path under RAW without the suffix (a/b for "
+                   "RAW/a/b.mp4)")
     p.add_argument("--workers", type=bounded(int, 1, 1024),
                    help="videos prepared at once, in worker processes: up to this many and at most one per 4 videos "
                    "(under 8 videos: none, this process prepares them) (default: one per core)")
@@ -615,13 +637,13 @@ def main(argv=None):
             wrong = next((k for k, v in boxes.items() if not _valid_box(v)), None)
             if wrong is not None:
                 raise UserError(f"{args.boxes}: the box of {wrong} is {list(boxes[wrong])}, not [x0, y0, x1, y1] "
-                                "with 0 <= x0 < x1 and 0 <= y0 < y1, a square in pixels of the source video")
+                                "with 0 <= x0 < x1 and 0 <= y0 < y1, a square in pixels of the source frame as shown")
         written, done, errors = prepare(args.raw, args.out, args.size, boxes, args.workers, shard)
         if errors and not written and not done:
             raise UserError(f"no video of {args.raw} could be prepared ({len(errors)} skipped); the first: {errors[0]}")
         for error in errors:
             print(f"warning: skipped {error}", file=sys.stderr)
-        print(f"prepared {written}, already done {done}, skipped {len(errors)} (unreadable, silent or without a "
+        print(f"prepared {written}, already done {done}, skipped {len(errors)} (unreadable, silent or without one "
               "face)")
 
 

@@ -331,9 +331,9 @@ def results_path(ckpt, split):
     return Path("runs/eval") / f"{ckpt.resolve().parent.name if ckpt.stem == 'ckpt' else ckpt.stem}_{split}.json"
 
 
-def ablation(root, budget_min, probe, **eval_args):
-    """Train size T once per fusion setting for the same budget (resuming an interrupted run), evaluate each once
-    (cached in its eval.json) and return {(portrait, audio): result}."""
+def ablation(root, budget_min, probe, device="cpu", **eval_args):
+    """Train size T once per fusion setting for the same budget on `device` (resuming an interrupted run), evaluate
+    each once (cached in its eval.json) and return {(portrait, audio): result}."""
     root = Path(root)
     results = {}
     for ref, audio in ABLATION:
@@ -348,8 +348,8 @@ def ablation(root, budget_min, probe, **eval_args):
             if spent < budget_min:
                 args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--ref-fusion", ref,
                                                            "--audio-fusion", audio]
-                train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), *args])
-            result = evaluate(ckpt, probe, **eval_args)
+                train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), "--device", device, *args])
+            result = evaluate(ckpt, probe, device=device, **eval_args)
             atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         with contents_of(done, "an evaluation's results; delete it to evaluate again"):
             results[(ref, audio)] = json.loads(done.read_text())

@@ -17,6 +17,7 @@ transformer, not on decoding.
 """
 
 import argparse
+import datetime
 import fcntl
 import hashlib
 import json
@@ -179,6 +180,16 @@ def data_folder(cfg, resolution):
     return root
 
 
+def training_split(folder):
+    """The training videos of a folder: VideoFolder(folder, "train"), and a note (from rank 0) when they are the
+    held-out ones too (a folder of one video), so that the validation figures measure the fit only."""
+    videos = VideoFolder(folder, "train")
+    if rank() == 0 and videos.folders == VideoFolder(folder, "val").folders:
+        print(f"note: {folder} holds one video, so training validates on the video it trains on: its validation "
+              "figures measure the fit, not how well it generalises", file=sys.stderr)
+    return videos
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1: the VAE
 
@@ -205,7 +216,7 @@ class VAEStage:
         cache = Path(cfg.cache) / f"frames_{folder.name}-{short_hash(str(folder.resolve()))}"
         cache_frames(videos, cache, rank(), world())
         barrier()
-        self.train = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders], key="frames")
+        self.train = VideoCache(cache, [f.name for f in training_split(folder).folders], key="frames")
         self.val_frames = to_tensor(self.frames(VideoCache(cache, [f.name for f in VideoFolder(folder, "val").folders],
                                                            key="frames"), VAL_FRAMES)).to(device)
         self.net = distributed(self.model, device)
@@ -350,7 +361,7 @@ class DiffusionStage:
                                    f"{latents_id(self.vae)[:8]}")  # a new encoder never reuses old latents
         encode_videos(videos, self.vae, cache, device, rank(), world())
         barrier()
-        train_cache = VideoCache(cache, [f.name for f in VideoFolder(folder, "train").folders])
+        train_cache = VideoCache(cache, [f.name for f in training_split(folder).folders])
         if cfg.blink_repeat > 1 and "blink" not in train_cache.entries[0]:
             raise UserError("--blink-repeat needs blink ground truth, which only synthetic data has")
         self.sampler = ClipSampler(train_cache, cfg.frames, cfg.motion, seed=cfg.seed, blink_repeat=cfg.blink_repeat)
@@ -743,12 +754,18 @@ def main(argv=None):
         return None
     with user_errors():
         launched = torchrun_world()
+        cuda = launched > 1 and torch.cuda.is_available() and args.device != "cpu"
+        if cuda and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', 'more')} processes on a machine of "
+                            f"{torch.cuda.device_count()} GPU(s); pass --nproc_per_node {torch.cuda.device_count()} "
+                            "or fewer (one per GPU), or --device cpu")
     if launched > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and args.device != "cpu"
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             settings["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # the ranks wait at barriers while rank 0 renders synthetic videos and each rank encodes its share: hours
+        # for a big dataset, where NCCL's default timeout (10 minutes) would end the run
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
     out = Path(args.out or f"runs/{args.stage or TrainConfig.stage}")
     try:
         with user_errors():

@@ -48,9 +48,9 @@ class VAEConfig:
 
 
 def norm(channels):
-    """GroupNorm with up to 32 groups of at least 4 channels: the largest power of two that divides channels / 4,
-    capped at 32 (so the groups split any multiple of 4 evenly; 32 groups from 128 channels on, as SD's VAE)."""
-    return nn.GroupNorm(math.gcd(32, channels // 4), channels)
+    """GroupNorm with the most groups, up to 32 (SD's VAE's), that split the channels evenly into groups of at
+    least 4: channels / 4 up to 128 channels, 32 for a multiple of 32 above, else the largest divisor below 32."""
+    return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0 and channels // g >= 4), channels)
 
 
 class ResBlock(nn.Module):

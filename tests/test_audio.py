@@ -177,7 +177,7 @@ def test_unsigned_pcm_is_centred_and_a_rate_change_midway_is_refused(tmp_path):
         _mp2_stream(tmp_path / f"{rate}.ts", rate, 0.5 * np.sin(2 * np.pi * 300 * np.arange(rate) / rate))
     (tmp_path / "joined.ts").write_bytes((tmp_path / "16000.ts").read_bytes() + (tmp_path / "48000.ts").read_bytes())
     assert len(audio.decode_audio(tmp_path / "48000.ts")[0]) > 15000  # one rate: read
-    with pytest.raises(common.UserError, match="changes its sample rate or channels partway"):
+    with pytest.raises(common.UserError, match="changes its sample rate or channel count partway"):
         audio.decode_audio(tmp_path / "joined.ts")
 
 

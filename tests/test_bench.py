@@ -68,7 +68,8 @@ def test_tables_can_be_chosen(tmp_path, capsys):
     bench.main(["--quick", "--tables", "data", "--device", "cpu", "--json", str(tmp_path / "bench.json")])
     assert "batch" not in capsys.readouterr().out.splitlines()[0]  # table 4 takes neither --batch nor --width
     for wrong in (["--tables", "attention,speed"], ["--sizes", "T,XL"], ["--device", "tpu7"], ["--batch", "0"],
-                  ["--heads", "5"], ["--tables", "data", "--width", "8"], ["--tables", "temporal", "--sizes", "B"]):
+                  ["--heads", "5"], ["--tables", "data", "--width", "8"], ["--tables", "temporal", "--sizes", "B"],
+                  ["--tables", "block", "--width", "6", "--heads", "2"]):
         with pytest.raises(SystemExit) as e:
             bench.main(wrong)
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1

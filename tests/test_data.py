@@ -18,6 +18,7 @@ from PIL import Image
 import audio
 import common
 import data
+import train
 import world
 from conftest import probe_video
 from vae import VAE, VAEConfig
@@ -80,7 +81,7 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     boxes = ["--boxes", str(tmp_path / "boxes.json")]
     data.main(["prepare", str(raw), str(out), "--size", "32", *boxes])
     lines = capsys.readouterr()
-    assert "prepared 1, already done 0, skipped 2 (unreadable, silent or without a face)" in lines.out
+    assert "prepared 1, already done 0, skipped 2 (unreadable, silent or without one face)" in lines.out
     assert lines.err.count("warning: skipped") == 2
     (folder,) = [p for p in out.iterdir()]
     assert folder.name == "speaker__talk"
@@ -142,6 +143,7 @@ def test_a_face_that_moves_between_places_gets_no_box_between_them():
     assert 66 <= (left[0] + left[2]) / 2 <= 102  # the detector finds the face at either place alone
     assert data.find_face([frame(0)] * 4 + [frame(288)] * 4, enlarge=1) is None
     assert data.find_face([frame(0)] * 6 + [frame(288)] * 2, enlarge=1) == left  # most frames agree: that face
+    assert data.find_face([frame(0), frame(26), frame(52), frame(26)] * 2) is not None  # one face swaying: its box
 
 
 def test_prepare_uses_the_crop_boxes_given(tmp_path, capsys):
@@ -304,17 +306,19 @@ def test_a_folder_of_mixed_frame_sizes_is_refused_and_its_size_is_known(tmp_path
 
 
 def test_video_folder_splits_never_overlap(tmp_path, capsys):
-    """Every 20th video is held out for validation; a folder of fewer than 20 holds out its last one, and a folder
-    of one video, which a run can only train on, says that its validation is on that video."""
+    """Every 20th video is held out for validation; a folder of fewer than 20 holds out its last one. A folder
+    of one video, which a run can only train on, gets a note from train.training_split that its validation is on
+    that video (not from VideoFolder, which --export reads too)."""
     world.main([str(tmp_path), "--videos", "3", "--seconds", "0.2", "--size", "32"])
     train_set, val_set = data.VideoFolder(tmp_path, "train"), data.VideoFolder(tmp_path, "val")
     assert len(val_set) == 1 and len(train_set) == 2
     assert not set(train_set.folders) & set(val_set.folders)
     assert set(train_set.folders) | set(val_set.folders) == set(data.VideoFolder(tmp_path).folders)
-    assert "note" not in capsys.readouterr().err
+    assert train.training_split(tmp_path).folders == train_set.folders and "note" not in capsys.readouterr().err
     for extra in train_set.folders:
         shutil.rmtree(extra)
     assert data.VideoFolder(tmp_path, "train").folders == data.VideoFolder(tmp_path, "val").folders
+    assert train.training_split(tmp_path).folders == data.VideoFolder(tmp_path, "val").folders
     assert "holds one video, so training validates on the video it trains on" in capsys.readouterr().err
 
 
@@ -407,18 +411,22 @@ def test_ranks_encode_disjoint_shares_and_a_killed_encode_resumes(tmp_path, thre
     assert cache.entries[0]["latents"].dtype == torch.float16 and "openness" in cache.entries[0]
 
 
-def test_a_video_prepared_again_is_cached_again(tmp_path):
+def test_a_video_prepared_again_is_cached_again(tmp_path, capsys):
     """The cache names a file after its video: a folder rendered (or prepared) again under the same names, here
-    shorter, has its videos encoded again, not read from the old files (which gave a VAE the old frames and a
-    diffusion run an IndexError)."""
+    shorter, has its videos encoded again, with a note, not read from the old files (which gave a VAE the old
+    frames and a diffusion run an IndexError); the same videos copied or touched are not."""
     root, vae = tmp_path / "videos", VAE(VAEConfig(resolution=32, factor=4, width=8)).eval()
     world.main([str(root), "--videos", "2", "--seconds", "0.4", "--size", "32"])
     assert data.encode_videos(data.VideoFolder(root), vae, tmp_path / "cache", "cpu") == 2
-    assert data.encode_videos(data.VideoFolder(root), vae, tmp_path / "cache", "cpu") == 0  # up to date
+    for path in root.rglob("*"):  # copied or touched: the same videos
+        os.utime(path, (0, 0))
+    assert data.encode_videos(data.VideoFolder(root), vae, tmp_path / "cache", "cpu") == 0
     shutil.rmtree(root)
     world.main([str(root), "--videos", "2", "--seconds", "0.2", "--size", "32"])
     videos = data.VideoFolder(root)
+    capsys.readouterr()
     assert data.encode_videos(videos, vae, tmp_path / "cache", "cpu") == 2
+    assert "2 cached videos were made from other versions of their videos" in capsys.readouterr().err
     assert list(data.VideoCache(tmp_path / "cache", [f.name for f in videos.folders]).lengths) == [5, 5]
 
 

@@ -271,6 +271,14 @@ def test_a_damaged_video_folder_is_named(damage, words, during_work, folder32, h
            capsys, here, words, during_work=during_work)
 
 
+def test_a_video_folder_whose_sound_was_cut_is_named(folder32, here, capsys):
+    """A folder edited by hand, its audio.wav cut to 0.2 s: its videos trained with silence from there on."""
+    shutil.copytree(folder32, here / "videos")
+    audio.write_wav(sorted((here / "videos").glob("*/audio.wav"))[0], np.zeros(3200, np.float32))
+    assert refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c"],
+                  capsys, here, "audio.wav holds 0.20 s, the video", during_work=True)
+
+
 def test_data_and_vae_of_different_sizes_are_refused(folder32, here, capsys):
     assert refuse("train", ["--data", folder32, "--vae", sample.DEFAULT_CKPT, "--out", "run", "--cache", "c"],
                   capsys, here, "32x32 frames, but the VAE")
@@ -417,6 +425,18 @@ def test_what_the_machine_refuses_is_one_line(capsys):
 def test_distributed_variables_set_by_hand_are_refused(here, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # RANK and the rest missing: not torchrun
     assert refuse("train", ["--out", "run"], capsys, here, "start distributed runs with torchrun")
+
+
+def test_more_torchrun_processes_than_gpus_are_refused(here, capsys, monkeypatch):
+    """torchrun --nproc_per_node 2 on a machine of one GPU: the second rank's GPU does not exist (torch's own
+    "invalid device ordinal" came as a traceback). The machine is told it has one GPU; nothing runs on it."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert refuse("train", ["--out", "run", "--device", "cuda"], capsys, here,
+                  "torchrun started 2 processes on a machine of 1 GPU(s); pass --nproc_per_node 1 or fewer")
 
 
 def test_a_cpu_index_is_refused(here, capsys):
