@@ -91,6 +91,9 @@ def user_errors():
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         sys.exit(BROKEN_PIPE)
     except (MemoryError, RuntimeError) as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save, whose zip writer then fails
+            print("interrupted", file=sys.stderr)  # as it closes
+            sys.exit(INTERRUPTED)
         detail = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
         if out_of_memory(e):
             fail(f"out of memory ({detail}); ask for less at once (smaller sizes or batches, fewer frames, shorter "
@@ -432,8 +435,9 @@ def load_image(path, size):
     """Any image PIL opens (RGB, RGBA, grayscale, palette, 16-bit), centre square crop -> uint8 (size, size, 3)."""
     if not Path(path).is_file():  # a folder, a device, a pipe: nothing an image can be read from
         raise UserError(f"{path}: {'no such file' if not Path(path).exists() else 'not a regular file'}")
-    with warnings.catch_warnings():  # damaged EXIF is only metadata: PIL warns, and reads the image without it
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # damaged EXIF is only metadata: PIL warns, and reads the image without it;
+        warnings.simplefilter("ignore", UserWarning)  # its warning of a huge image comes before MAX_PIXELS refuses it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(path)
             if img.width * img.height > MAX_PIXELS:  # checked from the header, before the pixels are decoded

@@ -382,9 +382,13 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     jobs = []
     for src in sources:
         folder = Path(out_dir) / name_of[src]
+        box = None if boxes is None else boxes.get(key_of[src])
         if not (folder / "meta.json").exists():
             check_replaceable(folder)  # before any work: a file or folder of the user's in the way is never replaced
-            jobs.append((src, folder, size, None if boxes is None else boxes.get(key_of[src])))
+            jobs.append((src, folder, size, box))
+        elif box is not None and _read_meta(folder / "meta.json").get("box") != [float(v) for v in box]:
+            print(f"note: {folder} was prepared with another box, which it keeps; delete the folder to prepare it "
+                  f"again with {list(box)}", file=sys.stderr)
     with output_folder(out):
         errors = [e for e in parallel_map(_prepare_one, jobs, workers, "prepare") if e is not None]
     return len(jobs) - len(errors), len(sources) - len(jobs), errors
@@ -466,8 +470,8 @@ def _cache_each(videos, cache, entry, desc, rank=0, world=1):
                                                                       videos.folders[i])]
     stale = sum((cache / f"{videos.folders[i].name}.pt").exists() for i in todo)
     if stale:  # (each rank of its own share)
-        print(f"note: {cache}: {stale} cached videos were made from other versions of their videos (prepared or "
-              "rendered again since, or cached by an older letstalk); making them again", file=sys.stderr)
+        print(f"note: {cache}: {stale} cached videos are not those of the videos now (prepared or rendered again "
+              "since, cached by an older letstalk, or unreadable); making them again", file=sys.stderr)
     for i in tqdm(todo, desc=desc, unit="video", disable=rank > 0 or not todo):
         item = entry(videos[i])
         save_torch(cache / f"{videos.folders[i].name}.pt", {**item, "source": _source(videos.folders[i])})
@@ -485,7 +489,8 @@ def _source(folder):
 
 def _cached(path, folder):
     """Whether the cache file `path` holds video `folder` as it is now. One made from an earlier preparation of
-    that name (other frames, another size), by an older letstalk or damaged is not: it is made again."""
+    that name (other frames, another size), by an older letstalk, or truncated or unreadable is not: it is made
+    again. (Bytes changed inside a whole file are not found: that would read every file at every start.)"""
     if not path.exists():
         return False
     try:
@@ -527,10 +532,17 @@ class VideoCache:
     of one node share the page cache. entries[i] is video i's dict; lengths[i] the length of its `key`."""
 
     def __init__(self, cache, names, key="latents"):
+        self.names = list(names)
         self.entries = [load_checkpoint(Path(cache) / f"{name}.pt", needs=(key,), what="a cached video",
                                         hint="; delete it, and it is made again", mmap=True) for name in names]
         self.lengths = np.array([len(e[key]) for e in self.entries])
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # global index of (video, position)
+
+    def fingerprint(self):
+        """A checksum of which videos the cache holds and of what each was made from (names and _source): it
+        changes when a video is added, removed, renamed or prepared again, which counts alone can miss. -> int."""
+        text = ";".join(f"{name}:{entry['source'].tolist()}" for name, entry in zip(self.names, self.entries))
+        return zlib.crc32(text.encode())
 
     def locate(self, index):
         """Global positions (int array) -> (video, position within it) int arrays."""

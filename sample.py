@@ -78,8 +78,9 @@ def out_of_domain(vae, image, domain):
     if got >= domain["vae_min_psnr"] - DOMAIN_MARGIN_DB:
         return None
     return (f"note: this portrait is unlike the checkpoint's training faces (VAE reconstruction {got:.1f} dB, worst "
-            f"in training {domain['vae_min_psnr']:.1f} dB): expect a poor video. For real faces, train on real video "
-            "(README, 'Real data'); the shipped checkpoint knows only a synthetic world.")
+            f"in training {domain['vae_min_psnr']:.1f} dB): expect a poor video. A checkpoint knows the faces it was "
+            "trained on (the shipped one, a synthetic world's); for real faces, train on real video (README, 'Real "
+            "data').")
 
 
 @torch.no_grad()

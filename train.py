@@ -38,7 +38,7 @@ from tqdm import tqdm
 from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
                     save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
-from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
+from config import PATHS, RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS
@@ -180,6 +180,12 @@ def data_folder(cfg, resolution):
     return root
 
 
+def same_videos(data, advice):
+    """The refusal of a resume whose training videos have changed since its checkpoint, though not their count."""
+    return (f"--data {data}: its training videos are not the ones the run's checkpoint was trained on (added, removed "
+            f"or prepared again since); an exact resume needs the same videos: {advice}")
+
+
 def training_split(folder):
     """The training videos of a folder: VideoFolder(folder, "train"), and a note (from rank 0) when they are the
     held-out ones too (a folder of one video), so that the validation figures measure the fit only."""
@@ -265,8 +271,8 @@ class VAEStage:
         self.model.train()
 
     def state(self):
-        """The stage's part of a checkpoint: {"vae": vae_state, "frames": training frames cached}."""
-        return {"vae": vae_state(self.model), "frames": int(self.train.offsets[-1])}
+        """The stage's part of a checkpoint: {"vae": vae_state, "frames": training frames cached, "data": which}."""
+        return {"vae": vae_state(self.model), "frames": int(self.train.offsets[-1]), "data": self.train.fingerprint()}
 
     def load(self, ckpt):
         """Restore the VAE weights from a checkpoint written by save_checkpoint."""
@@ -274,6 +280,8 @@ class VAEStage:
         if then != now:  # the batches are a function of the step and of the frames: other frames, other batches
             raise UserError(f"--data {self.cfg.data}: {now} training frames cached, but the run's checkpoint was "
                             f"trained on {then}; an exact resume needs the same videos: start a new run")
+        if ckpt.get("data", self.train.fingerprint()) != self.train.fingerprint():  # (older checkpoints: no data)
+            raise UserError(same_videos(self.cfg.data, "start a new run"))
         self.model.load_state_dict(ckpt["vae"]["weights"])
 
     def after_step(self, step):
@@ -364,7 +372,13 @@ class DiffusionStage:
         train_cache = VideoCache(cache, [f.name for f in training_split(folder).folders])
         if cfg.blink_repeat > 1 and "blink" not in train_cache.entries[0]:
             raise UserError("--blink-repeat needs blink ground truth, which only synthetic data has")
-        self.sampler = ClipSampler(train_cache, cfg.frames, cfg.motion, seed=cfg.seed, blink_repeat=cfg.blink_repeat)
+        try:
+            self.sampler = ClipSampler(train_cache, cfg.frames, cfg.motion, seed=cfg.seed,
+                                       blink_repeat=cfg.blink_repeat)
+        except UserError:  # a video is long enough (checked above), but only a held-out one
+            raise UserError(f"--data {cfg.data}: only its held-out videos (every 20th by name) span --frames "
+                            f"{cfg.frames} + --motion {cfg.motion}; add longer training videos or pass fewer "
+                            "--frames") from None
         # what any rank has drawn so far: each (video, start), and each video
         self.seen = {"clips": torch.zeros(self.sampler.cache.offsets[-1], dtype=torch.bool),
                      "videos": torch.zeros(len(train_cache.entries), dtype=torch.bool)}
@@ -492,7 +506,7 @@ class DiffusionStage:
         """The stage's part of a checkpoint: model config and weights, EMA weights, the VAE, diffusion settings."""
         return {"model": {"config": asdict(self.model.cfg), "weights": self.model.state_dict()},
                 "ema": self.ema.state_dict(), "vae": vae_state(self.vae),
-                "diffusion": self.diffusion.config(), "seen": self.seen}
+                "diffusion": self.diffusion.config(), "seen": self.seen, "data": self.sampler.cache.fingerprint()}
 
     @torch.no_grad()
     def start_from(self, path):
@@ -520,6 +534,12 @@ class DiffusionStage:
             raise UserError(f"--data {self.cfg.data}: {now[0]} training videos ({now[1]} frames), but the "
                             f"run's checkpoint was trained on {then[0]} ({then[1]}); an exact resume needs the same "
                             "videos: start a new run from it with --init")
+        if ckpt.get("data", self.sampler.cache.fingerprint()) != self.sampler.cache.fingerprint():  # (older: none)
+            raise UserError(same_videos(self.cfg.data, "start a new run from it with --init"))
+        if latents_id(vae_from_state(ckpt["vae"])) != latents_id(self.vae):
+            raise UserError(f"--vae {self.cfg.vae}: not the VAE the run was trained with (the file changed since), "
+                            "whose latents its model learned; put that VAE back, or start a new run from it with "
+                            "--init")
         self.model.load_state_dict(ckpt["model"]["weights"])
         self.ema.load_state_dict(ckpt["ema"])
         self.seen = {k: v.clone() for k, v in ckpt["seen"].items()}
@@ -577,7 +597,7 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
     if rank() == 0:
         stage.before_save()
         ckpt = {"stage": cfg.stage, "step": step, "elapsed": elapsed, "train_config": asdict(cfg), **stage.state(),
-                "optimizer": optimizer.state_dict(), **rng}
+                "optimizer": optimizer.state_dict(), "cwd": os.getcwd(), **rng}  # cwd: what relative paths mean
         save_torch(path, ckpt)
 
 
@@ -786,6 +806,13 @@ def main(argv=None):
                 with contents_of(out / "ckpt.pt", "a letstalk run's checkpoint"):
                     cfg = resumed_config(saved["train_config"], settings, out)
                     step, _ = progress(saved)
+                    started = Path(saved.get("cwd", os.getcwd()))  # (older checkpoints: not known)
+                    relative = [flag(k) for k in PATHS if getattr(cfg, k) not in (None, "synthetic")
+                                and not Path(getattr(cfg, k)).is_absolute()]
+                    if relative and started.resolve() != Path.cwd().resolve():
+                        raise UserError(f"{', '.join(relative)}: the run's paths are relative to {started}, where it "
+                                        f"started, and would name other files here; resume from there (cd "
+                                        f"{started})")
                 if step >= cfg.steps:
                     raise UserError(f"{out}: the run is at step {step} of --steps {cfg.steps}; pass a larger --steps "
                                     "to train on")

@@ -148,7 +148,7 @@ def test_a_face_that_moves_between_places_gets_no_box_between_them():
 
 def test_prepare_uses_the_crop_boxes_given(tmp_path, capsys):
     """A box is given to one video by its path under the raw folder: a.mp4 and sub/a.mp4, one stem, take their own
-    (the red bar left, the blue bar right); a box naming no video is refused before any work."""
+    (the red bar left, the blue bar right); a box changed later is noted, a box naming no video refused."""
     raw, out = tmp_path / "raw", tmp_path / "out"
     (raw / "sub").mkdir(parents=True)
     for path in (raw / "a.mp4", raw / "sub" / "a.mp4"):
@@ -158,6 +158,11 @@ def test_prepare_uses_the_crop_boxes_given(tmp_path, capsys):
     red, blue = data.read_video(out / "a" / "video.mp4"), data.read_video(out / "sub__a" / "video.mp4")
     assert red[:, 4:12, 4:12, 0].mean() > 200 and red[:, 4:12, 4:12, 2].mean() < 40
     assert blue[:, 4:12, 4:12, 2].mean() > 200 and blue[:, 4:12, 4:12, 0].mean() < 40
+    (tmp_path / "boxes.json").write_text(json.dumps({"a": [0, 0, 32, 32], "sub/a": [80, 0, 96, 16]}))
+    capsys.readouterr()
+    data.main(["prepare", str(raw), str(out), "--size", "16", "--boxes", str(tmp_path / "boxes.json")])
+    lines = capsys.readouterr()  # a box changed for a video already prepared: kept, and said so
+    assert "already done 2" in lines.out and lines.err.count("was prepared with another box") == 1
     (tmp_path / "boxes.json").write_text(json.dumps({"a": [0, 0, 16, 16], "sub/b": [80, 0, 96, 16]}))
     with pytest.raises(SystemExit) as e:
         data.main(["prepare", str(raw), str(tmp_path / "new"), "--boxes", str(tmp_path / "boxes.json")])
@@ -426,7 +431,7 @@ def test_a_video_prepared_again_is_cached_again(tmp_path, capsys):
     videos = data.VideoFolder(root)
     capsys.readouterr()
     assert data.encode_videos(videos, vae, tmp_path / "cache", "cpu") == 2
-    assert "2 cached videos were made from other versions of their videos" in capsys.readouterr().err
+    assert "2 cached videos are not those of the videos now" in capsys.readouterr().err
     assert list(data.VideoCache(tmp_path / "cache", [f.name for f in videos.folders]).lengths) == [5, 5]
 
 

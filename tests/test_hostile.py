@@ -410,6 +410,19 @@ def test_a_machine_without_a_compiler_is_told_to_pass_no_compile(capsys):
     assert e.value.code == 2 and "pass --no-compile" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_torch_save_writes_is_an_interruption(capsys):
+    """Ctrl-C while torch.save writes a tensor: its zip writer, closed by the interruption, fails with a
+    RuntimeError ("unexpected pos ...") that replaces the KeyboardInterrupt; it is still an interruption."""
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 29885568 vs 29885456")
+    assert e.value.code == common.INTERRUPTED and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(RuntimeError, match="a bug"), common.user_errors():  # any other RuntimeError: its traceback
+        raise RuntimeError("a bug")
+
+
 def test_what_the_machine_refuses_is_one_line(capsys):
     for error, words in ((PermissionError(13, "Permission denied", "speech.wav"), "speech.wav: permission denied"),
                          (OSError(28, "No space left on device", "ckpt.pt"), "ckpt.pt: no space left"),
@@ -615,6 +628,36 @@ def test_a_resume_survives_a_damaged_log_and_refuses_changed_data(here, capsys, 
     shutil.copytree(here / "videos" / "zz", here / "videos" / "zzz")
     assert refuse("train", [*vae_args, "--resume", "--steps", "2"], capsys, here, "training frames cached, but",
                   during_work=True)
+
+
+def test_a_resume_refuses_other_videos_of_the_same_count_another_vae_and_another_folder(here, capsys, folder32,
+                                                                                         vae_ckpt, monkeypatch):
+    """Found by a sweep of training on prepared folders: a resume compared only counts, so a video prepared again
+    from other material (the same length) was trained on silently; a --vae file replaced since the run started was
+    used silently; a resume from another working folder read other files through the run's relative paths."""
+    shutil.copytree(folder32, here / "videos")
+    shutil.copy(vae_ckpt, here / "v.pt")
+    args = ["--out", "run", "--cache", "c", "--vae", "v.pt", "--size", "T", "--frames", "4", "--batch-size", "2",
+            "--eval-every", "100", "--device", "cpu", "--data", "videos"]
+    vae_args = ["--stage", "vae", "--out", "vae", "--cache", "c", "--data", "videos", "--resolution", "32",
+                "--vae-width", "8", "--batch-size", "4", "--device", "cpu"]
+    train.main([*args, "--steps", "1"])
+    train.main([*vae_args, "--steps", "1"])
+    (here / "sub").mkdir()
+    monkeypatch.chdir(here / "sub")
+    assert refuse("train", ["--out", "../run", "--resume", "--steps", "2"], capsys, here,
+                  f"--data, --cache, --vae: the run's paths are relative to {here}, where it started")
+    monkeypatch.chdir(here)
+    world.main(["other", "--videos", "1", "--seconds", "0.4", "--size", "32", "--seed", "1"])  # other face and words
+    shutil.rmtree(here / "videos" / "train_00000")  # a training video, prepared again: as long, other content
+    shutil.copytree(here / "other" / "train_00000", here / "videos" / "train_00000")
+    for argv in (args, vae_args):
+        assert refuse("train", [*argv, "--resume", "--steps", "2"], capsys, here,
+                      "its training videos are not the ones the run's checkpoint was trained on", during_work=True)
+    train.main([*args, "--out", "run2", "--steps", "1"])
+    shutil.copy(here / "vae" / "ckpt.pt", here / "v.pt")  # the file --vae names, replaced by another VAE
+    assert refuse("train", [*args, "--out", "run2", "--resume", "--steps", "2"], capsys, here,
+                  "--vae v.pt: not the VAE the run was trained with", during_work=True)
 
 
 def test_held_out_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
