@@ -101,7 +101,8 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
 
     # diversity (Sec. 4.4): generated over real, read by the probe on both
     rate = lambda r: (r[..., 1] > 0.5).mean()  # noqa: E731  (fraction of frames with the eyes mostly closed)
-    result["blink_rate_ratio"] = float(rate(reads["fake"]) / max(rate(reads["real"]), 1e-9))
+    real_rate = rate(reads["real"])  # (short clips of few videos may hold no blink: then there is no ratio)
+    result["blink_rate_ratio"] = float(rate(reads["fake"]) / real_rate) if real_rate > 0 else None
     result["mouth_motion_ratio"] = float(reads["fake"][..., 0].std(1).mean() / reads["real"][..., 0].std(1).mean())
     result["head_motion_ratio"] = float(reads["fake"][..., 2:].std(1).mean() / reads["real"][..., 2:].std(1).mean())
     result["motion_real"], result["motion_speech"] = frame_change(real), frame_change(fake)
@@ -255,6 +256,11 @@ def write_sheet(path, refs, real, fake, mismatched):
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
+def blink_ratio(r):
+    """The blink rate ratio of results r as the tables print it."""
+    return "n/a (no blink in the real videos)" if r["blink_rate_ratio"] is None else f"{r['blink_rate_ratio']:.2f}x"
+
+
 def report(r):
     """The evaluation as markdown: the paper's columns (Tables 1-2) on the probe's features, then what the paper
     lacks (lip sync, diversity, identity, artefacts)."""
@@ -279,7 +285,7 @@ def report(r):
            "Standard FID / FVD / E-FID: not computed (pass --inception, --i3d, --expression)."),
         f"Probe-free lip sync (mouth-box darkness): {r['darkness_sync']:.2f} "
         f"(real frames {r['darkness_sync_real']:.2f}).",
-        f"Diversity, generated / real: blink rate {r['blink_rate_ratio']:.2f}x, mouth motion "
+        f"Diversity, generated / real: blink rate {blink_ratio(r)}, mouth motion "
         f"{r['mouth_motion_ratio']:.2f}x, head motion {r['head_motion_ratio']:.2f}x. Frame-to-frame change: real "
         f"{r['motion_real']:.4f}, generated {r['motion_speech']:.4f}, generated from silence {r['motion_silent']:.4f}"
         + (f"; across window borders {r['border_jump']:.2f}x the change inside windows." if "border_jump" in r
@@ -317,7 +323,7 @@ def ablation_table(results):
              "Motion in silence |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (ref, audio), r in results.items():
         lines.append(f"| {ref} | {audio} | {r['fid_probe']:.3f} | {r['fvd_probe']:.3f} | {r['ssim']:.3f} | "
-                     f"{r['efid_probe']:.4f} | {r['sync']:.2f} | {r['blink_rate_ratio']:.2f}x | "
+                     f"{r['efid_probe']:.4f} | {r['sync']:.2f} | {blink_ratio(r)} | "
                      f"{r['head_motion_ratio']:.2f}x | {r['motion_silent']:.4f} |")
     return "\n".join(lines)
 

@@ -30,9 +30,10 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     for key in ("sync", "sync_mismatched", "sync_real", "darkness_sync"):
         assert -1 <= result[key] <= 1
     for key in ("fid_probe", "fvd_probe", "efid_probe", "fid_probe_floor", "blob_fraction", "motion_silent",
-                "identity_skin_ratio", "blink_rate_ratio", "head_motion_ratio", "fidelity", "fidelity_vae",
-                "fidelity_real"):
+                "identity_skin_ratio", "head_motion_ratio", "fidelity", "fidelity_vae", "fidelity_real"):
         assert np.isfinite(result[key]) and result[key] >= 0
+    assert result["blink_rate_ratio"] is None or 0 <= result["blink_rate_ratio"] < np.inf  # None: no real blink
+    assert "blink rate n/a (no blink in the real videos)" in evaluate.report({**result, "blink_rate_ratio": None})
     assert 0 < result["ssim"] <= 1 and result["frames"] == 10
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "| generated |" in out and "floor" in out

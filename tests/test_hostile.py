@@ -660,6 +660,15 @@ def test_a_resume_refuses_other_videos_of_the_same_count_another_vae_and_another
                   "--vae v.pt: not the VAE the run was trained with", during_work=True)
 
 
+def test_training_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
+    """Only the held-out video is long enough for a clip: "no video is long enough" was untrue."""
+    world.main([str(here / "videos"), "--videos", "2", "--seconds", "0.12", "--size", "32"])  # 3 frames each
+    shutil.copytree(folder32 / "train_00000", here / "videos" / "zz")  # 10 frames, sorted last: held out
+    assert refuse("train", ["--out", "run", "--cache", "c", "--vae", vae_ckpt, "--size", "T", "--frames", "4",
+                            "--device", "cpu", "--data", "videos"], capsys, here,
+                  "only its held-out videos (every 20th by name) span --frames 4 + --motion 2", during_work=True)
+
+
 def test_held_out_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
     shutil.copytree(folder32, here / "videos")
     world.main([str(here / "short"), "--videos", "1", "--seconds", "0.12", "--size", "32"])  # 3 frames
