@@ -300,7 +300,8 @@ def prepare_video(src, size, box=None):
     lag = int(round((audio_start - origin) * SAMPLE_RATE))
     wav = np.concatenate([np.zeros(max(lag, 0), np.float32), wav[max(-lag, 0):]])
     times = np.array(times) - origin
-    n = min(int(math.floor(len(wav) / SAMPLES_PER_FRAME)), int(round((times[-1] + 1 / FPS) * FPS)))
+    last = float(np.median(np.diff(times))) if len(times) > 1 else 1 / FPS  # how long the last frame is shown
+    n = min(int(math.floor(len(wav) / SAMPLES_PER_FRAME)), int(round((times[-1] + last) * FPS)))
     if n < 1:
         raise UserError(f"{src}: shorter than one frame")
     keep = _resample_frames(times, n)

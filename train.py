@@ -379,6 +379,10 @@ class DiffusionStage:
             raise UserError(f"--data {cfg.data}: only its held-out videos (every 20th by name) span --frames "
                             f"{cfg.frames} + --motion {cfg.motion}; add longer training videos or pass fewer "
                             "--frames") from None
+        short = int((train_cache.lengths < need).sum())
+        if short and rank() == 0:
+            print(f"note: {short} of {len(train_cache.lengths)} training videos are shorter than --frames "
+                  f"{cfg.frames} + --motion {cfg.motion}: no clip is drawn from them", file=sys.stderr)
         # what any rank has drawn so far: each (video, start), and each video
         self.seen = {"clips": torch.zeros(self.sampler.cache.offsets[-1], dtype=torch.bool),
                      "videos": torch.zeros(len(train_cache.entries), dtype=torch.bool)}

@@ -99,6 +99,19 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     assert "prepared 0, already done 1, skipped 2" in capsys.readouterr().out
 
 
+def test_a_slow_video_shows_its_last_frame_for_as_long_as_the_others(tmp_path):
+    """A 10-fps video of 2 s: its last frame is shown for 0.1 s like every other one, not for one output frame
+    (which cut the video to 48 frames)."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    _write_raw_video(raw / "slow.mp4", 20, 10, 96, 64, 0.3 * np.sin(np.arange(2 * 44100) * 0.05))
+    (tmp_path / "boxes.json").write_text(json.dumps({"slow": [16, 0, 80, 64]}))
+    data.main(["prepare", str(raw), str(out), "--size", "32", "--boxes", str(tmp_path / "boxes.json")])
+    frames = data.read_video(out / "slow" / "video.mp4")
+    want = 4 * np.floor(np.arange(50) * 10 / 25)  # output frame k shows source frame floor(k * 10 / 25)
+    assert len(frames) == 50 and np.abs(frames[:, 8:24, 8:24].mean((1, 2, 3)) - want).max() < 4
+
+
 def test_prepare_finds_the_face_and_skips_a_video_without_one(tmp_path, capsys):
     """A public-domain photograph (NASA's portrait of astronaut Eileen Collins, from scikit-image's data folder,
     192 px) panned by 16 px inside a wider frame, with synthesized speech: the prepared frames show the face in the

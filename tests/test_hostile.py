@@ -669,6 +669,16 @@ def test_training_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
                   "only its held-out videos (every 20th by name) span --frames 4 + --motion 2", during_work=True)
 
 
+def test_training_videos_too_short_for_a_clip_are_noted(here, capsys, folder32, vae_ckpt):
+    shutil.copytree(folder32, here / "videos")
+    world.main([str(here / "short"), "--videos", "1", "--seconds", "0.12", "--size", "32"])  # 3 frames
+    shutil.copytree(here / "short" / "train_00000", here / "videos" / "a_short")  # sorted first: trained on
+    train.main(["--out", "run", "--cache", "c", "--vae", str(vae_ckpt), "--size", "T", "--frames", "4", "--steps",
+                "1", "--batch-size", "2", "--eval-every", "100", "--device", "cpu", "--data", "videos"])
+    assert ("note: 1 of 2 training videos are shorter than --frames 4 + --motion 2: no clip is drawn from them"
+            in capsys.readouterr().err)
+
+
 def test_held_out_videos_too_short_are_named(here, capsys, folder32, vae_ckpt):
     shutil.copytree(folder32, here / "videos")
     world.main([str(here / "short"), "--videos", "1", "--seconds", "0.12", "--size", "32"])  # 3 frames
