@@ -231,6 +231,8 @@ def video_frames(src):
                 raise UserError(f"{src}: no video stream")
             stream = container.streams.video[0]
             aspect = float(stream.sample_aspect_ratio or 1)  # (unset: 0/1, square)
+            if not 0.25 <= aspect <= 4:  # cameras and broadcasts stay within 1/2 and 2: a damaged or hostile file
+                raise UserError(f"{src}: a pixel aspect ratio of {aspect:g}, which no video has; re-encode it")
             for i, f in enumerate(container.decode(stream)):
                 count += 1
                 yield (float(f.time) if f.time is not None else i / float(stream.average_rate)), f, aspect

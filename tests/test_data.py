@@ -495,16 +495,20 @@ def test_a_phone_video_stored_sideways_is_decoded_upright(tmp_path):
 def test_a_video_of_squeezed_pixels_is_decoded_as_shown(tmp_path):
     """Broadcast and camcorder videos may store their frames squeezed, with a pixel aspect ratio that widens them
     when shown: 48x48 stored pixels of aspect 4/3 show as 64x48, and a face cropped from the stored ones came out
-    narrow. A bright 24x24 square stored in the middle is 32 wide as shown."""
-    with av.open(str(tmp_path / "squeezed.mp4"), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width = stream.height = 48
-        stream.pix_fmt, stream.codec_context.sample_aspect_ratio = "yuv420p", fractions.Fraction(4, 3)
-        frame = np.zeros((48, 48, 3), np.uint8)
-        frame[12:36, 12:36] = 255
-        for _ in range(3):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        out.mux(stream.encode())
+    narrow. A bright 24x24 square stored in the middle is 32 wide as shown. An aspect no video has (9: a damaged
+    or hostile file) is refused rather than widened into a huge frame."""
+    for name, aspect in (("squeezed", fractions.Fraction(4, 3)), ("absurd", fractions.Fraction(9, 1))):
+        with av.open(str(tmp_path / f"{name}.mp4"), "w") as out:
+            stream = out.add_stream("libx264", rate=25)
+            stream.width = stream.height = 48
+            stream.pix_fmt, stream.codec_context.sample_aspect_ratio = "yuv420p", aspect
+            frame = np.zeros((48, 48, 3), np.uint8)
+            frame[12:36, 12:36] = 255
+            for _ in range(3):
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            out.mux(stream.encode())
     images, _ = data.decode_frames(tmp_path / "squeezed.mp4", convert=np.asarray)
     assert images[0].shape == (48, 64, 3) and data.spread_frames(tmp_path / "squeezed.mp4")[0].shape == (48, 64, 3)
     assert 30 <= (images[0][24, :, 0] > 128).sum() <= 34
+    with pytest.raises(common.UserError, match="a pixel aspect ratio of 9, which no video has"):
+        data.decode_frames(tmp_path / "absurd.mp4")
