@@ -482,12 +482,12 @@ def _cache_each(videos, cache, entry, desc, rank=0, world=1):
 
 
 def _source(folder):
-    """What a cache file records of the video it was made from: video.mp4's size in bytes and a checksum of its
-    meta.json (frame count, frame size, crop box, ...), which change when the folder is prepared or rendered again
-    from other material (the cache is named after the folder, not its contents; copying or touching the files
-    changes neither). -> int64 (2,)."""
-    folder = Path(folder)
-    return torch.tensor([(folder / "video.mp4").stat().st_size, zlib.crc32((folder / "meta.json").read_bytes())])
+    """What a cache file records of the video it was made from: a checksum of its meta.json (source file, frame
+    count, frame size, crop box; a synthetic video's whole script), which changes when the folder is prepared or
+    rendered from other material (the cache is named after the folder, not its contents). Copying, touching or
+    rendering the same videos again changes nothing (video.mp4's bytes would: H.264 encodes differ from run to
+    run). A raw file replaced by another of the same name, length and box goes unseen. -> int64 (1,)."""
+    return torch.tensor([zlib.crc32((Path(folder) / "meta.json").read_bytes())])
 
 
 def _cached(path, folder):

@@ -178,12 +178,11 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, s
     grow video by video (RunningStats), so no feature set is ever held whole. Returns a dict of the figures."""
     model, vae, diffusion, _ = load_model(ckpt, device)
     held_out = VideoFolder(folder, "val")
-    if len(VideoFolder(folder)) == 1:
-        print(f"note: {folder} holds one video, held out only from a run that did not train on this folder (a run "
-              "on it trains on its one video)", file=sys.stderr)
     if held_out.size != vae.config.resolution:
         raise UserError(f"--data {folder}: its frames are {held_out.size} px, the checkpoint's "
                         f"{vae.config.resolution} px (prepare it with --size {vae.config.resolution})")
+    if len(VideoFolder(folder)) == 1:
+        print(f"note: {folder} holds one video, which a run on this folder also trained on", file=sys.stderr)
     extractors = standard_extractors(vae.config.resolution, inception, i3d, expression)
     stats, ssims, lead, T = {}, [], PORTRAIT_LEAD, round(seconds * FPS)
     n = min(videos, len(held_out))

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
                     save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
-from config import PATHS, RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
+from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS
@@ -376,9 +376,10 @@ class DiffusionStage:
             self.sampler = ClipSampler(train_cache, cfg.frames, cfg.motion, seed=cfg.seed,
                                        blink_repeat=cfg.blink_repeat)
         except UserError:  # a video is long enough (checked above), but only a held-out one
-            raise UserError(f"--data {cfg.data}: only its held-out videos (every 20th by name) span --frames "
-                            f"{cfg.frames} + --motion {cfg.motion}; add longer training videos or pass fewer "
-                            "--frames") from None
+            held = ", ".join(f.name for f in VideoFolder(folder, "val").folders[:3])
+            raise UserError(f"--data {cfg.data}: only its held-out videos (every 20th by name, here {held}) span "
+                            f"--frames {cfg.frames} + --motion {cfg.motion}; add longer training videos or pass "
+                            "fewer --frames") from None
         short = int((train_cache.lengths < need).sum())
         if short and rank() == 0:
             print(f"note: {short} of {len(train_cache.lengths)} training videos are shorter than --frames "
@@ -540,10 +541,6 @@ class DiffusionStage:
                             "videos: start a new run from it with --init")
         if ckpt.get("data", self.sampler.cache.fingerprint()) != self.sampler.cache.fingerprint():  # (older: none)
             raise UserError(same_videos(self.cfg.data, "start a new run from it with --init"))
-        if latents_id(vae_from_state(ckpt["vae"])) != latents_id(self.vae):
-            raise UserError(f"--vae {self.cfg.vae}: not the VAE the run was trained with (the file changed since), "
-                            "whose latents its model learned; put that VAE back, or start a new run from it with "
-                            "--init")
         self.model.load_state_dict(ckpt["model"]["weights"])
         self.ema.load_state_dict(ckpt["ema"])
         self.seen = {k: v.clone() for k, v in ckpt["seen"].items()}
@@ -601,7 +598,7 @@ def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
     if rank() == 0:
         stage.before_save()
         ckpt = {"stage": cfg.stage, "step": step, "elapsed": elapsed, "train_config": asdict(cfg), **stage.state(),
-                "optimizer": optimizer.state_dict(), "cwd": os.getcwd(), **rng}  # cwd: what relative paths mean
+                "optimizer": optimizer.state_dict(), **rng}
         save_torch(path, ckpt)
 
 
@@ -810,13 +807,12 @@ def main(argv=None):
                 with contents_of(out / "ckpt.pt", "a letstalk run's checkpoint"):
                     cfg = resumed_config(saved["train_config"], settings, out)
                     step, _ = progress(saved)
-                    started = Path(saved.get("cwd", os.getcwd()))  # (older checkpoints: not known)
-                    relative = [flag(k) for k in PATHS if getattr(cfg, k) not in (None, "synthetic")
-                                and not Path(getattr(cfg, k)).is_absolute()]
-                    if relative and started.resolve() != Path.cwd().resolve():
-                        raise UserError(f"{', '.join(relative)}: the run's paths are relative to {started}, where it "
-                                        f"started, and would name other files here; resume from there (cd "
-                                        f"{started})")
+                    # the VAE behind --vae, checked before its latents are encoded: the run's model learned others
+                    if cfg.stage == "diffusion" and latents_id(vae_from_state(saved["vae"])) != latents_id(
+                            load_vae(cfg.vae)):
+                        raise UserError(f"--vae {cfg.vae}: not the VAE the run was trained with (the file changed "
+                                        "since), whose latents its model learned; put that VAE back, or start a new "
+                                        "run from it with --init, leaving --vae out")
                 if step >= cfg.steps:
                     raise UserError(f"{out}: the run is at step {step} of --steps {cfg.steps}; pass a larger --steps "
                                     "to train on")
