@@ -154,7 +154,7 @@ def load_audio(path):
 
     PCM and float WAV files go through our own reader; any other format (mp3, m4a, flac, the audio track of a
     video, a mu-law WAV...) is decoded by the FFmpeg bundled in the `av` wheel (`decode_audio`). Channels are
-    averaged, then resampled.
+    averaged (`downmix`), then resampled.
     """
     path = Path(path)
     if not path.is_file():
@@ -167,7 +167,7 @@ def load_audio(path):
     if is_wav:
         try:
             x, rate = read_wav(path)
-            wav = resample(x.mean(1), rate, SAMPLE_RATE)
+            wav = resample(downmix(path, x), rate, SAMPLE_RATE)
         except OtherEncoding:
             pass
     if wav is None:
@@ -187,8 +187,8 @@ def decode_audio(path):
             if not container.streams.audio:
                 raise UserError(f"{path}: no audio stream")
             stream = container.streams.audio[0]
-            if stream.codec_context is None:  # a stream FFmpeg has no decoder for
-                raise UserError(f"{path}: cannot decode audio (FFmpeg has no decoder for its encoding)")
+            if stream.codec_context is None:  # an encoding FFmpeg has no decoder for, or a header too damaged to say
+                raise UserError(f"{path}: cannot decode audio (damaged, or an encoding FFmpeg has no decoder for)")
             rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
             check_rate(path, rate)
             frames = list(container.decode(stream))
@@ -207,7 +207,19 @@ def decode_audio(path):
         x = x / (np.iinfo(kind).max + 1) * 2 - 1
     elif np.issubdtype(kind, np.integer):
         x /= np.iinfo(kind).max + 1
-    return resample(x.mean(1), rate, SAMPLE_RATE), float(frames[0].time or 0.0)
+    return resample(downmix(path, x), rate, SAMPLE_RATE), float(frames[0].time or 0.0)
+
+
+def downmix(path, x):
+    """Average the channels of (T, channels) float audio into mono (T,). Channels that cancel out (one of them
+    recorded with inverted polarity) would leave near silence, so that is refused instead."""
+    mono = x.mean(1)
+    rms = lambda a: float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))  # noqa: E731
+    loudest = max((rms(c) for c in x.T if len(c)), default=0.0)
+    if loudest > 1e-3 and rms(mono) < 0.1 * loudest:  # over 20 dB lost: no recording of one voice does that
+        raise UserError(f"{path}: its channels cancel out when mixed to mono (one has inverted polarity); keep one "
+                        "channel with an audio tool first (e.g. ffmpeg -i IN -af 'pan=mono|c0=c0' OUT.wav)")
+    return mono
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -293,6 +293,8 @@ def prepare_video(src, size, box=None):
             raise UserError(f"{src}: the crop box {list(box)} is not inside the {image.width}x{image.height} frame")
         return square_image(image, size, box)
     frames, times = decode_frames(src, convert=crop)
+    if len(frames) == 1:  # a still picture with a sound track; how long it shows is not read, nor worth learning
+        raise UserError(f"{src}: one frame, a still picture; a talking-head video is needed")
     wav, audio_start = decode_audio(src)
     if np.sqrt(np.mean(wav ** 2)) < 1e-4:
         raise UserError(f"{src}: silent audio")

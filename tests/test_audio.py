@@ -193,3 +193,22 @@ def test_impossible_wav_headers_are_refused_in_one_line(tmp_path):
     (tmp_path / "extensible.wav").write_bytes(bytes(raw))
     with pytest.raises(common.UserError, match="an extensible format without a real sub-format"):
         audio.load_audio(tmp_path / "extensible.wav")
+
+
+def test_channels_that_cancel_out_are_refused_by_both_readers(tmp_path):
+    """A stereo track whose second channel has inverted polarity averages to near silence: the speech would be
+    lost and pass the silence check. Quieter second channels (a far microphone, one side silent) still load."""
+    v = 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)
+    write_pcm(tmp_path / "anti.wav", np.stack([v, -v], 1), 16000, 16)
+    write_pcm(tmp_path / "one_side.wav", np.stack([v, 0 * v], 1), 16000, 16)
+    with av.open(str(tmp_path / "anti.mkv"), "w") as out:  # the same track through FFmpeg
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="stereo")
+        pcm = np.round(np.stack([v, -v], 1) * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    for name in ("anti.wav", "anti.mkv"):
+        with pytest.raises(common.UserError, match="channels cancel out"):
+            audio.load_audio(tmp_path / name)
+    assert np.abs(audio.load_audio(tmp_path / "one_side.wav") - v / 2).max() < 1e-4

@@ -112,6 +112,13 @@ def test_a_slow_video_shows_its_last_frame_for_as_long_as_the_others(tmp_path):
     assert len(frames) == 50 and np.abs(frames[:, 8:24, 8:24].mean((1, 2, 3)) - want).max() < 4
 
 
+def test_a_still_picture_with_a_sound_track_is_refused(tmp_path):
+    """One frame and 2 s of speech (a podcast's cover image) made a 1-frame video, the speech cut to 40 ms."""
+    _write_raw_video(tmp_path / "still.mp4", 1, 25, 96, 64, 0.3 * np.sin(np.arange(2 * 44100) * 0.05))
+    with pytest.raises(common.UserError, match="one frame, a still picture"):
+        data.prepare_video(tmp_path / "still.mp4", 32, (16, 0, 80, 64))
+
+
 def test_prepare_finds_the_face_and_skips_a_video_without_one(tmp_path, capsys):
     """A public-domain photograph (NASA's portrait of astronaut Eileen Collins, from scikit-image's data folder,
     192 px) panned by 16 px inside a wider frame, with synthesized speech: the prepared frames show the face in the
