@@ -438,17 +438,19 @@ def load_image(path, size):
     with warnings.catch_warnings():  # damaged EXIF is only metadata: PIL warns, and reads the image without it;
         warnings.simplefilter("ignore", UserWarning)  # its warning of a huge image comes before MAX_PIXELS refuses it
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        too_big = f"a portrait needs far fewer (at most {MAX_PIXELS // 10**6} megapixels): scale it down first"
         try:
             img = Image.open(path)
             if img.width * img.height > MAX_PIXELS:  # checked from the header, before the pixels are decoded
-                raise UserError(f"{path}: {img.width}x{img.height} pixels; a portrait needs far fewer (at most "
-                                f"{MAX_PIXELS // 10**6} megapixels): scale it down first")
+                raise UserError(f"{path}: {img.width}x{img.height} pixels; {too_big}")
             img.load()
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
         except UserError:
             raise
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:  # ValueError: e.g.
+        except Image.DecompressionBombError:  # PIL's own refusal, from the header too, of over 2x its 89 MP
+            raise UserError(f"{path}: over {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels; {too_big}") from None
+        except (OSError, UnidentifiedImageError, ValueError) as e:  # ValueError: e.g.
             # a compressed text chunk too large to unpack
             raise UserError(f"{path}: cannot read image ({e})") from None
         img = ImageOps.exif_transpose(img)  # a phone's photo: stored sideways, with an EXIF tag saying how to turn it

@@ -379,9 +379,11 @@ def test_prepare_keeps_sound_and_picture_together_when_the_streams_start_apart(t
 
 def _stub_cache(folder, videos, frames):
     """A VideoCache of `videos` tiny entries of `frames` frames (the sampler draws from their lengths)."""
-    latents = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1, 1).expand(frames, 4, 2, 2).clone()
+    k = torch.arange(frames, dtype=torch.float32)  # frame k holds the number k in each of its arrays
+    entry = {"latents": k.view(frames, 1, 1, 1).expand(frames, 4, 2, 2).clone(),
+             "mel": k.view(frames, 1, 1).expand(frames, 20, 80).clone(), "openness": k.clone()}
     for v in range(videos):
-        torch.save({"latents": latents, "mel": torch.zeros(frames, 20, 80)}, folder / f"v{v}.pt")
+        torch.save(entry, folder / f"v{v}.pt")
     return data.VideoCache(folder, [f"v{v}" for v in range(videos)])
 
 
@@ -406,8 +408,11 @@ def test_each_draw_is_a_pure_function_of_seed_step_and_rank(tmp_path):
     batch = sampler.batch(0, 0, 4)
     video, start, ref = sampler.draws(0, 0, 4)
     assert batch["latents"].shape == (4, 8, 4, 2, 2) and batch["motion"].shape == (4, 2, 4, 2, 2)
-    # frame k of the stub holds the number k: the clip, its motion frames and the portrait are the frames drawn
-    assert torch.equal(batch["latents"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] + np.arange(8)).float())
+    # frame k of the stub holds the number k: the clip, its audio and ground truth, its motion frames and the portrait
+    # are the frames drawn (audio a frame off would teach the model to move its lips out of sync)
+    clip = torch.from_numpy(start[:, None] + np.arange(8)).float()
+    assert torch.equal(batch["latents"][:, :, 0, 0, 0], clip)
+    assert torch.equal(batch["mel"][:, :, 0, 0], clip) and torch.equal(batch["openness"], clip)
     assert torch.equal(batch["motion"][:, :, 0, 0, 0], torch.from_numpy(start[:, None] - np.array([2, 1])).float())
     assert torch.equal(batch["ref"][:, 0, 0, 0], torch.from_numpy(ref).float())
 

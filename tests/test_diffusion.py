@@ -27,9 +27,47 @@ def test_every_target_gives_back_x0_and_eps(prediction):
     got_x0, got_eps = d.split(x_t, t, d.target(x0, noise, t))
     assert torch.allclose(got_x0, x0, atol=1e-3) and torch.allclose(got_eps, noise, atol=1e-3)
     assert torch.allclose(d.x0_from_eps(x_t, t, noise), x0, atol=1e-3)
-    w = d.loss_weight(t, 5.0)
-    assert w.shape == (8,) and (w > 0).all() and torch.equal(d.loss_weight(t), torch.ones(8))
+    assert torch.equal(d.loss_weight(t), torch.ones(8))  # no min-SNR: Eq. 3 as it stands
     assert Diffusion(**d.config()).prediction == prediction  # what a checkpoint stores rebuilds the same process
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weights_count_every_target_as_the_capped_snr_times_the_x0_error(prediction):
+    """Min-SNR-gamma (Hang et al.) weighs a sample's x0 error by min(SNR, gamma). A model predicting eps or v makes
+    its x0 error times SNR or SNR + 1 in its own target, so its weight must undo that: whatever the target, weight x
+    target error = min(SNR, gamma) x x0 error. Checked at timesteps below and above the cap."""
+    d, gamma = Diffusion(prediction=prediction), 5.0
+    t = torch.tensor([20, 100, 150, 990])  # SNR about 160, 8.5, 3.7 and 5e-5
+    x0, noise, error = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    x_t = d.q_sample(x0, t, noise)
+    ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_hat = x0 + error  # a wrong x0; the eps that goes with it on the same x_t
+    eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    per_sample = lambda a, b: (a - b).pow(2).flatten(1).mean(1)  # noqa: E731
+    target_error = per_sample(d.target(x0_hat, eps_hat, t), d.target(x0, noise, t))
+    snr = (ab / (1 - ab)).flatten()
+    assert (snr[:2] > gamma).all() and (snr[2:] < gamma).all()
+    want = snr.clamp(max=gamma) * per_sample(x0_hat, x0)
+    assert torch.allclose(d.loss_weight(t, gamma) * target_error, want, rtol=1e-3)
+
+
+def test_the_ddpm_sampler_draws_from_the_data_distribution_in_every_step():
+    """DDPM's ancestral sampler adds fresh noise at each of its 1000 steps: with the ideal denoiser of Gaussian data
+    N(mu, s^2) it draws samples of that mean and spread, unlike the deterministic DDIM's end points from the
+    same start (those are an exact function of the starting noise)."""
+    d, mu, s, calls = Diffusion(), 0.7, 0.3, []
+
+    def ideal(x, t):
+        calls.append(t[0].item())
+        a, sigma2 = d._ab(t, x).sqrt(), 1 - d._ab(t, x)
+        x0 = mu + a * s ** 2 * (x - a * mu) / (a ** 2 * s ** 2 + sigma2)
+        return x0, (x - a * x0) / sigma2.sqrt()
+
+    ddpm = d.sample(ideal, (4096,), 8, "ddpm", generator=torch.Generator().manual_seed(0))
+    assert calls == list(range(999, -1, -1))  # every step, whatever steps says
+    ddim = d.sample(ideal, (4096,), 50, "ddim", generator=torch.Generator().manual_seed(0))
+    assert abs(ddpm.mean().item() - mu) < 0.02 and abs(ddpm.std().item() - s) < 0.02
+    assert torch.corrcoef(torch.stack([ddpm, ddim]))[0, 1] < 0.9
 
 
 def test_ddim_with_a_perfect_denoiser_returns_the_data():

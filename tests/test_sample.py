@@ -61,7 +61,11 @@ def test_images_of_every_mode_load(tmp_path, mode):
         img = rgb.convert(mode)
     img.save(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"))
     got = common.load_image(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"), 32)
+    grey = mode in ("L", "I;16")
+    (rgb.convert("L") if grey else rgb).save(tmp_path / "want.png")  # what the image shows, as 8-bit RGB or grey
+    want = common.load_image(tmp_path / "want.png", 32)
     assert got.shape == (32, 32, 3) and got.dtype == np.uint8 and got.std() > 10
+    assert np.abs(got.astype(int) - want).mean() < (5 if mode == "P" else 1)  # (P: a 216-colour palette, dithered)
 
 
 def test_a_flat_16_bit_grey_keeps_its_grey_and_damaged_exif_is_ignored_quietly(tmp_path, recwarn):
@@ -195,6 +199,49 @@ def test_windows_come_as_they_are_made_and_the_last_stops_at_the_audio():
     first = next(made)
     assert first.shape == (1, 4, 16, 16, 3) and first.dtype == np.uint8 and len(passes) == 2
     assert [w.shape[1] for w in made] == [4, 2] and len(passes) == 6
+
+
+class OneStep(Diffusion):
+    """A Diffusion whose sampling is one call of the guided denoiser at a given (x, t), whose eps it keeps."""
+
+    def __init__(self, x, t):
+        super().__init__()
+        self.x, self.t = x, t
+
+    def sample(self, denoise, shape, steps, sampler, **kwargs):
+        self.eps = denoise(self.x, self.t)[1]
+        return torch.zeros(shape)
+
+
+@pytest.mark.parametrize("audio_scale, ref_scale, passes", [(1, 1, 1), (2.5, 1, 2), (1, 3, 3), (2.5, 3, 3)])
+def test_guidance_combines_the_passes_as_the_docstring_says(audio_scale, ref_scale, passes):
+    """eps = eps(none) + s_ref (eps(ref) - eps(none)) + s_audio (eps(ref, audio) - eps(ref)), each eps a pass of the
+    model with those conditions, in as many batched passes as the scales need."""
+    torch.manual_seed(0)
+    model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=4, motion=2,
+                                    audio_layers=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random weights everywhere: the zero-initialised output layer would give 0
+            p.copy_(torch.randn_like(p) * 0.1)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    x, t = torch.randn(1, 4, 4, 4, 4), torch.tensor([500])
+    diffusion = OneStep(x, t)
+    portrait = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    vae = VAE(VAEConfig(resolution=16, factor=4, width=8)).eval()
+    list(sample.windows(model, vae, diffusion, portrait, torch.randn(1, 4, 20, 80), audio_scale=audio_scale,
+                        ref_scale=ref_scale, progress=False))
+    (args, _), = calls
+    assert len(args[0]) == passes  # one batched model call: a batch of 1 per pass
+    ref, mel, motion = (a[:1] for a in args[2:5])
+    with torch.no_grad():
+        eps = {name: diffusion.split(x, t, model(x, t, ref, mel, motion, drop_ref=torch.tensor([no_ref]),
+                                                 drop_audio=torch.tensor([no_audio])))[1]
+               for name, no_ref, no_audio in (("none", True, True), ("ref", False, True), ("both", False, False))}
+    want = eps["none"] + ref_scale * (eps["ref"] - eps["none"]) + audio_scale * (eps["both"] - eps["ref"])
+    assert torch.allclose(diffusion.eps, want, atol=1e-5)
+    assert not torch.allclose(eps["both"], eps["ref"], atol=1e-3)  # the terms differ: a wrong scale would show
+    assert not torch.allclose(eps["ref"], eps["none"], atol=1e-3)
 
 
 def test_a_default_output_name_too_long_is_not_blamed_on_out(tmp_path, inputs, diffusion_ckpt, capsys, monkeypatch):

@@ -5,7 +5,8 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import train
 import world
 from conftest import diffusion_args
 from diffusion import Diffusion
+from common import to_tensor
 from vae import load_vae
 
 
@@ -222,6 +224,91 @@ def test_warmup_0_starts_at_the_full_learning_rate(tmp_path, vae_ckpt):
     train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1", "--warmup", "0", "--lr", "0.001"))
     first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["lr"] == 0.001 and math.isfinite(first["loss"])
+
+
+def _vae_run(out, *extra):
+    """A tiny VAE run (its log's step lines, its stage): the cheapest way through train.train's loop."""
+    stages, loss = [], train.VAEStage.loss
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.VAEStage, "loss", lambda self, i: stages.append(self) or loss(self, i))
+        train.main(["--stage", "vae", "--out", str(out), "--cache", str(out.parent / "cache"), "--videos", "2",
+                    "--resolution", "32", "--vae-width", "8", "--device", "cpu", "--eval-every", "100", *extra])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in log if "final" not in r], stages[0]
+
+
+def test_the_learning_rate_warms_up_and_cools_down_and_accumulation_averages(tmp_path):
+    """--warmup 2 --cooldown 2 over 5 steps: lr/2, lr, lr, lr, lr/2. Two micro-batches of 2 accumulate the gradient
+    of one batch of 4 (the same frames: consecutive slices of one permutation), its mean, not its sum."""
+    log, stage = _vae_run(tmp_path / "a", "--batch-size", "4", "--steps", "5", "--warmup", "2", "--cooldown", "2",
+                          "--lr", "0.001")
+    assert [r["lr"] for r in log] == [0.0005, 0.001, 0.001, 0.001, 0.0005]
+    accumulated, _ = _vae_run(tmp_path / "b", "--batch-size", "2", "--accum", "2", "--steps", "1", "--lr", "0.001")
+    assert accumulated[0]["grad_norm"] == pytest.approx(log[0]["grad_norm"], rel=1e-4)
+    assert accumulated[0]["loss"] == pytest.approx(log[0]["loss"], rel=1e-4)
+    # the checkpoint's latent_scale makes the latents of the training frames unit-variance, as the noise schedule
+    # assumes
+    with torch.no_grad():
+        z = stage.model.encode(to_tensor(stage.frames(stage.train, 512))) * stage.model.latent_scale
+    assert z.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, vae_ckpt):
+    """The DiffusionStage of a one-step tiny run, as train.train builds it (tests restore what they change)."""
+    stages, loss = [], train.DiffusionStage.loss
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.DiffusionStage, "loss", lambda self, i: stages.append(self) or loss(self, i))
+        train.main(diffusion_args(tmp_path_factory.mktemp("stage") / "run", vae_ckpt, "--steps", "1"))
+    return stages[0]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_the_loss_is_eq3_on_the_target_the_model_predicts(stage, prediction):
+    """L_simple: the mean squared error between the model's output on x_t and the target of its prediction, the
+    noise (Eq. 3), v or x0, each recovered here from the x_t the model saw and the clean clip of the step."""
+    cfg, diffusion = stage.cfg, stage.diffusion
+    seen = []
+    hook = stage.model.register_forward_hook(lambda module, args, out: seen.append((args, out)))
+    try:
+        stage.cfg = replace(cfg, mouth_weight=1.0, motion_weight=1.0, min_snr_gamma=None)
+        stage.diffusion = Diffusion(schedule=cfg.schedule, prediction=prediction)
+        with torch.no_grad():
+            loss, _ = stage.loss(7)
+    finally:
+        stage.cfg, stage.diffusion = cfg, diffusion
+        hook.remove()
+    ((x_t, t, *_), out), = seen
+    x0 = stage.sampler.batch(7, 0, cfg.batch_size)["latents"]
+    ab = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    noise = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+    want = (out - Diffusion(schedule=cfg.schedule, prediction=prediction).target(x0, noise, t)).pow(2).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_each_condition_is_dropped_at_its_own_rate_and_never_in_evaluation(stage):
+    cfg = stage.cfg
+    batch = stage.sampler.batch(0, 0, cfg.batch_size)
+    stage.cfg = replace(cfg, drop_ref=0.2, drop_audio=0.5, drop_motion=0.8)
+    try:
+        drops = [stage.conditions(batch, train=True)[4] for _ in range(300)]
+    finally:
+        stage.cfg = cfg
+    for key, rate in (("ref", 0.2), ("audio", 0.5), ("motion", 0.8)):
+        got = torch.cat([d[f"drop_{key}"] for d in drops]).float().mean().item()
+        assert abs(got - rate) < 0.07, key  # 600 draws: 3 standard deviations at most
+    _, ref, _, _, drops = stage.conditions(batch, train=False)
+    assert set(drops.values()) == {None} and torch.equal(ref, batch["ref"])  # nor any noise on the portrait
+
+
+def test_the_ema_follows_the_weights_with_a_warm_up():
+    """ema <- d ema + (1 - d) weights after each step, d = min(decay, (1 + step) / (10 + step))."""
+    for step, d in ((0, 0.1), (5, 0.4), (10 ** 6, 0.999)):
+        model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        before = [p.detach().clone() for p in ema.parameters()]
+        train.DiffusionStage.after_step(SimpleNamespace(cfg=SimpleNamespace(ema=0.999), model=model, ema=ema), step)
+        for e, b, p in zip(ema.parameters(), before, model.parameters()):
+            assert torch.allclose(e, d * b + (1 - d) * p, atol=1e-6)
 
 
 def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, monkeypatch):
