@@ -191,6 +191,9 @@ def decode_audio(path):
                 raise UserError(f"{path}: cannot decode audio (damaged, or an encoding FFmpeg has no decoder for)")
             rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
             check_rate(path, rate)
+            # the track's length as the file states it, and the samples per packet of its encoding (AAC: 1024)
+            length = stream.duration and math.ceil(stream.duration * stream.time_base * rate)
+            packet = stream.codec_context.frame_size
             frames = list(container.decode(stream))
             chunks = [frame.to_ndarray() for frame in frames]
     except av.FFmpegError as e:
@@ -202,6 +205,8 @@ def decode_audio(path):
                         "and one channel count with an audio tool first (e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)")
     # decoded frames are (channels, n) when planar and (1, n * channels) when packed
     x = np.concatenate([c.T if c.shape[0] == channels else c.reshape(-1, channels) for c in chunks]).astype(np.float32)
+    if length and 0 < len(x) - length <= packet:  # the encoder's padding of its last packet (AAC's is up to 1024
+        x = x[:length]  # samples, a video frame too many): cut; a larger excess means the stated length is wrong
     kind = chunks[0].dtype
     if np.issubdtype(kind, np.unsignedinteger):  # unsigned PCM (8-bit) has its silence at half its range
         x = x / (np.iinfo(kind).max + 1) * 2 - 1

@@ -59,6 +59,13 @@ INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C, as shells r
 BROKEN_PIPE = 141  # ... and of one whose reader went away (`| head`): killed by SIGPIPE
 
 
+def brief(e, limit=240):
+    """An exception's text for an error line: its lines joined into one, cut after `limit` characters (a state
+    dict's mismatch lists every key), or its type's name when it has no text."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def out_of_memory(e):
     """Whether an exception is the machine running out of memory: Python's, the CPU allocator's or CUDA's."""
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
@@ -74,9 +81,11 @@ def compile_failed(e):
 def user_errors():
     """Run a script's body; a UserError raised inside ends it through `fail`, and so do what the machine refuses:
     memory (sizes within the options' bounds can still be too much), disk space, a file's permissions, any other
-    file the system refuses to make or read, a compiler for torch.compile. Ctrl-C ends it with one line (exit 130)
-    and a closed standard output (`| head`) quietly (exit 141), instead of a traceback. A file name that is not
-    UTF-8 is printed with escapes rather than crashing the print."""
+    file the system refuses to make or read, a compiler for torch.compile. Ctrl-C ends it with one line (exit 130),
+    and so does a request to terminate (SIGTERM: `kill`, a job scheduler, `docker stop`), so that the files being
+    written are cleaned up; a closed standard output (`| head`) ends it quietly (exit 141), instead of a traceback.
+    A file name that is not UTF-8 is printed with escapes rather than crashing the print."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="backslashreplace")
@@ -94,7 +103,7 @@ def user_errors():
         if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save, whose zip writer then fails
             print("interrupted", file=sys.stderr)  # as it closes
             sys.exit(INTERRUPTED)
-        detail = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
+        detail = brief(e)
         if out_of_memory(e):
             fail(f"out of memory ({detail}); ask for less at once (smaller sizes or batches, fewer frames, shorter "
                  "audio) or use a machine with more memory")
@@ -111,6 +120,13 @@ def user_errors():
         if e.filename is None:  # not about a file: a bug, whose traceback is wanted
             raise
         fail(f"{e.filename}: {e.strerror or e}")  # a file the system refused (one our checks could not foresee)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    """A signal handler that interrupts the work as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,6 +376,7 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: a folder, not {what}{hint}" if path.is_dir() else
+                        f"{path}: not a regular file (a pipe or a device), not {what}{hint}" if path.exists() else
                         f"{path}: no such file; expected {what}{hint}")
     try:  # is_zipfile answers False for a file it may not read
         open(path, "rb").close()
@@ -372,7 +389,7 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     except pickle.UnpicklingError:
         raise UserError(f"{path}: not {what} (it holds objects that only running code could load){hint}") from None
     except Exception as e:  # noqa: BLE001  (a damaged archive)
-        raise UserError(f"{path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]}){hint}") from None
+        raise UserError(f"{path}: not {what} ({type(e).__name__}: {brief(e)}){hint}") from None
     if not isinstance(ckpt, dict) or not set(needs) <= ckpt.keys():
         raise UserError(f"{path}: not {what}{hint}")
     if not mmap:
@@ -400,7 +417,7 @@ def contents_of(path, what):
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        raise UserError(f"{path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: not {what} ({type(e).__name__}: {brief(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
-from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, check_device,
-                    contents_of, load_checkpoint, out_of_memory, save_torch, to_tensor, to_uint8, user_errors,
-                    writable_file, writable_folder)
+from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, brief,
+                    check_device, contents_of, load_checkpoint, out_of_memory, save_torch, to_tensor, to_uint8,
+                    user_errors, writable_file, writable_folder)
 from data import VideoFolder, build_frame_pool, load_frame_pool
 from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
@@ -162,7 +162,7 @@ def standard_extractors(resolution, inception=None, i3d=None, expression=None):
         except Exception as e:  # noqa: BLE001  (a network of another kind can fail in any way)
             if out_of_memory(e):
                 raise
-            got = f"{type(e).__name__} ({(str(e).strip() or '-').splitlines()[0][:100]})"
+            got = f"{type(e).__name__} ({brief(e)})"
         if not (isinstance(got, tuple) and len(got) == 2 and got[0] == rows):
             raise UserError(f"{flag} {path}: a blank 16-frame video gave {got}, not {rows} feature vectors; see "
                             "--help for the network it takes")
@@ -189,9 +189,10 @@ def evaluate_folder(ckpt, folder, videos=12, seconds=3.0, steps=SAMPLER_STEPS, s
     short = next((i for i in range(n) if held_out.num_frames(i) < lead + T), None)  # from meta.json, before any work
     if short is not None:
         frames = held_out.num_frames(short)
-        raise UserError(f"{held_out.folders[short]}: {frames} frames, fewer than {lead} before the scored ones + {T}; "
+        raise UserError(f"{held_out.folders[short]}: {frames} frames, but a video is scored on --seconds {seconds:g} "
+                        f"({T} frames) after {lead} frames that hold its portrait; "
                         + (f"pass --seconds {(frames - lead) / FPS:g} or less" if frames - lead >= 10 else
-                           "too short to score; replace it with a longer video"))
+                           "too short to score: replace it with a longer video"))
     for i in tqdm(range(n), desc="videos", unit="video"):
         video = held_out[i]
         real = video.frames[None, lead:lead + T]
@@ -340,9 +341,10 @@ def results_path(ckpt, split):
     return Path("runs/eval") / f"{ckpt.resolve().parent.name if ckpt.stem == 'ckpt' else ckpt.stem}_{split}.json"
 
 
-def ablation(root, budget_min, probe, device="cpu", **eval_args):
-    """Train size T once per fusion setting for the same budget on `device` (resuming an interrupted run), evaluate
-    each once (cached in its eval.json) and return {(portrait, audio): result}."""
+def ablation(root, budget_min, probe, vae, device="cpu", **eval_args):
+    """Train size T on the VAE of checkpoint `vae` once per fusion setting for the same budget on `device`
+    (resuming an interrupted run, on its own VAE), evaluate each once (cached in its eval.json) and return
+    {(portrait, audio): result}."""
     root = Path(root)
     results = {}
     for ref, audio in ABLATION:
@@ -355,7 +357,7 @@ def ablation(root, budget_min, probe, device="cpu", **eval_args):
                 with contents_of(ckpt, "a letstalk run's checkpoint"):
                     spent = train.progress(load_checkpoint(ckpt, needs=("step", "elapsed")))[1] / 60
             if spent < budget_min:
-                args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--ref-fusion", ref,
+                args = ["--resume"] if ckpt.exists() else [*ABLATION_RECIPE, "--vae", str(vae), "--ref-fusion", ref,
                                                            "--audio-fusion", audio]
                 train.main(["--out", str(out), "--max-minutes", str(budget_min - spent), "--device", device, *args])
             result = evaluate(ckpt, probe, device=device, **eval_args)
@@ -417,6 +419,8 @@ def main(argv=None):
     p.add_argument("--budget-min", type=bounded(float, above=0, high=10_080), default=15.0,
                    help="training minutes per fusion setting")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per setting, resumable")
+    p.add_argument("--vae", type=Path, default=DEFAULT_CKPT, help="the VAE every setting trains on: a checkpoint "
+                   "holding one (default: the shipped demo's, whose recipe this is; or `train.py --stage vae`'s)")
     args = parser.parse_args(argv)
     with user_errors():
         return run(args)
@@ -430,14 +434,14 @@ def run(args):
         writable_file(args.out, "--out", (".pt",))
         if args.out.resolve() in {p.resolve() for p in paths.values()}:
             raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
-        if args.out.exists():  # a probe (even a damaged or outdated one) is replaced; another checkpoint is kept
+        if args.out.exists():  # only a probe is replaced; whatever else is there (a network, a damaged file) is kept
             try:
                 other = "head.weight" not in load_checkpoint(args.out)
-            except UserError:  # not a whole torch file: nothing to keep
-                other = False
+            except UserError:
+                other = True
             if other:
                 raise UserError(f"--out {args.out}: holds something other than a probe, which this would replace; "
-                                "pass another name")
+                                "pass another name (or delete it first)")
         writable_folder(args.cache, "--cache")
         args.cache.mkdir(parents=True, exist_ok=True)
         pools = {split: load_frame_pool(path) if path.exists() else
@@ -453,7 +457,7 @@ def run(args):
                   audio_scale=args.audio_scale, split=args.split, device=args.device)
     if args.command == "ablation":
         writable_folder(args.out, "--out")
-        results = ablation(args.out, args.budget_min, probe, **shared)
+        results = ablation(args.out, args.budget_min, probe, args.vae, **shared)
         print(ablation_table(results))
         return results
     for flag in ("inception", "i3d", "expression"):  # a missing file fails now, not after generating
@@ -484,11 +488,15 @@ def run(args):
     if len(speech) == 1:
         raise UserError("--speech: give two or more recordings (each is also scored against the next one's loudness: "
                         "the mismatched figure)")
-    short = next((p for p, wav in zip(args.speech, speech)
-                  if len(wav) < 2 * SAMPLES_PER_FRAME or len(trim_silence(wav)) < 2 * SAMPLES_PER_FRAME), None)
-    if short is not None:
-        raise UserError(f"--speech {short}: shorter than two video frames (80 ms) of sound once its silence is "
-                        "trimmed, too short to follow")
+    for i, (path, wav) in enumerate(zip(args.speech, speech)):
+        if len(wav) < 2 * SAMPLES_PER_FRAME or len(trim_silence(wav)) < 2 * SAMPLES_PER_FRAME:
+            raise UserError(f"--speech {path}: shorter than two video frames (80 ms) of sound once its silence is "
+                            "trimmed, too short to follow")
+        if np.sqrt(np.mean(wav ** 2)) < 1e-4:  # (trim_silence keeps a recording silent throughout whole)
+            raise UserError(f"--speech {path}: silent; pass recordings of speech")
+        twin = next((p for p, w in zip(args.speech[:i], speech) if np.array_equal(w, wav)), None)
+        if twin is not None:  # its mismatched pairing would be a matched one
+            raise UserError(f"--speech {path}: the same recording as {twin}; pass different ones")
     extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
     if args.data is not None:
         shared.pop("split")

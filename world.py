@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from audio import FPS, SAMPLE_RATE, frame_loudness, resample
 from common import MAX_SEED, HelpFormatter, Parser, bounded, output_folder, parallel_map, save_png, user_errors
-from data import Video, check_output, held_out, save_video
+from data import Video, check_output, check_replaceable, held_out, save_video
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Speech. espeak-ng's library and voice data ship inside the `espeakng-loader` wheel; we drive its C API
@@ -326,8 +326,8 @@ def synth_script(split="train", index=0, seconds=4.0, seed=0):
     lo, hi = SPLITS[split]
     ident = identity(int(rng.integers(lo, hi)), seed)
     lo, hi = UTTERANCE_SPLITS[split]
-    wav, phonemes, info = utterance(int(rng.integers(lo, hi)), seconds, seed)
-    n = int(round(seconds * FPS))
+    n = int(round(seconds * FPS))  # whole frames, and the speech of exactly those (0.059 s: one frame, 40 ms)
+    wav, phonemes, info = utterance(int(rng.integers(lo, hi)), n / FPS, seed)
     openness, roundness = mouth_track(wav, phonemes, n)
     blink, pose = motion_track(n, rng)
     meta = {"num_frames": n, "fps": FPS, "split": split, "index": index, "seed": seed, "identity": asdict(ident),
@@ -409,9 +409,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with user_errors():
         check_output(args.out, args.size)
+        folders = [args.out / f"{args.split}_{i:05d}" for i in range(args.videos)]
+        for folder in folders:  # before any work: a file or folder of the user's in the way is never replaced
+            check_replaceable(folder)
         with output_folder(args.out):
-            for i in tqdm(range(args.videos), desc="synth", unit="video"):
-                folder = args.out / f"{args.split}_{i:05d}"
+            for i, folder in enumerate(tqdm(folders, desc="synth", unit="video")):
                 video = synth_video(args.split, i, args.seconds, args.size, args.seed)
                 save_video(folder, video)
                 if args.still:

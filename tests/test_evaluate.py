@@ -65,20 +65,22 @@ def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeyp
     """Five fusion settings, each trained (a few tiny steps) on the device asked for and evaluated; a second call
     reuses every result."""
     recipe = diffusion_args(tmp_path / "unused", vae_ckpt, "--steps", "2")[2:]  # the tiny run, minus --out
-    at = recipe.index("--device")
-    recipe = recipe[:at] + recipe[at + 2:]  # and minus --device, which ablation passes
+    for flag in ("--device", "--vae"):  # and minus what ablation passes
+        at = recipe.index(flag)
+        recipe = recipe[:at] + recipe[at + 2:]
     monkeypatch.setattr(evaluate, "ABLATION_RECIPE", recipe)
     real, argvs = train.main, []
     monkeypatch.setattr(train, "main", lambda argv: argvs.append(argv) or real(argv))
     monkeypatch.setattr(metrics, "RENDER_EVALS", 5)
     probe = metrics.Probe().eval()
     kwargs = dict(videos=2, seconds=0.4, steps=1)
-    results = evaluate.ablation(tmp_path / "abl", 1.0, probe, **kwargs)
+    results = evaluate.ablation(tmp_path / "abl", 1.0, probe, vae_ckpt, **kwargs)
     assert list(results) == evaluate.ABLATION and len({r["fid_probe"] for r in results.values()}) == 5
     assert len(argvs) == 5 and all(argv[argv.index("--device") + 1] == "cpu" for argv in argvs)
+    assert all(argv[argv.index("--vae") + 1] == str(vae_ckpt) for argv in argvs)
     stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/eval.json"))
     assert len(stamps) == 5
-    again = evaluate.ablation(tmp_path / "abl", 1.0, probe, **kwargs)
+    again = evaluate.ablation(tmp_path / "abl", 1.0, probe, vae_ckpt, **kwargs)
     assert again == results and sorted(p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/eval.json")) == stamps
     assert evaluate.ablation_table(results).count("\n") == 6
 

@@ -356,6 +356,19 @@ def test_ctrl_c_is_one_line(here, capsys, monkeypatch):
     assert refuse("sample", [FACE, SPEECH], capsys, here, "interrupted", code=INTERRUPTED)
 
 
+def test_a_request_to_terminate_is_an_interruption(tmp_path, capsys):
+    """SIGTERM (`kill`, a job scheduler) ends the work as Ctrl-C does: a file being written is cleaned up, no traceback
+    (it ended the process on the spot, leaving a hidden temporary file)."""
+    def killed_while_writing(tmp):
+        Path(tmp).write_text("the first half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        atomic_write(tmp_path / "out.txt", killed_while_writing)
+    assert e.value.code == INTERRUPTED and capsys.readouterr().err == "interrupted\n"
+    assert not list(tmp_path.iterdir()) and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_an_error_is_one_line_whatever_the_path_holds(here, capsys):
     err = refuse("sample", ["no\nsuch.png", SPEECH], capsys, here, "no such file")
     assert "no\\nsuch.png" in err
@@ -502,6 +515,7 @@ def test_a_name_too_long_for_the_file_system_is_refused(command, argv, here, cap
 def test_a_pipe_or_a_device_is_not_read_as_a_file(here, capsys):
     os.mkfifo(here / "pipe.png")
     assert refuse("sample", ["pipe.png", SPEECH], capsys, here, "not a regular file")
+    assert refuse("sample", [FACE, SPEECH, "--ckpt", "pipe.png"], capsys, here, "pipe.png: not a regular file")
     _video(here / "raw" / "a.mp4", 0.2)
     assert refuse("data", ["prepare", "raw", "out", "--boxes", "/dev/zero"], capsys, here, "not a regular file")
 
@@ -513,6 +527,11 @@ def test_absurd_values_inside_files_are_refused(here, capsys):
     next(v for v in ckpt["ema"].values() if v.is_floating_point()).fill_(float("nan"))
     torch.save(ckpt, here / "nan.pt")
     assert refuse("sample", [FACE, SPEECH, "--ckpt", "nan.pt"], capsys, here, "holds NaN or infinite values")
+    ckpt = torch.load(sample.DEFAULT_CKPT, weights_only=True)
+    del ckpt["ema"]["final.linear.bias"]
+    torch.save(ckpt, here / "edited.pt")  # the error's detail is on its second line: it is kept
+    assert refuse("sample", [FACE, SPEECH, "--ckpt", "edited.pt"], capsys, here,
+                  "Error(s) in loading state_dict for LetsTalk: Missing key(s) in state_dict: \"final.linear.bias\"")
     _video(here / "raw" / "a.mp4", 0.2)
     (here / "boxes.json").write_text('{"a": [0, 0, 1%s, 10]}' % ("0" * 400))
     assert refuse("data", ["prepare", "raw", "out", "--boxes", "boxes.json"], capsys, here, "the box of a")
@@ -545,6 +564,12 @@ def test_what_eval_reads_is_checked_before_it_generates(here, capsys):
     assert refuse("evaluate", ["eval", "--speech", SPEECH, "click.wav", *quick], capsys, here,
                   "click.wav: shorter than two video frames (80 ms) of sound once its silence is trimmed")
     assert refuse("evaluate", ["eval", "--speech", SPEECH, *quick], capsys, here, "give two or more recordings")
+    audio.write_wav(here / "silence.wav", np.zeros(16_000))
+    assert refuse("evaluate", ["eval", "--speech", SPEECH, "silence.wav", *quick], capsys, here,
+                  "--speech silence.wav: silent")
+    shutil.copy(SPEECH, here / "copy.wav")
+    assert refuse("evaluate", ["eval", "--speech", SPEECH, "copy.wav", *quick], capsys, here,
+                  f"--speech copy.wav: the same recording as {SPEECH}")
     (here / "runs" / "eval").mkdir(parents=True)
     shutil.copy(SPEECH, here / "runs" / "eval" / "letstalk-tiny_test.json")  # a recording where the results go
     assert refuse("evaluate", ["eval", "--speech", SPEECH, "runs/eval/letstalk-tiny_test.json", *quick[:-2]], capsys,
@@ -552,6 +577,8 @@ def test_what_eval_reads_is_checked_before_it_generates(here, capsys):
     (here / "data" / "v").mkdir(parents=True)
     assert refuse("evaluate", ["eval", "--data", "data", "--json", "data/v/meta.json"], capsys, here,
                   "would be written into the data folder data")
+    assert refuse("evaluate", ["eval", "--data", SPEECH, *quick], capsys, here,
+                  f"{SPEECH}: a file; pass the folder of prepared videos")
     torch.save({"fc.weight": torch.zeros(10, 2048)}, here / "resnet.pt")  # another network's classifier
     assert refuse("evaluate", ["eval", "--inception", "resnet.pt", *quick], capsys, here,
                   "resnet.pt: not Inception-v3 weights")
@@ -893,9 +920,14 @@ def test_what_eval_and_probe_are_pointed_at_is_what_they_take(here, capsys):
     shutil.copy(sample.DEFAULT_CKPT, here / "model.pt")  # the probe's --out would replace a model
     assert refuse("evaluate", ["probe", "--out", "model.pt", "--steps", "1", "--videos", "1"], capsys, here,
                   "--out model.pt: holds something other than a probe")
-    (here / "old_probe.pt").write_bytes(b"a damaged probe")  # what `eval` says to retrain: replaced
+    torch.save(torch.randn(3), here / "features.pt")  # a user's tensor, and notes: neither is replaced
+    (here / "notes.pt").write_text("my notes")
+    for name in ("features.pt", "notes.pt"):
+        assert refuse("evaluate", ["probe", "--out", name, "--steps", "1", "--videos", "1"], capsys, here,
+                      f"--out {name}: holds something other than a probe")
     evaluate.main(["probe", "--out", "old_probe.pt", "--steps", "1", "--videos", "1", "--cache", "pools"])
-    assert "head.weight" in torch.load(here / "old_probe.pt", weights_only=True)
+    evaluate.main(["probe", "--out", "old_probe.pt", "--steps", "1", "--videos", "1", "--cache", "pools"])
+    assert "head.weight" in torch.load(here / "old_probe.pt", weights_only=True)  # a probe is replaced
     (here / "weights").mkdir()
     assert refuse("evaluate", ["eval", "--inception", "weights"], capsys, here, "--inception weights: a folder")
     ckpt = torch.load(sample.DEFAULT_CKPT, weights_only=True)
@@ -907,8 +939,8 @@ def test_what_eval_and_probe_are_pointed_at_is_what_they_take(here, capsys):
 def test_held_out_videos_too_short_for_eval_say_what_would_do(here, capsys, diffusion_ckpt):
     world.main(["short", "--videos", "2", "--seconds", "0.8", "--size", "32"])  # 20 frames each
     argv = ["eval", "--ckpt", diffusion_ckpt, "--data", "short", "--json", "r.json", "--seconds"]
-    assert refuse("evaluate", [*argv, "0.6"], capsys, here, "20 frames, fewer than 10 before the scored ones + 15; "
-                  "pass --seconds 0.4 or less")
+    assert refuse("evaluate", [*argv, "0.6"], capsys, here, "20 frames, but a video is scored on --seconds 0.6 (15 "
+                  "frames) after 10 frames that hold its portrait; pass --seconds 0.4 or less")
     world.main(["tiny", "--videos", "2", "--seconds", "0.6", "--size", "32"])
     assert refuse("evaluate", [*argv[:4], "tiny", *argv[5:], "0.4"], capsys, here, "too short to score")
 

@@ -27,6 +27,9 @@ def test_synthesis_is_deterministic_given_the_seed():
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.wav, b.wav) and a.meta == b.meta
     assert not np.array_equal(a.frames, c.frames)
     assert a.frames.shape == (25, 64, 64, 3) and a.wav.shape == (16000,)
+    for seconds, frames in ((0.059, 1), (0.061, 2)):  # not whole frames: the speech is as long as the frames
+        _, wav, meta = world.synth_script("val", 3, seconds)
+        assert meta["num_frames"] == frames and len(wav) == frames * 640
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +145,17 @@ def test_help_explains_the_command(capsys):
     (["{tmp}/s", "--videos", "0"], "--videos: 0: must be at least 1"),
     (["{tmp}/s", "--seconds", "0.01"], "--seconds: 0.01: must be at least 0.04"),
     (["{tmp}/s", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["{tmp}/mine", "--videos", "3"], "train_00002: a folder without meta.json"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "mine" / "train_00002").mkdir(parents=True)  # a user's folder where the third video would go
     with pytest.raises(SystemExit) as e:
         world.main([a.format(tmp=tmp_path) for a in argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "mine" / "train_00000").exists()  # found before any video was rendered
 
 
 def test_render_folder_writes_the_held_out_people_where_video_folder_holds_out(tmp_path):
