@@ -11,8 +11,10 @@ from torchvision.models import inception_v3
 
 import evaluate
 import metrics
+import sample
 import train
 import world
+from audio import audio_features
 from conftest import diffusion_args
 
 
@@ -59,6 +61,20 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
         evaluate.main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_the_shipped_checkpoint_still_moves_its_lips_with_the_speech():
+    """The README's demo, on 2 held-out people (sync 0.94 on 16): the shipped probe's reading of the mouth follows
+    the ground truth of the speech, and not that of other words (the truth shifted by half its length). A change
+    to the model, the sampler or the audio features that breaks the trained checkpoint fails here."""
+    model, vae, diffusion, _ = sample.load_model(sample.DEFAULT_CKPT, "cpu")
+    refs, real, wavs, metas = evaluate.eval_videos(2, 1.2, vae.config.resolution, "test", 0)
+    mels = torch.stack([audio_features(w, real.shape[1]) for w in wavs])
+    opening = metrics.probe_readings(metrics.load_probe(metrics.PROBE), sample.generate(
+        model, vae, diffusion, refs, mels, progress=False))[..., 0]
+    truth = [np.array(m["openness"]) for m in metas]
+    assert metrics.per_clip_sync(opening, truth) > 0.8
+    assert metrics.per_clip_sync(opening, [np.roll(t, len(t) // 2) for t in truth]) < 0.4
 
 
 def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeypatch, capsys):
