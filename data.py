@@ -622,9 +622,9 @@ def main(argv=None):
                        "to 25 fps, a square crop around the face resized to --size, and 16 kHz mono audio. The face "
                        "is found by OpenCV's Haar cascade in 8 frames spread over each video (at most one in 25) "
                        "(the box is kept in meta.json). "
-                       "Corrupt or silent files, and videos without one face in most of those frames (none, or the "
-                       "largest face moving between people), are skipped with a warning; rerunning resumes where an "
-                       "interrupted run stopped.")
+                       "Corrupt or silent files, still pictures, and videos without one face in most of those frames "
+                       "(none, or the largest face moving between people), are skipped with a warning; rerunning "
+                       "resumes where an interrupted run stopped.")
     p.add_argument("raw", type=Path, help="folder of raw videos (searched recursively)")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--size", type=bounded(int, 16, 2048), default=256,
