@@ -51,7 +51,8 @@ def load_model(path, device):
     """(the EMA denoiser, the VAE, the Diffusion, the domain statistics or None) of a checkpoint written by
     train.py: a run's ckpt.pt, or its `--export`."""
     ckpt = load_checkpoint(path, needs=("model", "ema", "vae", "diffusion"), what="a letstalk diffusion checkpoint",
-                           hint=" (a run's ckpt.pt or its --export: train one with `python train.py`)")
+                           hint=" (a diffusion run's ckpt.pt or its --export, not the VAE stage's: train one with "
+                           "`python train.py`)")
     with contents_of(path, "a letstalk diffusion checkpoint"):
         model = LetsTalk(LetsTalkConfig(**ckpt["model"]["config"]))
         model.load_state_dict(ckpt["ema"])
