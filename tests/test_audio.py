@@ -222,3 +222,25 @@ def test_aac_is_read_without_its_encoders_padding(tmp_path):
     data.write_mp4(tmp_path / "a.mp4", np.zeros((100, 16, 16, 3), np.uint8), wav)
     got = audio.load_audio(tmp_path / "a.mp4")
     assert len(got) == 64000 and pearson(got[1000:-1000], wav[1000:-1000]) > 0.99
+
+
+def test_loudness_is_in_db_of_the_rms_and_mel_bins_are_normalised_each_on_its_own():
+    t = np.arange(2 * audio.SAMPLES_PER_FRAME) / 16000
+    sine = np.sin(2 * np.pi * 1000 * t)  # 25 whole periods a frame
+    assert audio.frame_loudness(sine, 2) == pytest.approx([-3.0103] * 2, abs=1e-3)  # RMS 1/sqrt(2)
+    assert audio.frame_loudness(0.1 * sine, 2) == pytest.approx([-23.0103] * 2, abs=1e-3)
+    mel = torch.randn(200, 80) * torch.linspace(0.1, 10, 80) + torch.linspace(-5, 5, 80)  # a tilted spectrum
+    got = audio.normalize_mel(mel)
+    assert torch.allclose(got.mean(0), torch.zeros(80), atol=1e-4) and torch.allclose(got.std(0), torch.ones(80))
+
+
+def test_an_odd_sized_chunk_before_the_data_is_skipped_with_its_pad_byte(tmp_path):
+    """RIFF pads a chunk of odd size with one byte (editors write odd LIST/INFO chunks before the samples)."""
+    x = np.clip(np.random.default_rng(0).normal(0, 0.3, (1000, 1)), -0.99, 0.99)
+    write_pcm(tmp_path / "plain.wav", x, 16000, 16)
+    raw = (tmp_path / "plain.wav").read_bytes()
+    at = raw.index(b"data")
+    odd = b"LIST" + (3).to_bytes(4, "little") + b"abc" + b"\0"  # 3 bytes of content, 1 of padding
+    body = raw[12:at] + odd + raw[at:]
+    (tmp_path / "odd.wav").write_bytes(b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WAVE" + body)
+    assert np.array_equal(audio.read_wav(tmp_path / "odd.wav")[0], audio.read_wav(tmp_path / "plain.wav")[0])

@@ -119,6 +119,22 @@ def test_a_still_picture_with_a_sound_track_is_refused(tmp_path):
         data.prepare_video(tmp_path / "still.mp4", 32, (16, 0, 80, 64))
 
 
+def test_each_output_frame_shows_the_source_frame_on_screen_at_its_time():
+    """A timestamp a hair past k / 25 s (a 1/90000 time base) still counts as on screen at k / 25 s; a frame is
+    shown from its timestamp until the next one's."""
+    assert list(data._resample_frames(np.array([0, 0.04 + 1e-9, 0.08]), 3)) == [0, 1, 2]
+    assert list(data._resample_frames(np.array([0, 0.1, 0.2]), 6)) == [0, 0, 0, 1, 1, 2]
+
+
+def test_a_portrait_is_cropped_to_its_centre_square():
+    tall = np.zeros((30, 10, 3), np.uint8)
+    tall[10:20] = (255, 0, 0)  # the middle third: red
+    assert (common.square_image(Image.fromarray(tall), 10) == (255, 0, 0)).all()
+    wide = np.zeros((10, 30, 3), np.uint8)
+    wide[:, 10:20] = (0, 0, 255)
+    assert (common.square_image(Image.fromarray(wide), 10) == (0, 0, 255)).all()
+
+
 def test_prepare_finds_the_face_and_skips_a_video_without_one(tmp_path, capsys):
     """A public-domain photograph (NASA's portrait of astronaut Eileen Collins, from scikit-image's data folder,
     192 px) panned by 16 px inside a wider frame, with synthesized speech: the prepared frames show the face in the
@@ -426,7 +442,14 @@ def three_videos(tmp_path_factory):
 
 def test_ranks_encode_disjoint_shares_and_a_killed_encode_resumes(tmp_path, three_videos):
     vae = VAE(VAEConfig(resolution=32, factor=4, width=8)).eval()
+    vae.latent_scale.fill_(3.0)  # the cache holds what the diffusion model sees: the VAE's latents times it
     assert data.encode_videos(three_videos, vae, tmp_path / "one", "cpu") == 3
+    video = three_videos[0]
+    cached = torch.load(tmp_path / "one" / f"{three_videos.folders[0].name}.pt")
+    with torch.no_grad():
+        want = vae.encode(common.to_tensor(video.frames)) * 3.0
+    assert torch.allclose(cached["latents"].float(), want, rtol=2e-3, atol=2e-3)  # (fp16)
+    assert torch.allclose(cached["mel"].float(), audio.audio_features(video.wav, len(video.frames)), atol=2e-2)
     assert [data.encode_videos(three_videos, vae, tmp_path / "two", "cpu", rank, 2) for rank in (0, 1)] == [2, 1]
     for name in (f.name for f in three_videos.folders):  # the ranks' union is a one-process encode
         a, b = torch.load(tmp_path / "one" / f"{name}.pt"), torch.load(tmp_path / "two" / f"{name}.pt")

@@ -168,6 +168,37 @@ def test_a_dropped_condition_is_ignored_only_by_the_samples_it_is_dropped_for(re
     assert not torch.allclose(later, out, atol=1e-3)
 
 
+def test_each_token_carries_its_own_place_in_space_and_time():
+    """The 2D embedding: half the channels the row, half the column (so no two patches share one); clip frame j sits
+    at temporal position M + j, after the M motion frames at 0..M-1, so attention can tell history from clip."""
+    e = L.sincos_2d(8, 3)
+    for r in range(3):
+        for c in range(3):
+            want = torch.cat([L.sincos_1d(4, torch.tensor([r])), L.sincos_1d(4, torch.tensor([c]))], dim=1)[0]
+            assert torch.allclose(e[r * 3 + c], want)
+    model = L.LetsTalk(tiny(motion=2)).eval()
+    b = inputs()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args))
+    with torch.no_grad():
+        model(**b)
+        (h, _, m, *_), = seen
+        h = h.view(2, F, *h.shape[1:])
+        for j in range(F):
+            assert torch.allclose(h[:, j] - model.patchify(b["x"][:, j]), model.pos_time[2 + j], atol=1e-5)
+        for j in range(2):
+            assert torch.allclose(m[:, j] - model.patchify(b["motion"][:, j]), model.pos_time[j], atol=1e-5)
+
+
+def test_the_audio_tokens_of_a_frame_keep_the_order_of_its_window():
+    """K tokens pooled from the window's 10 steps, each step with its sin-cos position: even a window of silence
+    gives K different tokens (one pooled token repeated, or steps without positions, would not)."""
+    encoder = L.LetsTalk(tiny()).audio_encoder
+    with torch.no_grad():
+        tokens = encoder(torch.zeros(1, 1, 20, 80))[0, 0]  # (K, D)
+    assert len(tokens) == 5 and (tokens[1:] - tokens[:-1]).abs().amax(1).min() > 1e-4
+
+
 def test_parameter_counts_of_the_fusion_schemes():
     def fusion_params(**kw):
         return L.count_parameters(L.LetsTalk(tiny(**kw)))["fusion"]

@@ -181,3 +181,16 @@ def test_border_jump_is_the_change_across_window_borders_over_the_change_inside(
     videos = np.broadcast_to(stepped, (2, 24, 4, 4, 3)).astype(np.uint8)
     assert metrics.border_jump(videos, 8) == pytest.approx(7.0)
     assert metrics.border_jump(videos, 6) == pytest.approx(2 / ((18 * 2 + 2 * 14) / 20))  # the jumps fall inside
+
+
+def test_frame_change_measures_change_between_frames_not_within_them():
+    still = np.random.default_rng(0).integers(0, 256, (1, 1, 8, 8, 3), dtype=np.uint8).repeat(4, axis=1)
+    assert metrics.frame_change(still) == 0  # detailed, but never changing
+    flicker = np.zeros((1, 4, 8, 8, 3), np.uint8)
+    flicker[:, 1::2] = 255  # black, white, black, white
+    assert metrics.frame_change(flicker) == 1
+
+
+def test_the_probe_learns_pose_in_units_of_pose_scale():
+    got = metrics.Probe.targets(torch.tensor([0.3]), torch.tensor([1.0]), torch.tensor([metrics.POSE_SCALE]))
+    assert torch.allclose(got, torch.tensor([[0.3, 1.0, 1.0, 1.0, 1.0]]))

@@ -171,6 +171,7 @@ def test_windows_shorter_than_the_motion_frames_continue_the_last_m_latents():
     model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=1, motion=2,
                                     audio_layers=1)).eval()
     vae = VAE(VAEConfig(resolution=16, factor=4, width=8)).eval()
+    vae.latent_scale.fill_(2.0)  # (not 1: the model's latents are the VAE's times it, in and out)
     motions, refs, latents, decode = [], [], [], vae.decode
     model.register_forward_pre_hook(lambda module, args: motions.append(args[4].clone()) or refs.append(args[2]))
     vae.decode = lambda z: latents.append(z * vae.latent_scale) or decode(z)
@@ -187,18 +188,23 @@ def test_windows_shorter_than_the_motion_frames_continue_the_last_m_latents():
 
 def test_windows_come_as_they_are_made_and_the_last_stops_at_the_audio():
     """sample.py writes each window while the next is sampled, so a long video is never held whole: the first window
-    arrives after its own denoising steps only, and 10 frames in windows of 4 come as 4, 4 and 2."""
+    arrives after its own denoising steps only, and 10 frames in windows of 4 come as 4, 4 and 2. Each window hears
+    its own frames' audio; the last, past the audio's end, its last frame's."""
     torch.manual_seed(0)
     model = L.LetsTalk(L.config_for("T", depth=1, width=32, heads=2, latent_size=4, frames=4, motion=2,
                                     audio_layers=1)).eval()
     vae = VAE(VAEConfig(resolution=16, factor=4, width=8)).eval()
-    passes = []
-    model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    heard = []
+    model.register_forward_pre_hook(lambda module, args: heard.append(args[3]))
     portrait = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
-    made = sample.windows(model, vae, Diffusion(), portrait, torch.randn(1, 10, 20, 80), steps=2, progress=False)
+    mels = torch.randn(1, 10, 20, 80)
+    made = sample.windows(model, vae, Diffusion(), portrait, mels, steps=2, progress=False)
     first = next(made)
-    assert first.shape == (1, 4, 16, 16, 3) and first.dtype == np.uint8 and len(passes) == 2
-    assert [w.shape[1] for w in made] == [4, 2] and len(passes) == 6
+    assert first.shape == (1, 4, 16, 16, 3) and first.dtype == np.uint8 and len(heard) == 2
+    assert [w.shape[1] for w in made] == [4, 2] and len(heard) == 6
+    padded = torch.cat([mels, mels[:, -1:], mels[:, -1:]], dim=1)  # 12 frames: 3 windows of 4
+    for w in range(3):
+        assert torch.equal(heard[2 * w], padded[:, 4 * w:4 * w + 4]) and torch.equal(heard[2 * w + 1], heard[2 * w])
 
 
 class OneStep(Diffusion):

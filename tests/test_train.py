@@ -311,6 +311,18 @@ def test_the_ema_follows_the_weights_with_a_warm_up():
             assert torch.allclose(e, d * b + (1 - d) * p, atol=1e-6)
 
 
+def test_batches_are_consecutive_slices_of_one_permutation_per_epoch():
+    """Every frame once per epoch, also when a batch spans two epochs (steps 0-4 of 4 out of 10 frames)."""
+    drawn = [i for step in range(5) for i in train.batch_indices(step, 4, 10, seed=0)]
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert drawn[:10] != drawn[10:]  # each epoch its own order
+
+
+def test_a_decoder_fine_tune_defaults_to_a_fifth_of_the_learning_rate(vae_ckpt):
+    assert config.new_config({"stage": "vae", "device": "cpu"}).lr == 5e-4
+    assert config.new_config({"stage": "vae", "init": str(vae_ckpt), "device": "cpu"}).lr == 1e-4
+
+
 def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, monkeypatch):
     # no GPU here: the device check reports one, and train() hands back the settings instead of training
     monkeypatch.setattr(config, "check_device", lambda name: torch.device("cuda"))

@@ -1,5 +1,7 @@
 """Tests of vae.py and of the VAE stage of train.py."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import common
 import train
 import vae as vae_module
 import world
-from vae import VAE, VAEConfig, kl_divergence, psnr, vae_loss
+from vae import VAE, ResBlock, VAEConfig, kl_divergence, norm, psnr, vae_loss
 
 
 @pytest.mark.parametrize("factor", [4, 8])
@@ -69,6 +71,34 @@ def test_latent_noise_is_drawn_per_frame_in_the_diffusion_models_units():
     std = ((z - mean) * vae.latent_scale).flatten(1).std(1)  # each frame's noise, in diffusion units
     assert std.max() < 0.6 * 1.3 and 0.27 < std.mean() < 0.33 and std.min() < 0.05
     assert torch.allclose(vae(x)[0], mean, atol=1e-5)  # 0 (the default): the plain VAE
+
+
+def test_the_posterior_is_sampled_with_its_std_and_the_loss_is_l1_plus_mse_plus_weighted_kl():
+    """z = mean + eps * exp(logvar / 2): a log-variance of log 4 draws z at a std of 2 around the mean. The loss
+    is the one vae_loss's docstring writes, term by term."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(resolution=16, factor=4, width=8))
+    last = vae.encoder[-1]
+    with torch.no_grad():
+        last.weight[4:].zero_(), last.bias[4:].fill_(math.log(4.0))
+    decoder, vae.decoder = vae.decoder, torch.nn.Identity()  # forward returns the sampled latent
+    x = torch.rand(256, 3, 16, 16) * 2 - 1
+    z, mean, _ = vae(x)
+    assert (z - mean).std().item() == pytest.approx(2.0, rel=0.03)
+    vae.decoder = decoder
+    loss, logs = vae_loss(vae, x, kl_weight=0.5)
+    assert loss.item() == pytest.approx(logs["l1"] + logs["mse"] + 0.5 * logs["kl"], rel=1e-5)
+    assert logs["l1"] > 0 and logs["mse"] > 0 and logs["kl"] > 0
+
+
+def test_a_res_block_adds_its_branch_to_a_skip_and_norms_split_channels_into_groups_of_4_to_32():
+    block = ResBlock(8, 16)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        block.conv2.weight.zero_(), block.conv2.bias.zero_()  # no branch: the skip alone
+        assert torch.allclose(block(x), block.skip(x))
+        assert torch.equal(ResBlock(8, 8).skip(x), x)  # the same width: the identity
+    assert [norm(c).num_groups for c in (8, 32, 36, 128, 256)] == [2, 8, 9, 32, 32]
 
 
 def test_vae_overfits_one_small_batch():
