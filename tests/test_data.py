@@ -166,6 +166,18 @@ def test_prepare_finds_the_face_and_skips_a_video_without_one(tmp_path, capsys):
     assert abs((fx0 + fx1) / 2 - 48) < 12 and abs((fy0 + fy1) / 2 - 48) < 12  # the face in the middle
 
 
+def test_a_face_in_most_frames_gets_a_box_inside_the_frame():
+    """The astronaut's face in a frame no taller than her photo: the enlarged box is cut to the frame's height,
+    not pushed above it. A face in only one of 8 frames (cut-aways, B-roll) gets no box."""
+    photo = np.asarray(Image.open(Path(__file__).parent / "data" / "astronaut.jpg").convert("RGB"))
+    frame = np.full((192, 400, 3), 40, np.uint8)
+    frame[:, 100:292] = photo
+    blank = np.full_like(frame, 40)
+    x0, y0, x1, y1 = data.find_face([frame] * 5 + [blank] * 3, enlarge=8)  # (her face: 34 px)
+    assert 0 <= y0 and y1 <= 192 and 0 <= x0 and x1 <= 400 and x1 - x0 == y1 - y0 == 192
+    assert data.find_face([frame] + [blank] * 7) is None
+
+
 def test_a_face_that_moves_between_places_gets_no_box_between_them():
     """An interview: the largest face is on the left in half the frames, on the right in the others. The median
     of their boxes lay in the empty middle, so every prepared frame showed background; there is no one box."""
