@@ -141,10 +141,10 @@ class VideoFolder:
 
     def __init__(self, root, split="all"):
         self.root = Path(root)
-        folders = sorted(p.parent for p in self.root.glob("*/meta.json")
-                         if not p.parent.name.startswith("."))  # .<name>.partial: a save_video a kill cut short
         if self.root.is_file():
             raise UserError(f"{root}: a file; pass the folder of prepared videos (`python data.py prepare` writes one)")
+        folders = sorted(p.parent for p in self.root.glob("*/meta.json")
+                         if not p.parent.name.startswith("."))  # .<name>.partial: a save_video a kill cut short
         if not folders:
             raise UserError(f"{root}: no prepared videos (expected {root}/<name>/meta.json; "
                             "see `python world.py --help` and `python data.py prepare --help`)")
