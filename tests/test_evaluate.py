@@ -21,8 +21,9 @@ from conftest import diffusion_args
 def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch):
     """The whole evaluation on the tiny test checkpoint: every figure present and in its range, JSON and sheet; and
     no portrait is one of the real frames the generated ones are scored against (SSIM, FID...), as in training."""
-    portraits, scored, generate, ssim = [], [], evaluate.generate, evaluate.ssim
-    monkeypatch.setattr(evaluate, "generate", lambda *args, **kw: portraits.append(args[3]) or generate(*args, **kw))
+    portraits, mels, scored, generate, ssim = [], [], [], evaluate.generate, evaluate.ssim
+    monkeypatch.setattr(evaluate, "generate", lambda *args, **kw: portraits.append(args[3]) or mels.append(args[4])
+                        or generate(*args, **kw))
     monkeypatch.setattr(evaluate, "ssim", lambda real, fake: scored.append(real) or ssim(real, fake))
     torch.save(metrics.Probe().state_dict(), tmp_path / "probe.pt")
     monkeypatch.setattr(metrics, "RENDER_EVALS", 5)  # the fidelity search itself is tested in test_metrics.py
@@ -37,6 +38,8 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     assert result["blink_rate_ratio"] is None or 0 <= result["blink_rate_ratio"] < np.inf  # None: no real blink
     assert "blink rate n/a (no blink in the real videos)" in evaluate.report({**result, "blink_rate_ratio": None})
     assert 0 < result["ssim"] <= 1 and result["frames"] == 10
+    matched, mismatched, silent = mels[0].chunk(3)  # each video: its own audio, its own shifted by half, silence
+    assert torch.equal(mismatched, matched.roll(5, dims=1)) and not silent.any() and matched.std() > 0
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "| generated |" in out and "floor" in out
     assert "FID and FVD: fewer samples than feature dimensions" in out  # 20 frames, 128 features
@@ -75,6 +78,13 @@ def test_the_shipped_checkpoint_still_moves_its_lips_with_the_speech():
     truth = [np.array(m["openness"]) for m in metas]
     assert metrics.per_clip_sync(opening, truth) > 0.8
     assert metrics.per_clip_sync(opening, [np.roll(t, len(t) // 2) for t in truth]) < 0.4
+
+
+def test_trim_silence_keeps_the_frames_within_40_db_of_the_loudest():
+    wav = np.zeros(30 * 640, np.float32)
+    wav[10 * 640:20 * 640] = 0.5 * np.sin(np.arange(10 * 640) * 0.3)  # silence, 10 frames of tone, silence
+    wav[5 * 640:6 * 640] = 0.001  # a breath 54 dB down: cut with the silence
+    assert np.array_equal(evaluate.trim_silence(wav), wav[10 * 640:20 * 640])
 
 
 def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeypatch, capsys):

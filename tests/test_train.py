@@ -438,8 +438,11 @@ def test_export_writes_what_sample_needs(tmp_path, diffusion_ckpt, capsys):
     assert {v.dtype for v in exported["ema"].values() if v.is_floating_point()} == {torch.float16}
     model, vae, diffusion, domain = sample.load_model(tmp_path / "model.pt", "cpu")
     assert diffusion.config() == exported["diffusion"] and 0 < domain["vae_min_psnr"] < 100
-    run = torch.load(diffusion_ckpt, weights_only=True)["ema"]
-    assert all(torch.allclose(p.float(), run[k], atol=1e-2) for k, p in model.state_dict().items() if k in run)
+    run = torch.load(diffusion_ckpt, weights_only=True)
+    assert all(torch.allclose(p.float(), run["ema"][k], atol=1e-2) for k, p in model.state_dict().items()
+               if k in run["ema"])
+    assert all(torch.equal(exported["ema"][k], v.half()) for k, v in run["ema"].items())  # the EMA, not the weights
+    assert not all(torch.equal(run["ema"][k], v) for k, v in run["model"]["weights"].items())
 
 
 def test_init_fine_tunes_a_checkpoint_only_on_its_own_vae_and_shape(tmp_path, diffusion_ckpt, capsys):

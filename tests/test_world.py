@@ -72,6 +72,9 @@ def test_splits_never_share_identities_or_sentences():
         lo, hi = world.SPLITS[split]
         assert all(lo <= i < hi for i in ids[split])
     assert world.SPLITS["train"][1] - world.SPLITS["train"][0] >= 500
+    for ranges in (world.SPLITS, world.UTTERANCE_SPLITS):  # all of each range, not only the 25 drawn above
+        spans = sorted(ranges.values())
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not ids[a] & ids[b] and not texts[a] & texts[b]
     looks = {json.dumps({k: v for k, v in vars(world.identity(i)).items() if k != "id"}) for i in range(1100)}
@@ -93,6 +96,30 @@ def test_mouth_is_big_dark_and_its_box_is_where_it_is_drawn():
     assert len(ys) > 20
     x0, y0, x1, y1 = box_open
     assert x0 <= xs.min() + 0.5 and xs.max() + 0.5 <= x1 and y0 <= ys.min() + 0.5 and ys.max() + 0.5 <= y1
+
+
+def test_the_mouth_box_moves_with_the_head():
+    ident = world.identity(7)
+    _, still = world.render_frame(ident, 64, 0.5, 0.3, 0.0, (0.0, 0.0, 0.0))
+    _, moved = world.render_frame(ident, 64, 0.5, 0.3, 0.0, (0.06, 0.04, 0.0))  # 3.8 and 2.6 px at 64 px
+    shift = np.array(moved) - np.array(still)
+    assert np.abs(shift - [0.06 * 64, 0.04 * 64] * 2).max() <= 0.5
+
+
+def test_roundness_follows_the_vowel_on_screen_and_eases_back_in_silence():
+    """Frame i shows the phoneme spoken at its middle, (i + 0.5) / 25 s; in silence the lips ease to neutral 0.3."""
+    wav = np.zeros(20 * 640, np.float32)
+    wav[:10 * 640] = 0.5 * np.sin(np.arange(10 * 640) * 0.3)  # 10 loud frames, then 10 silent ones
+    _, roundness = world.mouth_track(wav, [(0.0, "u"), (0.2, "i")], 20)
+    assert list(roundness[:5]) == [1.0] * 5 and list(roundness[5:10]) == [0.0] * 5  # "i" from 0.2 s: frame 5
+    assert abs(roundness[-1] - 0.3) < 0.01
+
+
+def test_blinks_come_every_one_and_a_half_to_five_seconds():
+    for seed in range(5):
+        blink, _ = world.motion_track(250, np.random.default_rng(seed))  # 10 s
+        onsets = np.flatnonzero((blink > 0) & (np.roll(blink, 1) == 0))
+        assert 2 <= len(onsets) <= 7 and (blink > 0).mean() < 0.25
 
 
 # ---------------------------------------------------------------------------------------------------------------
