@@ -99,12 +99,7 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
     result["darkness_sync"] = per_clip_sync([mouth_darkness(f, b) for f, b in zip(fake, boxes)], truth)
     result["darkness_sync_real"] = per_clip_sync([mouth_darkness(f, b) for f, b in zip(real, boxes)], truth)
 
-    # diversity (Sec. 4.4): generated over real, read by the probe on both
-    rate = lambda r: (r[..., 1] > 0.5).mean()  # noqa: E731  (fraction of frames with the eyes mostly closed)
-    real_rate = rate(reads["real"])  # (short clips of few videos may hold no blink: then there is no ratio)
-    result["blink_rate_ratio"] = float(rate(reads["fake"]) / real_rate) if real_rate > 0 else None
-    result["mouth_motion_ratio"] = float(reads["fake"][..., 0].std(1).mean() / reads["real"][..., 0].std(1).mean())
-    result["head_motion_ratio"] = float(reads["fake"][..., 2:].std(1).mean() / reads["real"][..., 2:].std(1).mean())
+    result.update(diversity(reads["fake"], reads["real"]))
     result["motion_real"], result["motion_speech"] = frame_change(real), frame_change(fake)
     result["motion_silent"] = frame_change(gen["silent"])
     if T > model.cfg.frames:
@@ -223,6 +218,17 @@ def trim_silence(wav):
     n = len(wav) // SAMPLES_PER_FRAME
     loud = np.flatnonzero(frame_loudness(wav, n) > frame_loudness(wav, n).max() - 40)
     return wav[loud[0] * SAMPLES_PER_FRAME:(loud[-1] + 1) * SAMPLES_PER_FRAME]
+
+
+def diversity(fake, real):
+    """Sec. 4.4's diversity, generated over real, from the probe's readings (N, T, 5) of both (openness, blink, pose
+    dx, dy, roll): the blink rate (the fraction of frames with the eyes mostly closed; None when the real videos
+    hold no blink, as short clips of few videos may), and how much the mouth and the head move (std over time)."""
+    rate = lambda r: (r[..., 1] > 0.5).mean()  # noqa: E731
+    motion = lambda r, channels: r[..., channels].std(1).mean()  # noqa: E731
+    return {"blink_rate_ratio": float(rate(fake) / rate(real)) if rate(real) > 0 else None,
+            "mouth_motion_ratio": float(motion(fake, 0) / motion(real, 0)),
+            "head_motion_ratio": float(motion(fake, slice(2, None)) / motion(real, slice(2, None)))}
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
         assert np.isfinite(result[key]) and result[key] >= 0
     assert result["blink_rate_ratio"] is None or 0 <= result["blink_rate_ratio"] < np.inf  # None: no real blink
     assert "blink rate n/a (no blink in the real videos)" in evaluate.report({**result, "blink_rate_ratio": None})
+    assert "| 0.11 | 0.22 |" in evaluate.report({**result, "sync": 0.11, "sync_mismatched": 0.22})  # each its column
     assert 0 < result["ssim"] <= 1 and result["frames"] == 10
     matched, mismatched, silent = mels[0].chunk(3)  # each video: its own audio, its own shifted by half, silence
     assert torch.equal(mismatched, matched.roll(5, dims=1)) and not silent.any() and matched.std() > 0
@@ -78,6 +79,25 @@ def test_the_shipped_checkpoint_still_moves_its_lips_with_the_speech():
     truth = [np.array(m["openness"]) for m in metas]
     assert metrics.per_clip_sync(opening, truth) > 0.8
     assert metrics.per_clip_sync(opening, [np.roll(t, len(t) // 2) for t in truth]) < 0.4
+
+
+def test_diversity_reads_each_kind_of_motion_from_its_own_channels():
+    """Readings (N, T, 5): openness, blink, pose dx, dy, roll. Twice the blinks, mouth motion or head motion of the
+    real videos is 2x on its own ratio and leaves the others at 1x."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(0, 1, (3, 20, 5))
+    real[..., 1] = 0
+    real[:, ::10, 1] = 1  # eyes closed in 2 frames of 20
+    fake = real.copy()
+    fake[:, 5::10, 1] = 1  # twice as many
+    assert evaluate.diversity(fake, real) == {"blink_rate_ratio": 2.0, "mouth_motion_ratio": 1.0,
+                                              "head_motion_ratio": 1.0}
+    for channels, key in ((0, "mouth_motion_ratio"), (slice(2, None), "head_motion_ratio")):
+        fake = real.copy()
+        fake[..., channels] *= 2
+        got = evaluate.diversity(fake, real)
+        assert got.pop(key) == pytest.approx(2.0) and set(got.values()) == {1.0}
+    assert evaluate.diversity(real, real * [1, 0, 1, 1, 1])["blink_rate_ratio"] is None  # no real blink: no ratio
 
 
 def test_trim_silence_keeps_the_frames_within_40_db_of_the_loudest():
