@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import bench
 from diffusion import Diffusion
-from letstalk import LetsTalk, config_for
+from letstalk import LetsTalk, config_for, forward_gflops
 from vae import VAE, VAEConfig
 
 
@@ -28,6 +28,9 @@ def test_quick_bench_produces_every_table(tmp_path, capsys):
     assert max(tables["block"], key=lambda r: r["F"] * r["P"])["flop_ratio"] > 1
     assert tables["throughput"][0]["clips_s"] > 0 and tables["sampling"][0]["seconds_per_video_second"] > 0
     assert tables["throughput"][0]["saved_mib"] > 0
+    row = tables["throughput"][0]  # a training step counts 3 forward passes' FLOPs (the backward costs two)
+    cfg = config_for(row["size"], frames=row["frames"], latent_size=row["latent"])
+    assert row["tflop_s"] * row["step_s"] * 1e12 == pytest.approx(3e9 * forward_gflops(cfg, row["batch"]))
     assert [r["model"] for r in tables["sampling"]] == ["T", "shipped"]  # random weights, then the demo checkpoint
     assert not any(r["compiled"] for r in tables["throughput"] + tables["sampling"])  # a CPU compiles only if asked
     # table 1c: each temporal length (F + 2 motion frames) once per kernel, timed against SDPA's own choice
