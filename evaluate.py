@@ -107,7 +107,7 @@ def evaluate(ckpt, probe, videos=12, seconds=3.0, steps=SAMPLER_STEPS, sampler=S
 
     # identity and artefacts
     identities = [m["identity"] for m in metas]
-    result["identity_background_ratio"], result["identity_skin_ratio"] = identity_ratio(fake, identities)
+    result.update({f"identity_{key}_ratio": ratio for key, ratio in identity_ratio(fake, identities).items()})
     reconstructed = np.stack([_decode_uint8(vae, v, device) for v in real])
     threshold = np.percentile(off_palette(reconstructed, real), 99.9)
     result["blob_threshold"] = float(threshold)

@@ -355,18 +355,19 @@ def identity_regions(identities, size):
 def identity_ratio(videos, identities):
     """Colour distance of each generated video's background and skin to its own identity's colours, over the
     distance to another person's (the next video's with another identity, or, when every video shows the same
-    person, the synthetic person after it): (background ratio, skin ratio); 0 is perfect, 1 is no identity at all."""
+    person, the synthetic person after it): {"background": ratio, "skin": ratio}; 0 is perfect, 1 is no identity at
+    all."""
     bg_box, skin_box = identity_regions(identities, videos.shape[2])
     n = len(identities)
     others = [next((identities[j % n] for j in range(i + 1, i + n) if identities[j % n]["id"] != ident["id"]),
                    asdict(identity(ident["id"] + 1))) for i, ident in enumerate(identities)]
-    ratios = []
+    ratios = {}
     for key, box in (("background", bg_box), ("skin", skin_box)):
         seen = _colour_at(videos, box)  # (N, T, 3)
         own = np.array([ident[key] for ident in identities], float)[:, None]
         other = np.array([ident[key] for ident in others], float)[:, None]
-        ratios.append(float(np.linalg.norm(seen - own, axis=-1).mean() / np.linalg.norm(seen - other, axis=-1).mean()))
-    return tuple(ratios)
+        ratios[key] = float(np.linalg.norm(seen - own, axis=-1).mean() / np.linalg.norm(seen - other, axis=-1).mean())
+    return ratios
 
 
 def off_palette(videos, real, pixels=4096):

@@ -115,13 +115,19 @@ def test_identity_and_blob_measures_on_real_frames():
     videos = [world.synth_video("test", i, 0.4, 64) for i in range(4)]
     frames, ids = np.stack([v.frames for v in videos]), [v.meta["identity"] for v in videos]
     own = metrics.identity_ratio(frames, ids)
-    assert max(own) < 0.05
+    assert max(own.values()) < 0.05
     swapped = np.roll(frames, 1, axis=0)
-    assert min(metrics.identity_ratio(swapped, ids)) > 0.5
+    assert min(metrics.identity_ratio(swapped, ids).values()) > 0.5
+    _, skin = metrics.identity_regions(ids, 64)
+    repainted = frames.copy()  # only the cheeks in another person's skin: only the skin ratio rises
+    for v, (x0, y0, x1, y1) in enumerate(skin.round().astype(int)):
+        repainted[v, :, y0:y1, x0:x1] = ids[(v + 2) % 4]["skin"]  # (videos 0 and 1 show one person)
+    got = metrics.identity_ratio(repainted, ids)
+    assert got["skin"] > 0.5 and got["background"] < 0.05
     assert metrics.off_palette(frames, frames).max() < 4  # within the palette's quantisation
     assert (metrics.off_palette(swapped, frames) > 30).mean() > 0.05
     # videos that all show one person are still measured against another person, not against themselves
-    assert max(metrics.identity_ratio(frames[:1].repeat(2, axis=0), ids[:1] * 2)) < 0.05
+    assert max(metrics.identity_ratio(frames[:1].repeat(2, axis=0), ids[:1] * 2).values()) < 0.05
 
 
 def test_standard_extractors_load_from_files(tmp_path):
