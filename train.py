@@ -327,6 +327,18 @@ def mismatched_partners(video):
                      for i in range(n)])
 
 
+def probe_figures(probe, videos, truth, people):
+    """Validation figures of the synthetic world's probe. videos uint8 (2n, F, H, W, 3): n clips sampled with their
+    own audio, then the same n with another clip's (mismatched_partners); truth (n, F): their true mouth openness;
+    people: the n clips' world.Identity. Returns val_sync and val_sync_mismatched (the probe's openness against the
+    truth, metrics.per_clip_sync) and val_fidelity (the re-render fidelity of each own-audio clip's middle frame:
+    how cleanly it is a drawing of that person)."""
+    n, middle = len(truth), videos.shape[1] // 2
+    opening = probe_readings(probe, videos)[..., 0]
+    return {"val_sync": per_clip_sync(opening[:n], truth), "val_sync_mismatched": per_clip_sync(opening[n:], truth),
+            "val_fidelity": fidelity(probe, videos[:n, middle:middle + 1], people)}
+
+
 class DiffusionStage:
     """The LetsTalk denoiser trained with L_simple (Eq. 3) on VAE latents of clips, plus an EMA copy."""
 
@@ -495,12 +507,7 @@ class DiffusionStage:
             both = generate(self.ema, self.vae, self.diffusion, np.concatenate([refs, refs]),
                             torch.cat([mels, mels[self.val_partner]]), steps=10, sampler="ddim", device=self.device,
                             progress=False)  # DDIM 10, as for the README's logged val figures
-            opening, truth = probe_readings(self.probe, both)[..., 0], self.val["openness"].numpy()
-            result["val_sync"] = per_clip_sync(opening[:n], truth)
-            result["val_sync_mismatched"] = per_clip_sync(opening[n:], truth)
-            # re-render fidelity of each clip's middle frame: how cleanly it is a drawing of that person
-            middle = both.shape[1] // 2
-            result["val_fidelity"] = fidelity(self.probe, both[:n, middle:middle + 1], self.val_people)
+            result.update(probe_figures(self.probe, both, self.val["openness"].numpy(), self.val_people))
         return result
 
     def before_save(self):

@@ -14,7 +14,7 @@ import metrics
 import sample
 import train
 import world
-from audio import audio_features
+from audio import audio_features, frame_loudness
 from conftest import diffusion_args
 
 
@@ -79,6 +79,22 @@ def test_the_shipped_checkpoint_still_moves_its_lips_with_the_speech():
     truth = [np.array(m["openness"]) for m in metas]
     assert metrics.per_clip_sync(opening, truth) > 0.8
     assert metrics.per_clip_sync(opening, [np.roll(t, len(t) // 2) for t in truth]) < 0.4
+
+
+def test_unseen_speech_scores_each_recording_against_its_own_loudness_and_another_ones(monkeypatch):
+    """eval --speech: the shipped model's mouth, animated by a recording, follows that recording's loudness (r 0.92
+    measured). The mismatched figure pairs the same videos with the other recording's loudness (r -0.19 here; the
+    recording's own, a frame off, gives 0.17)."""
+    model, vae, diffusion, _ = sample.load_model(sample.DEFAULT_CKPT, "cpu")
+    refs, _, wavs, _ = evaluate.eval_videos(2, 1.2, vae.config.resolution, "test", 0)
+    probe, made = metrics.load_probe(metrics.PROBE), []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: made.append(sample.generate(*a, **k)) or made[-1])
+    got = evaluate.unseen_speech(model, vae, diffusion, probe, refs, wavs, 8, "dpm++", 1.0, 0, "cpu")
+    assert got["unseen_files"] == 2 and got["unseen_frames"] == 30 and got["unseen_sync"] > 0.8, got
+    opening = metrics.probe_readings(probe, made[0])[..., 0]
+    loud = np.stack([frame_loudness(evaluate.trim_silence(w), 30) for w in wavs])
+    assert got["unseen_sync"] == pytest.approx(metrics.per_clip_sync(opening, loud))
+    assert got["unseen_sync_mismatched"] == pytest.approx(metrics.per_clip_sync(opening, loud[::-1]))
 
 
 def test_diversity_reads_each_kind_of_motion_from_its_own_channels():

@@ -17,6 +17,7 @@ import common
 import config
 import data
 import letstalk as L
+import metrics
 import sample
 import train
 import world
@@ -516,3 +517,17 @@ def test_mismatched_audio_comes_from_another_video():
     partner = train.mismatched_partners(video)
     assert partner.tolist() == [2, 2, 3, 4, 6, 6, 2, 2] and (video[partner] != video).all()
     assert train.mismatched_partners(np.zeros(4, int)).tolist() == [1, 2, 3, 0]  # one video: the next clip
+
+def test_probe_figures_read_sync_from_the_own_audio_half_and_fidelity_from_its_people():
+    """Clips drawn with the true mouth openness score sync near 1 against it and a clean re-render fidelity; the
+    mismatched half, drawn opening where the truth closes and as the other person, scores sync near -1. Either half
+    read in place of the other fails."""
+    people = [world.identity(0), world.identity(1)]
+    truth = 0.5 + 0.4 * np.sin(np.arange(8) * 0.8 + np.arange(2)[:, None])  # (n, F)
+
+    def draw(person, track):
+        return np.stack([world.render_frame(person, 64, o, 0.3, 0.0, (0.0, 0.0, 0.0))[0] for o in track])
+    own = [draw(p, t) for p, t in zip(people, truth)]
+    videos = np.stack(own + [draw(p, 1 - t) for p, t in zip(people[::-1], truth)])
+    got = train.probe_figures(metrics.load_probe(metrics.PROBE), videos, truth, people)
+    assert got["val_sync"] > 0.9 and got["val_sync_mismatched"] < -0.9 and got["val_fidelity"] > 35, got
