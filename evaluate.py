@@ -494,15 +494,15 @@ def run(args):
     if len(speech) == 1:
         raise UserError("--speech: give two or more recordings (each is also scored against the next one's loudness: "
                         "the mismatched figure)")
-    for i, (path, wav) in enumerate(zip(args.speech, speech)):
+    for i, (wav_path, wav) in enumerate(zip(args.speech, speech)):
         if len(wav) < 2 * SAMPLES_PER_FRAME or len(trim_silence(wav)) < 2 * SAMPLES_PER_FRAME:
-            raise UserError(f"--speech {path}: shorter than two video frames (80 ms) of sound once its silence is "
+            raise UserError(f"--speech {wav_path}: shorter than two video frames (80 ms) of sound once its silence is "
                             "trimmed, too short to follow")
         if np.sqrt(np.mean(wav ** 2)) < 1e-4:  # (trim_silence keeps a recording silent throughout whole)
-            raise UserError(f"--speech {path}: silent; pass recordings of speech")
+            raise UserError(f"--speech {wav_path}: silent; pass recordings of speech")
         twin = next((p for p, w in zip(args.speech[:i], speech) if np.array_equal(w, wav)), None)
         if twin is not None:  # its mismatched pairing would be a matched one
-            raise UserError(f"--speech {path}: the same recording as {twin}; pass different ones")
+            raise UserError(f"--speech {wav_path}: the same recording as {twin}; pass different ones")
     extractors = dict(inception=args.inception, i3d=args.i3d, expression=args.expression)
     if args.data is not None:
         shared.pop("split")

@@ -19,8 +19,12 @@ from conftest import diffusion_args
 
 
 def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch):
-    """The whole evaluation on the tiny test checkpoint: every figure present and in its range, JSON and sheet; and
-    no portrait is one of the real frames the generated ones are scored against (SSIM, FID...), as in training."""
+    """The whole evaluation on the tiny test checkpoint: every figure present and in its range, JSON and sheet (and
+    the --speech recordings left as they were); and no portrait is one of the real frames the generated ones are
+    scored against (SSIM, FID...), as in training."""
+    speech = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    for wav, name in zip(speech, ("flite_awb.wav", "flite_slt.wav")):
+        wav.write_bytes((Path("assets/unseen") / name).read_bytes())
     portraits, mels, scored, generate, ssim = [], [], [], evaluate.generate, evaluate.ssim
     monkeypatch.setattr(evaluate, "generate", lambda *args, **kw: portraits.append(args[3]) or mels.append(args[4])
                         or generate(*args, **kw))
@@ -29,8 +33,8 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     monkeypatch.setattr(metrics, "RENDER_EVALS", 5)  # the fidelity search itself is tested in test_metrics.py
     result = evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--probe", str(tmp_path / "probe.pt"), "--videos",
                            "2", "--seconds", "0.4", "--steps", "1", "--json", str(tmp_path / "r.json"),
-                           "--sheet", str(tmp_path / "sheet.png")])
-    for key in ("sync", "sync_mismatched", "sync_real", "darkness_sync"):
+                           "--sheet", str(tmp_path / "sheet.png"), "--speech", *map(str, speech)])
+    for key in ("sync", "sync_mismatched", "sync_real", "darkness_sync", "unseen_sync", "unseen_sync_mismatched"):
         assert -1 <= result[key] <= 1
     for key in ("fid_probe", "fvd_probe", "efid_probe", "fid_probe_floor", "blob_fraction", "motion_silent",
                 "identity_skin_ratio", "head_motion_ratio", "fidelity", "fidelity_vae", "fidelity_real"):
@@ -46,6 +50,8 @@ def test_eval_reports_every_figure(tmp_path, diffusion_ckpt, capsys, monkeypatch
     assert "FID and FVD: fewer samples than feature dimensions" in out  # 20 frames, 128 features
     assert "fewer samples" not in evaluate.report({**result, "fid_probe_samples": 1200, "fvd_probe_samples": 300})
     assert json.loads((tmp_path / "r.json").read_text())["sync"] == result["sync"]
+    assert [wav.read_bytes() for wav in speech] == [(Path("assets/unseen") / n).read_bytes()
+                                                      for n in ("flite_awb.wav", "flite_slt.wav")]
     # test videos 0 and 1 show the same person, drawn once: three rows (reference | real; generated; other audio)
     assert Image.open(tmp_path / "sheet.png").size == (2 * 9 * 32, 2 * 3 * 32)
     assert f"wrote {tmp_path / 'sheet.png'}" in out
