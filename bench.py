@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import Parser, add_device, atomic_write, bounded, check_device, out_of_memory, user_errors, writable_file
+from common import (Parser, add_device, atomic_write, bounded, check_device, file_name, out_of_memory, user_errors,
+                    writable_file)
 from data import ClipSampler, VideoCache
 from diffusion import Diffusion
 from kernels import MAX_LENGTH, TEMPORAL_KERNELS, temporal_attention
@@ -397,7 +398,7 @@ def main(argv=None):
                         "CUDA, T on CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure tables 2-3 torch.compile'd (default: on CUDA; a CPU compiles for minutes)")
-    parser.add_argument("--json", type=Path, default=Path("bench.json"),
+    parser.add_argument("--json", type=file_name, default=Path("bench.json"),
                         help="where to write the tables (default: bench.json)")
     args = parser.parse_args(argv)
     chosen = args.tables.split(",")

@@ -183,6 +183,14 @@ def bounded(kind, low=None, high=None, above=None):
     return parse
 
 
+def file_name(text):
+    """An argparse `type` for a file the command writes: a Path, unless the name ends in / (Path would drop the
+    slash and write a file of that name)."""
+    if text.endswith(os.sep):
+        raise argparse.ArgumentTypeError(f"{text}: a folder name (it ends in {os.sep}); pass a file name")
+    return Path(text)
+
+
 def add_device(parser):
     """Add --device to a parser: where the models run, by default cuda when this machine has a GPU, else cpu."""
     default = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,8 +267,8 @@ def _end_with(parent):
 
 def writable_file(path, flag, suffixes=(), inputs=()):
     """Refuse, before any work, an output file that could not be written or would destroy something: a folder of
-    that name, a missing or read-only folder, a suffix not in `suffixes` (the formats the writer knows), or one of
-    the command's `inputs`. Returns the path."""
+    that name, a folder where no file can be made, a suffix not in `suffixes` (the formats
+    the writer knows), or one of the command's `inputs`. Returns the path."""
     path = Path(path)
     if len(os.fsencode(path.name)) > MAX_NAME:  # fsencode: a name need not be UTF-8
         raise UserError(f"{flag} {path}: a file name of more than {MAX_NAME} bytes; pass a shorter one")
@@ -272,8 +280,7 @@ def writable_file(path, flag, suffixes=(), inputs=()):
         raise UserError(f"{flag} {path}: that is an input of this command; pass another name")
     if _stat(path.parent, flag) != "folder":
         raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write in {path.parent}")
+    _try_writing(path.parent, flag, path)
     return path
 
 
@@ -287,9 +294,19 @@ def writable_folder(path, flag):
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: " + ("a file of that name exists; pass a folder" if existing == path else
                                               f"{existing} is a file, not a folder"))
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write in {existing}")
+    _try_writing(existing, flag, path)
     return path
+
+
+def _try_writing(folder, flag, path):
+    """Make a file in `folder` and remove it again, or refuse the output `path`: asked whether it may write,
+    os.access says yes to root even in a read-only or virtual folder such as /proc."""
+    tmp = _temp_name(folder / "probe")
+    try:
+        tmp.touch(exist_ok=False)
+        tmp.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
 MAX_NAME = 255 - 20  # file systems allow 255 bytes a name; atomic_write's temporary name adds up to 20

@@ -22,8 +22,8 @@ from tqdm import tqdm
 import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
 from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, brief,
-                    check_device, contents_of, load_checkpoint, out_of_memory, save_torch, to_tensor, to_uint8,
-                    user_errors, writable_file, writable_folder)
+                    check_device, contents_of, file_name, load_checkpoint, out_of_memory, save_torch, to_tensor,
+                    to_uint8, user_errors, writable_file, writable_folder)
 from data import VideoFolder, build_frame_pool, load_frame_pool
 from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
@@ -381,7 +381,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="train the synthetic-world probe (mouth, blink, pose reader)",
                        formatter_class=HelpFormatter)
-    p.add_argument("--out", type=Path, default=PROBE, help="where to write it (the default replaces the shipped "
+    p.add_argument("--out", type=file_name, default=PROBE, help="where to write it (the default replaces the shipped "
                    "probe, which train.py's lip-sync logging and eval read)")
     p.add_argument("--videos", type=bounded(int, 1, 100_000), default=300, help="training videos (16 frames each)")
     p.add_argument("--steps", type=bounded(int, 1, 10**6), default=1500, help="optimizer steps of 64 frames")
@@ -410,12 +410,12 @@ def main(argv=None):
     p.add_argument("--speech", type=Path, nargs="*", default=[], help="WAV files of speech never trained on "
                    "(e.g. assets/unseen/*.wav), two or more: lip sync against their loudness, over the length of "
                    "the shortest once silence is trimmed")
-    p.add_argument("--sheet", type=Path, help=f"write a contact sheet PNG of the first {SHEET_PEOPLE} people's "
+    p.add_argument("--sheet", type=file_name, help=f"write a contact sheet PNG of the first {SHEET_PEOPLE} people's "
                    "videos: reference | real; generated; generated with other audio")
     p.add_argument("--data", type=Path, help="a folder from `data.py prepare`: evaluate on its held-out videos (SSIM, "
                    "and FID / FVD / E-FID with the extractors passed) instead of the synthetic world")
-    p.add_argument("--json", type=Path, help="write the results here (default: runs/eval/NAME_SPLIT.json, NAME the "
-                   "checkpoint's, or for a run's ckpt.pt its run folder's)")
+    p.add_argument("--json", type=file_name, help="write the results here (default: runs/eval/NAME_SPLIT.json, NAME "
+                   "the checkpoint's, or for a run's ckpt.pt its run folder's)")
     p = sub.add_parser("ablation", parents=[evaluation], formatter_class=HelpFormatter,
                        help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
                        description="Train size T (the demo's recipe: " + " ".join(ABLATION_RECIPE) + ") once per "

@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, load_audio
-from common import (MAX_SEED, HelpFormatter, Parser, UserError, add_device, bounded, check_device, load_checkpoint,
-                    contents_of, load_image, save_png, to_tensor, to_uint8, user_errors, writable_file,
+from common import (MAX_SEED, HelpFormatter, Parser, UserError, add_device, bounded, check_device, contents_of,
+                    file_name, load_checkpoint, load_image, save_png, to_tensor, to_uint8, user_errors, writable_file,
                     writable_folder)
 from data import write_mp4
 from diffusion import SAMPLERS, STEPS, Diffusion
@@ -157,7 +157,7 @@ def main(argv=None):
     parser = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("image", type=Path, help="portrait: any image PIL opens, centre-cropped to a square")
     parser.add_argument("audio", type=Path, help="speech: WAV of any common encoding, or any format FFmpeg reads")
-    parser.add_argument("-o", "--out", type=Path, help="output .mp4 (default: <image>_<audio>.mp4 here)")
+    parser.add_argument("-o", "--out", type=file_name, help="output .mp4 (default: <image>_<audio>.mp4 here)")
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint from train.py")
     parser.add_argument("--steps", type=bounded(int, 1, STEPS), default=SAMPLER_STEPS, help="denoising steps")
     parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLER,
@@ -175,7 +175,7 @@ def main(argv=None):
                         "the model's)")
     parser.add_argument("--frames", type=Path, help="also write every frame as a PNG into this folder (a new or "
                         "empty one, or one sample.py wrote before: its earlier frames are removed first)")
-    parser.add_argument("--grid", type=Path, help="also write a contact sheet PNG: reference | frames")
+    parser.add_argument("--grid", type=file_name, help="also write a contact sheet PNG: reference | frames")
     add_device(parser)
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_{args.audio.stem}.mp4")

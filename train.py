@@ -36,8 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from audio import FPS, MEL_WINDOW, N_MELS
-from common import (Parser, UserError, atomic_write, bounded, contents_of, load_checkpoint, remove_stale_temps,
-                    save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
+from common import (Parser, UserError, atomic_write, bounded, contents_of, file_name, load_checkpoint,
+                    remove_stale_temps, save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file,
+                    writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
@@ -761,10 +762,11 @@ def main(argv=None):
                         help="stop cleanly with a checkpoint after this much training time (0: set the run up, "
                         "train no step)")
     add_settings(parser)
-    parser.add_argument("--export", type=Path, metavar="PATH", help="write the sampling part of --out's checkpoint "
-                        "(EMA weights, VAE, fp16) to PATH for sample.py, and exit; with --vae, that checkpoint's "
-                        "fine-tuned decoder (--stage vae --init) replaces the run's. It reads the run's training "
-                        "videos to measure its VAE on them (synthetic ones are rendered again if its --cache is gone)")
+    parser.add_argument("--export", type=file_name, metavar="PATH", help="write the sampling part of --out's "
+                        "checkpoint (EMA weights, VAE, fp16) to PATH for sample.py, and exit; with --vae, that "
+                        "checkpoint's fine-tuned decoder (--stage vae --init) replaces the run's. It reads the run's "
+                        "training videos to measure its VAE on them (synthetic ones are rendered again if its --cache "
+                        "is gone)")
     args = parser.parse_args(argv)
     settings = given(args)
 

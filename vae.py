@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Parser, contents_of, load_checkpoint, load_image, save_png, to_tensor, to_uint8, user_errors,
-                    writable_file)
+from common import (Parser, contents_of, file_name, load_checkpoint, load_image, save_png, to_tensor, to_uint8,
+                    user_errors, writable_file)
 
 
 @dataclass
@@ -195,7 +195,7 @@ def main(argv=None):
                         "diffusion run's or an export")
     parser.add_argument("--image", type=Path, required=True, help="any image PIL opens; centre-cropped to a square "
                         "and resized to the resolution the VAE was trained at")
-    parser.add_argument("--out", type=Path, help="output PNG (default: <image>_recon.png here)")
+    parser.add_argument("--out", type=file_name, help="output PNG (default: <image>_recon.png here)")
     args = parser.parse_args(argv)
     out = args.out or Path(f"{args.image.stem}_recon.png")
     with user_errors():

@@ -72,6 +72,9 @@ def refuse(command, argv, capsys, folder, words="", code=2, during_work=False):
     ("sample", [FACE, SPEECH, "-o", "."], "a folder"),
     ("sample", [FACE, SPEECH, "-o", "out.avi"], "must end in .mp4"),
     ("sample", [FACE, SPEECH, "-o", "a_file/out.mp4"], "does not exist"),
+    ("sample", [FACE, SPEECH, "-o", "out.mp4/"], "a folder name (it ends in /)"),
+    ("sample", [FACE, SPEECH, "-o", "/proc/out.mp4"], "cannot write in /proc"),  # even as root
+    ("sample", [FACE, SPEECH, "--frames", "/proc/frames"], "cannot write in /proc"),
     ("sample", [FACE, SPEECH, "--grid", "sheet.xyz"], "must end in .png"),
     ("sample", [FACE, SPEECH, "--frames", "a_file"], "a file of that name exists"),
     ("vae", ["--ckpt", sample.DEFAULT_CKPT, "--image", FACE, "--out", "."], "a folder"),
@@ -84,8 +87,10 @@ def refuse(command, argv, capsys, folder, words="", code=2, during_work=False):
     ("evaluate", ["ablation", "--out", "a_file/runs"], "is a file"),
     ("bench", ["--json", "."], "a folder"),
     ("bench", ["--json", "tables.csv"], "must end in .json"),
+    ("bench", ["--json", "tables.json/"], "a folder name (it ends in /)"),
     ("train", ["--out", "a_file"], "a file of that name exists"),
     ("train", ["--export", "."], "a folder"),
+    ("train", ["--export", "/proc/demo.pt"], "cannot write in /proc"),
     ("world", ["a_file"], "a file of that name exists"),
     ("data", ["prepare", ".", "a_file"], "a file of that name exists"),
 ])
