@@ -353,12 +353,17 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         raise UserError(f"{raw_dir}: inside the output folder {out_dir}; pass an output folder outside it")
     # not raw material: the output folder, if inside raw_dir, and any earlier output there; of a file with a second
     # name (a link), one name: its own
-    named = {}
+    named, done = {}, 0
     for p in sorted(Path(raw_dir).rglob("*"), key=lambda p: (p.is_symlink(), p)):
-        if (p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file() and out not in p.resolve().parents
-                and not _prepared(p)):
-            named.setdefault(p.resolve(), p)
+        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file() and out not in p.resolve().parents:
+            if _prepared(p):
+                done += 1
+            else:
+                named.setdefault(p.resolve(), p)
     sources = sorted(named.values())
+    if not sources and done:
+        raise UserError(f"{raw_dir}: its {done} video(s) are already in the layout (video.mp4, audio.wav, meta.json, "
+                        "as prepare and world.py write them); train on the folder itself: --data " + str(raw_dir))
     if not sources:
         raise UserError(f"{raw_dir}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
     # every video gets a folder of its own: a/b.mp4 -> a__b, .c.mp4 -> c (VideoFolder skips names with a leading

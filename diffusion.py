@@ -4,14 +4,16 @@ LetsTalk diffuses VAE latents z_0. The forward process adds Gaussian noise in T 
 
     q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)                                      (Eq. 1-2)
 
-and the transformer learns to undo it by predicting the noise, L = || eps - eps_theta(z_t, t, c) ||^2 (Eq. 3).
+and the transformer learns to undo it by predicting the noise, L = || eps - eps_theta(z_t, t, c) ||^2 (Eq. 3),
+or equivalently z_0 or v (`Diffusion`'s `prediction`; the CPU demo's recipes use them).
 Sampling runs the reverse process from pure noise with DDIM or DPM-Solver++(2M), its second-order multistep
 refinement at the same cost per step, or DDPM's ancestral sampler. Nothing here knows about faces or transformers:
 the model enters only as a function `denoise(x_t, t) -> (x0, eps)`, so training (train.py), sampling (sample.py)
 and evaluation share this one file.
 
 The official code follows DiT and also learns the variances (8 output channels, a hybrid loss) and samples with
-250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample in 8-50 steps.
+250 DDPM steps; we keep the variances fixed (the paper's Eq. 3 is all it needs) and sample with DDIM or
+DPM-Solver++ in 8-50 steps (DDPM, kept for reference, takes all 1000).
 """
 
 import math

@@ -10,7 +10,8 @@ Read this file top to bottom next to the paper. The model predicts the noise in 
     final layer --unpatchify--> predicted noise (B, F, C, h, w) (or v or x0: diffusion.Diffusion's `prediction`)
 
 Factorizing attention this way costs O(F*P^2 + P*F^2) instead of O((F*P)^2) for joint attention (Eq. 4; with
-symbiotic fusion the spatial term is F*(2P)^2, as the portrait's P tokens join each frame's);
+symbiotic fusion the spatial term is F*(2P)^2, as the portrait's P tokens join each frame's, and with M motion
+frames the temporal term is P*(F+M)^2);
 `attention="full"` switches to joint attention for comparison (bench.py measures both).
 
 adaLN-Zero (from DiT; Fig. 2 leaves the timestep path out): the LayerNorms of the spatial half have no weights of
@@ -519,7 +520,8 @@ def fail(message):
 def main(argv=None):
     """`python letstalk.py`: print parameters and GFLOPs of every fusion choice at one size (argv=None: sys.argv)."""
     parser = argparse.ArgumentParser(prog="letstalk.py", description="Parameters and forward GFLOPs of a LetsTalk "
-                                     "model for a 16-frame 256x256 clip (32x32x4 latents), for every fusion choice.")
+                                     "model for one clip (by default the paper's: 16 frames of 256x256, 32x32x4 "
+                                     "latents), for every fusion choice.")
     parser.add_argument("--size", choices=list(SIZES), default="B", help="model size (default: B)")
     parser.add_argument("--frames", type=int, default=16, help="F, frames per clip (default: 16)")
     parser.add_argument("--latent-size", type=int, default=32, help="h = w of the latents, even (default: 32, for "

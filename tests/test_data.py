@@ -559,3 +559,11 @@ def test_a_video_of_squeezed_pixels_is_decoded_as_shown(tmp_path):
     assert 30 <= (images[0][24, :, 0] > 128).sum() <= 34
     with pytest.raises(common.UserError, match="a pixel aspect ratio of 9, which no video has"):
         data.decode_frames(tmp_path / "absurd.mp4")
+
+
+def test_prepare_on_a_folder_already_in_the_layout_says_to_train_on_it(three_videos, tmp_path, capsys):
+    """world.py's output (or prepare's) is not raw material: prepare skips it, and says so, not "no video files"."""
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", str(three_videos.root), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "its 3 video(s) are already in the layout" in err and "--data" in err, err
