@@ -154,7 +154,7 @@ def load_audio(path):
 
     PCM and float WAV files go through our own reader; any other format (mp3, m4a, flac, the audio track of a
     video, a mu-law WAV...) is decoded by the FFmpeg bundled in the `av` wheel (`decode_audio`). Channels are
-    averaged (`downmix`), then resampled.
+    averaged (`downmix`), then resampled. Samples lie in [-1, 1]: a float WAV beyond it is scaled down to it.
     """
     path = Path(path)
     if not path.is_file():
@@ -176,7 +176,9 @@ def load_audio(path):
         raise UserError(f"{path}: the audio holds NaN or infinite samples")
     if np.abs(wav).max(initial=0) > 100:  # float samples live in [-1, 1]; far outside, the file is garbage
         raise UserError(f"{path}: samples of magnitude {np.abs(wav).max():.3g}, far outside [-1, 1]")
-    return wav
+    # a float recording louder than full scale is scaled down to it: a player would clip it, and so would the AAC
+    # track of sample.py's video
+    return wav / max(1.0, float(np.abs(wav).max(initial=0)))
 
 
 def decode_audio(path):

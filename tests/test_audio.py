@@ -40,6 +40,12 @@ def test_wav_encodings_load_to_the_same_waveform(tmp_path, bits, channels):
     assert np.abs(mono - x.mean(1)).max() <= step
 
 
+def test_a_float_wav_louder_than_full_scale_is_scaled_down_to_it(tmp_path):
+    x = 3 * np.sin(np.arange(4000) * 0.05)  # peak 3: clipped at 1, it would be a square wave
+    write_float(tmp_path / "loud.wav", x[:, None], 16000)
+    assert np.abs(audio.load_audio(tmp_path / "loud.wav") - x / np.abs(x).max()).max() < 1e-6
+
+
 def test_load_audio_resamples_to_16k(tmp_path):
     t = np.arange(44100) / 44100
     write_pcm(tmp_path / "a.wav", np.stack([0.5 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100, 16)
