@@ -341,10 +341,15 @@ ABLATION_RECIPE = ["--size", "T", "--prediction", "v", "--mouth-weight", "5", "-
                    "--eval-every", "1000000"]  # the demo's recipe; no evaluations inside the budget
 
 
-def results_path(ckpt, split):
+def results_path(ckpt, split, data=None):
     """Where `eval` writes its results by default: runs/eval/NAME_SPLIT.json, NAME the checkpoint's file name, or its
-    run folder's for a run's ckpt.pt, so that evaluating runs/a/ckpt.pt and runs/b/ckpt.pt keeps both."""
-    return Path("runs/eval") / f"{ckpt.resolve().parent.name if ckpt.stem == 'ckpt' else ckpt.stem}_{split}.json"
+    run folder's for a run's ckpt.pt, so that evaluating runs/a/ckpt.pt and runs/b/ckpt.pt keeps both; for --data,
+    NAME_data-FOLDER-HASH.json, HASH of the folder's full path (two folders named hdtf, or one named test, keep
+    their own)."""
+    name = ckpt.resolve().parent.name if ckpt.stem == "ckpt" else ckpt.stem
+    if data is None:
+        return Path("runs/eval") / f"{name}_{split}.json"
+    return Path("runs/eval") / f"{name}_data-{data.resolve().name}-{train.short_hash(str(data.resolve()))}.json"
 
 
 def ablation(root, budget_min, probe, vae, device="cpu", **eval_args):
@@ -415,7 +420,8 @@ def main(argv=None):
     p.add_argument("--data", type=Path, help="a folder from `data.py prepare`: evaluate on its held-out videos (SSIM, "
                    "and FID / FVD / E-FID with the extractors passed) instead of the synthetic world")
     p.add_argument("--json", type=file_name, help="write the results here (default: runs/eval/NAME_SPLIT.json, NAME "
-                   "the checkpoint's, or for a run's ckpt.pt its run folder's)")
+                   "the checkpoint's, or for a run's ckpt.pt its run folder's; with --data, "
+                   "NAME_data-FOLDER-HASH.json)")
     p = sub.add_parser("ablation", parents=[evaluation], formatter_class=HelpFormatter,
                        help="Tables 3-4 at toy scale: train and evaluate each fusion scheme for the same budget",
                        description="Train size T (the demo's recipe: " + " ".join(ABLATION_RECIPE) + ") once per "
@@ -478,7 +484,7 @@ def run(args):
     inputs = [p for p in (args.ckpt, args.probe, args.inception, args.i3d, args.expression, *args.speech) if p]
     if args.sheet:
         writable_file(args.sheet, "--sheet", (".png",), inputs=inputs)
-    path = args.json or results_path(args.ckpt, args.data.name if args.data else args.split)
+    path = args.json or results_path(args.ckpt, args.split, args.data)
     if args.data is not None and args.data.resolve() in path.resolve().parents:
         raise UserError(f"{path}: the results file would be written into the data folder {args.data}; pass another "
                         "--json")

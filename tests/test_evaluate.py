@@ -153,9 +153,11 @@ def test_ablation_trains_each_scheme_once_and_caches(tmp_path, vae_ckpt, monkeyp
     assert evaluate.ablation_table(results).count("\n") == 6
 
 
-def test_eval_on_a_prepared_folder_scores_its_held_out_videos(tmp_path, diffusion_ckpt, capsys):
+def test_eval_on_a_prepared_folder_scores_its_held_out_videos(tmp_path, diffusion_ckpt, capsys, monkeypatch):
     """--data DIR: SSIM, FID, FVD and E-FID on the videos VideoFolder holds out, with extractors in each format
-    (random weights: the figures are not meaningful, their presence and range are)."""
+    (random weights: the figures are not meaningful, their presence and range are), written to the folder's own
+    default results file."""
+    monkeypatch.chdir(tmp_path)  # the default results file lies under ./runs/eval
     world.main([str(tmp_path / "real"), "--videos", "2", "--seconds", "1.4", "--size", "32"])
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "fid.pth")
 
@@ -171,11 +173,11 @@ def test_eval_on_a_prepared_folder_scores_its_held_out_videos(tmp_path, diffusio
     torch.jit.script(Expression()).save(str(tmp_path / "expression.pt"))
     result = evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--data", str(tmp_path / "real"), "--seconds",
                             "0.96", "--steps", "1", "--inception", str(tmp_path / "fid.pth"), "--i3d",
-                            str(tmp_path / "i3d.pt"), "--expression", str(tmp_path / "expression.pt"), "--json",
-                            str(tmp_path / "r.json")])
+                            str(tmp_path / "i3d.pt"), "--expression", str(tmp_path / "expression.pt")])
     assert result["videos"] == 1 and result["frames"] == 24 and -1 <= result["ssim"] <= 1  # the tiny model: noise
     assert all(np.isfinite(result[k]) and result[k] >= 0 for k in ("fid_inception", "fvd_i3d", "efid_expression"))
-    assert "| generated |" in capsys.readouterr().out and json.loads((tmp_path / "r.json").read_text()) == result
+    written = tmp_path / evaluate.results_path(diffusion_ckpt, "test", tmp_path / "real")
+    assert "| generated |" in capsys.readouterr().out and json.loads(written.read_text()) == result
     world.main([str(tmp_path / "big"), "--videos", "2", "--seconds", "1.2", "--size", "64"])
     with pytest.raises(SystemExit) as e:
         evaluate.main(["eval", "--ckpt", str(diffusion_ckpt), "--data", str(tmp_path / "big")])
@@ -188,3 +190,8 @@ def test_two_runs_evaluated_by_default_keep_both_results():
     a, b = evaluate.results_path(Path("runs/a/ckpt.pt"), "test"), evaluate.results_path(Path("runs/b/ckpt.pt"), "test")
     assert a != b and a.parent == b.parent == Path("runs/eval")
     assert evaluate.results_path(Path("checkpoints/letstalk-tiny.pt"), "val").name == "letstalk-tiny_val.json"
+    # a data folder named like a split, or like another one, has results of its own
+    ckpt = Path("checkpoints/letstalk-tiny.pt")
+    test, hdtf, other = (evaluate.results_path(ckpt, "test", Path(d)) for d in ("data/test", "a/hdtf", "b/hdtf"))
+    assert len({test, hdtf, other, evaluate.results_path(ckpt, "test")}) == 4
+    assert hdtf.name.startswith("letstalk-tiny_data-hdtf-") and hdtf.parent == Path("runs/eval")
