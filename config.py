@@ -254,13 +254,18 @@ def refuse_other_stage(stage, settings):
 
 def new_config(settings):
     """The TrainConfig of a new run from the settings given on the command line ({name: value}), defaults
-    resolved. A setting that would be silently ignored (one of the other stage, --videos with --data DIR) is a
-    UserError."""
+    resolved, paths made absolute. A setting that would be silently ignored (one of the other stage, --videos with
+    --data DIR) is a UserError."""
     refuse_other_stage(settings.get("stage", TrainConfig.stage), settings)
     if "videos" in settings and settings.get("data", TrainConfig.data) != "synthetic":
         raise UserError("--videos: how many synthetic videos to render; with --data DIR its videos are used, so drop "
                         "--videos")
-    return resolve(TrainConfig(**settings))
+    cfg = resolve(TrainConfig(**settings))
+    for name in PATHS:  # saved as full paths: a resume or an --export from another folder names the same files
+        value = getattr(cfg, name)
+        if value is not None and not (name == "data" and value == "synthetic"):
+            setattr(cfg, name, str(Path(value).resolve()))
+    return cfg
 
 
 # the settings a saved run may leave at None: optional ones, and those a resume fills in (device_defaults)

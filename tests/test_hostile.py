@@ -688,7 +688,7 @@ def test_a_resume_refuses_other_videos_of_the_same_count_and_another_vae(here, c
     train.main([*args, "--out", "run2", "--steps", "1"])
     shutil.copy(here / "vae" / "ckpt.pt", here / "v.pt")  # the file --vae names, replaced by another VAE
     assert refuse("train", [*args, "--out", "run2", "--resume", "--steps", "2"], capsys, here,
-                  "--vae v.pt: not the VAE the run was trained with")  # before any work: nothing encoded
+                  f"--vae {(here / 'v.pt').resolve()}: not the VAE the run was trained with")  # before any work
 
 
 def test_a_synthetic_run_resumes_after_its_rendered_videos_are_rendered_again(here, capsys, vae_ckpt):

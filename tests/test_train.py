@@ -324,6 +324,20 @@ def test_a_decoder_fine_tune_defaults_to_a_fifth_of_the_learning_rate(vae_ckpt):
     assert config.new_config({"stage": "vae", "init": str(vae_ckpt), "device": "cpu"}).lr == 1e-4
 
 
+def test_a_new_run_saves_its_paths_in_full_and_export_writes_only_its_file(tmp_path, vae_ckpt, diffusion_ckpt,
+                                                                           monkeypatch, capsys):
+    """Resumed or exported from another folder, a run names the files it was started with: a relative --cache
+    read from there would render and encode its videos again, unannounced."""
+    monkeypatch.chdir(vae_ckpt.parent)
+    cfg = config.new_config({"vae": "ckpt.pt", "cache": "c", "data": ".", "device": "cpu"})
+    assert (cfg.vae, cfg.cache, cfg.data) == (str(vae_ckpt.resolve()), str(vae_ckpt.parent.resolve() / "c"),
+                                              str(vae_ckpt.parent.resolve()))
+    assert config.new_config({"stage": "vae", "device": "cpu"}).data == "synthetic"
+    monkeypatch.chdir(tmp_path)
+    train.main(["--out", str(diffusion_ckpt.parent), "--export", "model.pt"])
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"] and "wrote model.pt" in capsys.readouterr().out
+
+
 def test_cuda_defaults_are_the_papers_and_fit_an_80gb_gpu(tmp_path, vae_ckpt, monkeypatch):
     # no GPU here: the device check reports one, and train() hands back the settings instead of training
     monkeypatch.setattr(config, "check_device", lambda name: torch.device("cuda"))
