@@ -314,20 +314,20 @@ MAX_NAME = 255 - 20  # file systems allow 255 bytes a name; atomic_write's tempo
 
 @contextmanager
 def output_folder(path):
-    """Make the folder `path` for the files a with-block writes into it; if the block ends with nothing written
-    there (every input skipped, a full disk, Ctrl-C before the first file), a folder this call made is removed
-    again, so a failed run leaves no empty output behind. Yields the path."""
+    """Make the folder `path`, and any missing folders above it, for the files a with-block writes into it; if the
+    block ends with nothing written there (every input skipped, a full disk, Ctrl-C before the first file), the
+    folders this call made are removed again, so a failed run leaves no empty output behind. Yields the path."""
     path = Path(path)
-    made = not path.exists()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # path first, up to the first that existed
     path.mkdir(parents=True, exist_ok=True)
     try:
         yield path
     finally:
-        if made and not any(path.iterdir()):
+        for folder in made:
             try:
-                path.rmdir()
-            except OSError:  # another process (a machine sharing the folder) wrote into it meanwhile: it stays
-                pass
+                folder.rmdir()  # only an empty folder goes
+            except OSError:  # written into (by this block, or by another process meanwhile): it and those above stay
+                break
 
 
 def _stat(path, flag):

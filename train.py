@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, file_name, load_checkpoint,
-                    remove_stale_temps, save_png, save_torch, to_tensor, to_uint8, user_errors, writable_file,
-                    writable_folder)
+                    output_folder, remove_stale_temps, save_png, save_torch, to_tensor, to_uint8, user_errors,
+                    writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
@@ -106,29 +106,26 @@ def rng_states():
 def run_lock(out):
     """Hold the run folder `out` while a run trains into it (rank 0 does, under torchrun): a second run started
     into the same folder stops at once instead of the two overwriting each other's checkpoints and log. The lock
-    (flock on the folder itself) ends with the process, however it ends; a folder made here and left empty (the
-    run was refused) is removed."""
+    (flock on the folder itself) ends with the process, however it ends; folders made here and left empty (the
+    run was refused) are removed (common.output_folder)."""
     if rank() != 0:
         yield
         return
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(folder)
-        raise UserError(f"{out}: another run is training into this folder now; wait for it to end or pass another "
-                        "--out") from None
-    except OSError:  # a file system that cannot lock a folder (NFS, some network mounts): the run goes unguarded
-        print(f"note: {out}: this file system cannot lock the run folder; start one run at a time into it",
-              file=sys.stderr)
-    try:
-        yield
-    finally:
-        os.close(folder)
-        if made and not any(out.iterdir()):
-            out.rmdir()
+    with output_folder(out):
+        folder = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(folder)
+            raise UserError(f"{out}: another run is training into this folder now; wait for it to end or pass "
+                            "another --out") from None
+        except OSError:  # a file system that cannot lock a folder (NFS, some network mounts): the run goes unguarded
+            print(f"note: {out}: this file system cannot lock the run folder; start one run at a time into it",
+                  file=sys.stderr)
+        try:
+            yield
+        finally:
+            os.close(folder)
 
 
 def torchrun_world():

@@ -118,10 +118,17 @@ def test_a_full_disk_before_the_first_video_leaves_no_empty_output_folder(made, 
         raise OSError(28, "No space left on device", str(path))
     monkeypatch.setattr(data, "write_mp4", disk_full)
     if made:  # a folder the user made is theirs: it stays
-        (here / "out").mkdir()
-    refuse("world", ["out", "--videos", "2", "--size", "16"], capsys, here, "no space left", during_work=True)
-    assert sorted(p.name for p in here.iterdir()) == ["a_file", *(["out"] if made else [])]
-    assert not made or not any((here / "out").iterdir())
+        (here / "new" / "out").mkdir(parents=True)
+    refuse("world", ["new/out/videos", "--videos", "2", "--size", "16"], capsys, here, "no space left",
+           during_work=True)  # the folders made on the way to it go too
+    assert sorted(p.relative_to(here).as_posix() for p in here.rglob("*")) == ["a_file", *(["new", "new/out"] if made
+                                                                                           else [])]
+
+
+def test_a_refused_run_leaves_no_empty_run_folder(here, capsys, folder32, vae_ckpt):
+    refuse("train", ["--data", str(folder32), "--vae", str(vae_ckpt), "--frames", "64", "--out", "new/deep/run",
+                     "--cache", str(vae_ckpt.parent.parent / "cache")], capsys, here, "no video of", during_work=True)
+    assert [p.name for p in here.iterdir()] == ["a_file"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
