@@ -74,14 +74,23 @@ def read_video(path):
     return np.stack([frame.to_ndarray(format="rgb24") for _, frame, _ in video_frames(path)])
 
 
+LAYOUT_FILES = {"video.mp4", "audio.wav", "meta.json", "still.png"}  # a video's folder (still.png: world.py --still)
+
+
 def check_replaceable(folder):
     """Refuse to write a video's folder where something of the user's is: only a missing path or a video folder
-    (one holding meta.json: save_video renames only complete folders into place) may be replaced."""
+    (one holding meta.json: save_video renames only complete folders into place) that holds nothing but the
+    layout's files may be replaced."""
     folder = Path(folder)
     if folder.is_symlink() or folder.exists() and not (folder / "meta.json").is_file():
         what = "a link" if folder.is_symlink() else "a folder without meta.json" if folder.is_dir() else "a file"
         raise UserError(f"{folder}: {what}, where a video's folder would be written; move it away or choose another "
                         "output folder")
+    theirs = sorted(p.name for p in folder.iterdir() if p.name not in LAYOUT_FILES) if folder.exists() else []
+    if theirs:
+        raise UserError(f"{folder}: a video's folder that also holds {', '.join(theirs[:3])}"
+                        f"{' ...' if len(theirs) > 3 else ''}, which replacing it would delete; move "
+                        f"{'them' if len(theirs) > 1 else 'it'} away or choose another output folder")
 
 
 def save_video(folder, video):

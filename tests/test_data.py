@@ -287,8 +287,13 @@ def test_save_video_replaces_only_video_folders_and_leaves_no_partial_folder(tmp
         data.save_video(tmp_path / "notes", video)
     assert [p.name for p in tmp_path.rglob("*")] == ["notes", "todo.txt"]
     data.save_video(tmp_path / "v", video)
+    (tmp_path / "v" / "still.png").write_bytes(b"world.py --still's")
     data.save_video(tmp_path / "v", video)  # an older video folder of that name is replaced
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["audio.wav", "meta.json", "video.mp4"]
+    (tmp_path / "v" / "talk.mp4").write_bytes(b"sample.py's video of it")  # but not with a file of the user's
+    with pytest.raises(common.UserError, match="v: a video's folder that also holds talk.mp4, which replacing it"):
+        data.save_video(tmp_path / "v", video)
+    assert (tmp_path / "v" / "talk.mp4").exists()
 
     def disk_full(*args):
         raise common.UserError("audio.wav: cannot write (No space left on device)")
