@@ -474,6 +474,7 @@ def run(args):
     result = {"device": device_name, "torch": torch.__version__, "peak_bf16_flop_s": peak, "batch": batch,
               "width": args.width, **tables}
     atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    print(f"wrote {args.json}")
     return tables
 
 

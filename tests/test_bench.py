@@ -64,7 +64,7 @@ def test_tables_can_be_chosen(tmp_path, capsys):
     tables = bench.main(["--quick", "--tables", "temporal", "--width", "64", "--heads", "4", "--device", "cpu",
                          "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out
-    assert list(tables) == ["temporal"] and "1a." not in out
+    assert list(tables) == ["temporal"] and "1a." not in out and out.endswith(f"wrote {tmp_path / 'bench.json'}\n")
     assert ", batch 1, width 64, torch" in out.splitlines()[0]  # the header names the chosen tables' settings
     assert list(json.loads((tmp_path / "bench.json").read_text())) == [
         "device", "torch", "peak_bf16_flop_s", "batch", "width", "temporal"]
