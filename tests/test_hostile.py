@@ -485,12 +485,33 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
     stale = tmp_path / f".ckpt.{dead}-0badf00d.pt"
     stale.write_bytes(b"x" * 1000)
-    mine = tmp_path / f".ckpt.{os.getpid()}-00000000.pt"  # a live writer's is left alone
+    mine = tmp_path / f".ckpt.{os.getpid()}-00000000.pt"  # a live writer's is left alone, ours or another's
     mine.write_bytes(b"y")
+    other = subprocess.Popen(["sleep", "30"])
+    theirs = tmp_path / f".ckpt.{other.pid}-0000abcd.pt"
+    theirs.write_bytes(b"w")
     users = tmp_path / ".ckpt.2023-01-05.pt"  # and so is a file of the user's that merely looks alike
     users.write_bytes(b"u")
-    atomic_write(tmp_path / "ckpt.pt", lambda tmp: Path(tmp).write_bytes(b"z"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", mine.name, users.name])
+    try:
+        atomic_write(tmp_path / "ckpt.pt", lambda tmp: Path(tmp).write_bytes(b"z"))
+    finally:
+        other.kill()
+        other.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", mine.name, theirs.name, users.name])
+
+
+def test_an_infinite_weight_is_damage_too_and_a_missing_gpu_index_is_named(tmp_path, monkeypatch):
+    torch.save({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "inf.pt")
+    with pytest.raises(UserError, match="its w holds NaN or infinite values"):
+        common.load_checkpoint(tmp_path / "inf.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="--device cuda:1: this machine has 1 GPU"):
+        common.check_device("cuda:1")
+
+
+def test_an_upper_case_suffix_is_the_format_it_names(tmp_path):
+    assert common.writable_file(tmp_path / "TALK.MP4", "--out", (".mp4",)) == tmp_path / "TALK.MP4"
 
 
 def test_a_resume_takes_the_same_path_spelled_another_way(tmp_path, monkeypatch):

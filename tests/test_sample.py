@@ -76,6 +76,26 @@ def test_a_flat_16_bit_grey_keeps_its_grey_and_damaged_exif_is_ignored_quietly(t
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # PIL's "Corrupt EXIF data"
 
 
+def test_extreme_pixels_load_as_what_they_show(tmp_path):
+    """16-bit white is white (65535 / 256 would round to 256 and wrap to black); fully transparent pixels are white
+    whatever colour they hold, with or without colour channels; a 32-bit grey far from 0 spans black to white in
+    order."""
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "white16.png")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("LA", (8, 8), (0, 0)).save(tmp_path / "clear_grey.png")
+    for name in ("white16.png", "clear.png", "clear_grey.png"):
+        assert (common.load_image(tmp_path / name, 8) == 255).all(), name
+    Image.fromarray(1000 + 10 * np.arange(64, dtype=np.int32).reshape(8, 8), mode="I").save(tmp_path / "ramp.tif")
+    ramp = common.load_image(tmp_path / "ramp.tif", 8)[..., 0].ravel().astype(int)
+    assert ramp[0] == 0 and ramp[-1] == 255 and (np.diff(ramp) > 0).all()
+
+
+def test_frames_go_to_tensors_and_back_exactly_and_overshoot_is_clipped():
+    frames = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=-1)
+    assert np.array_equal(common.to_uint8(common.to_tensor(frames)), frames)
+    assert common.to_uint8(torch.tensor([-1.5, 1.5]).view(1, 2, 1).expand(3, 2, 1)).tolist() == [[[0] * 3], [[255] * 3]]
+
+
 def test_a_phone_photo_stored_sideways_loads_upright(tmp_path):
     """A camera stores the sensor's pixels and an EXIF orientation (6: turn 90 degrees clockwise to show it)."""
     upright = Image.fromarray(world.synth_video("test", 1, 0.04, 64).frames[0])
