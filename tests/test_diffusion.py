@@ -1,5 +1,7 @@
 """Tests of diffusion.py: the forward process (Eq. 1-2), the targets (Eq. 3 and its variants), the samplers."""
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,26 @@ def test_more_sampling_steps_than_the_process_has_take_each_step_once(sampler):
     x0, calls = torch.randn(2, 3, 4, 4), []
     out = d.sample(lambda x, t: calls.append(t[0].item()) or d.split(x, t, x0), x0.shape, steps=8, sampler=sampler)
     assert calls == [2, 1, 0] and torch.isfinite(out).all()
+
+
+def test_the_cosine_schedule_is_nichol_and_dhariwals_and_its_last_step_keeps_some_signal():
+    """alpha_bar(t) = f((t + 1) / T) / f(0), f(s) = cos((s + 0.008) / 1.008 * pi / 2)^2, with each beta capped at
+    0.999: uncapped, the last beta is 1, alpha_bar 0, and x0 from an eps prediction divides by zero there."""
+    d = Diffusion(schedule="cosine")
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 500, 998):
+        assert d.alphas_cumprod[t].item() == pytest.approx(f((t + 1) / 1000) / f(0), rel=1e-6)
+    assert d.alphas_cumprod[-1] > 0
+    t, x = torch.tensor([999]), torch.randn(1, 2, 4, 3, 3)
+    assert all(v.isfinite().all() for v in d.split(x, t, torch.randn_like(x)))
+
+
+def test_ddim_draws_its_unused_noise_so_that_a_shared_generator_ends_where_it_always_did():
+    """sample.windows passes one generator through a long video's windows: DDIM (eta 0) draws the initial noise
+    and one noise per step, as ddpm does, so the next window starts from the same state whatever the sampler."""
+    shape, g = (1, 2, 4, 3, 3), torch.Generator().manual_seed(0)
+    Diffusion().sample(lambda x, t: (torch.zeros_like(x), x), shape, 4, "ddim", generator=g)
+    reference = torch.Generator().manual_seed(0)
+    for _ in range(1 + 4):
+        torch.randn(shape, generator=reference)
+    assert torch.equal(torch.randn(shape, generator=g), torch.randn(shape, generator=reference))
