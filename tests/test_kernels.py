@@ -15,7 +15,8 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("N, H, L, d, layout", [(6, 2, 18, 16, "projections"),  # 18 frames padded to 32
                                                 (3, 4, 16, 32, "projections"),  # no padding
-                                                (2, 3, 5, 64, "contiguous")])   # heads not packed: copied first
+                                                (2, 3, 5, 64, "contiguous"),    # heads not packed: copied first
+                                                (1, 1, MAX_LENGTH, 16, "contiguous")])  # the longest it holds
 def test_forward_and_backward_match_sdpa(N, H, L, d, layout):
     torch.manual_seed(L)
     if layout == "projections":  # as Attention hands them over: views of the q and kv projections' outputs
@@ -56,5 +57,6 @@ def test_the_model_trains_the_same_with_the_kernel():
 def test_long_sequences_and_odd_head_dims_are_refused():
     with pytest.raises(ValueError, match="at most"):
         temporal_attention(*(torch.randn(1, 1, MAX_LENGTH + 1, 16) for _ in range(3)))
-    with pytest.raises(ValueError, match="power"):
-        temporal_attention(*(torch.randn(1, 1, 8, 24) for _ in range(3)))
+    for d in (24, 8):  # not a power of two; below the 16 that tl.dot needs
+        with pytest.raises(ValueError, match="power"):
+            temporal_attention(*(torch.randn(1, 1, 8, d) for _ in range(3)))

@@ -22,6 +22,7 @@ import sample
 import train
 import world
 from conftest import diffusion_args
+from kernels import MAX_LENGTH
 from diffusion import Diffusion
 from common import to_tensor
 from vae import load_vae
@@ -317,6 +318,18 @@ def test_batches_are_consecutive_slices_of_one_permutation_per_epoch():
     drawn = [i for step in range(5) for i in train.batch_indices(step, 4, 10, seed=0)]
     assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
     assert drawn[:10] != drawn[10:]  # each epoch its own order
+
+
+def test_a_zero_mouth_weight_stays_zero_the_cooldown_may_change_and_triton_takes_128_frames(vae_ckpt):
+    """Defaults fill in only what was not given (0 is given); --cooldown is a resumable setting; the kernel holds
+    sequences of up to MAX_LENGTH frames, motion frames included."""
+    cfg = config.new_config({"vae": str(vae_ckpt), "mouth_weight": 0.0, "device": "cpu"})
+    assert cfg.size == "T" and cfg.mouth_weight == 0.0
+    assert config.resumed_config(asdict(cfg), {"cooldown": 50}, "run").cooldown == 50
+    for frames, kernel in ((MAX_LENGTH - 2, "triton"), (MAX_LENGTH - 1, "sdpa")):
+        cfg = config.TrainConfig(frames=frames, motion=2)
+        config.device_defaults(cfg, gpu=True)
+        assert cfg.temporal_kernel == kernel
 
 
 def test_a_decoder_fine_tune_defaults_to_a_fifth_of_the_learning_rate(vae_ckpt):
