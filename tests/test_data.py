@@ -112,6 +112,16 @@ def test_a_slow_video_shows_its_last_frame_for_as_long_as_the_others(tmp_path):
     assert len(frames) == 50 and np.abs(frames[:, 8:24, 8:24].mean((1, 2, 3)) - want).max() < 4
 
 
+def test_a_video_whose_sound_ends_early_is_cut_to_its_sound(tmp_path):
+    """2 s of picture with 1 s of sound: the prepared video is the 25 frames that have sound, not 50 frames with
+    1 s of audio (which VideoFolder then refused as a video longer than its audio.wav)."""
+    _write_raw_video(tmp_path / "short.mp4", 50, 25, 48, 32, 0.3 * np.sin(np.arange(44100) * 0.05))
+    video = data.prepare_video(tmp_path / "short.mp4", 16, (8, 0, 40, 32))
+    assert video.meta["num_frames"] == len(video.frames) == 25 and len(video.wav) == 25 * audio.SAMPLES_PER_FRAME
+    data.save_video(tmp_path / "out" / "short", video)
+    assert len(data.VideoFolder(tmp_path / "out")[0].frames) == 25  # and it reads back
+
+
 def test_a_still_picture_with_a_sound_track_is_refused(tmp_path):
     """One frame and 2 s of speech (a podcast's cover image) made a 1-frame video, the speech cut to 40 ms."""
     _write_raw_video(tmp_path / "still.mp4", 1, 25, 96, 64, 0.3 * np.sin(np.arange(2 * 44100) * 0.05))
@@ -192,6 +202,29 @@ def test_a_face_that_moves_between_places_gets_no_box_between_them():
     assert data.find_face([frame(0)] * 4 + [frame(288)] * 4, enlarge=1) is None
     assert data.find_face([frame(0)] * 6 + [frame(288)] * 2, enlarge=1) == left  # most frames agree: that face
     assert data.find_face([frame(0), frame(26), frame(52), frame(26)] * 2) is not None  # one face swaying: its box
+
+
+def test_the_crop_box_is_centred_on_the_face():
+    """The astronaut's face (the detector's 36 px box at x 66..102, y 25..61 of her photo) centres on her nose,
+    about (84, 43); with the photo at (100, 100) in a larger frame, the box is centred there at every enlargement
+    (a centre taken at the box's bottom edge, y + h, put her chin in the middle and cut off her hair)."""
+    photo = np.asarray(Image.open(Path(__file__).parent / "data" / "astronaut.jpg").convert("RGB"))
+    frame = np.full((400, 400, 3), 40, np.uint8)
+    frame[100:292, 100:292] = photo
+    for enlarge in (1, 2):
+        x0, y0, x1, y1 = data.find_face([frame] * 3, enlarge=enlarge)
+        assert abs((x1 - x0) - (y1 - y0)) <= 1 and x1 - x0 >= 34 * enlarge  # square, to within rounding
+        assert abs((x0 + x1) / 2 - 184) <= 5 and abs((y0 + y1) / 2 - 143) <= 5, (enlarge, (x0, y0, x1, y1))
+
+
+def test_a_face_in_half_the_frames_is_not_a_face_in_most():
+    """find_face wants a face in more than half of the frames: 4 of 8 gets no box, 5 of 8 gets one."""
+    photo = np.asarray(Image.open(Path(__file__).parent / "data" / "astronaut.jpg").convert("RGB"))
+    frame = np.full((192, 256, 3), 40, np.uint8)
+    frame[:, 32:224] = photo
+    blank = np.full_like(frame, 40)
+    assert data.find_face([frame] * 4 + [blank] * 4) is None
+    assert data.find_face([frame] * 5 + [blank] * 3) is not None
 
 
 def test_prepare_uses_the_crop_boxes_given(tmp_path, capsys):
@@ -278,6 +311,36 @@ def test_prepare_refuses_to_replace_a_file_or_folder_of_the_users(tmp_path, caps
     assert sorted(tmp_path.rglob("*")) == before and mine.read_text() == "my notes"
 
 
+def test_prepare_shards_take_every_nth_video(tmp_path, capsys):
+    """--shard i/n prepares videos i, i + n, ... of the sorted sources: of a, b, c, shard 0/2 takes a and c, and
+    shard 1/2 then b, so two machines share the folder without overlap."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    for name in "abc":
+        _tiny_raw(raw / f"{name}.mp4")
+    (tmp_path / "boxes.json").write_text(json.dumps({name: [8, 0, 40, 32] for name in "abc"}))
+    boxes = ["--size", "16", "--boxes", str(tmp_path / "boxes.json")]
+    data.main(["prepare", str(raw), str(out), "--shard", "0/2", *boxes])
+    assert "prepared 2, already done 0" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a", "c"]
+    data.main(["prepare", str(raw), str(out), "--shard", "1/2", *boxes])
+    assert "prepared 1, already done 0" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+
+
+def test_a_video_and_a_link_to_it_are_prepared_once_under_the_files_own_name(tmp_path, capsys):
+    """raw/a.mp4 is a link to raw/z.mp4: one video, prepared into out/z (its own name, which --boxes names it by),
+    not into out/a, though the link's name sorts first."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    _tiny_raw(raw / "z.mp4")
+    (raw / "a.mp4").symlink_to("z.mp4")
+    (tmp_path / "boxes.json").write_text(json.dumps({"z": [8, 0, 40, 32]}))
+    data.main(["prepare", str(raw), str(out), "--size", "16", "--boxes", str(tmp_path / "boxes.json")])
+    assert "prepared 1, already done 0, skipped 0" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["z"]
+
+
 def test_save_video_replaces_only_video_folders_and_leaves_no_partial_folder(tmp_path, monkeypatch):
     video = data.Video(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2 * audio.SAMPLES_PER_FRAME, np.float32),
                        {"num_frames": 2, "size": 16})
@@ -301,6 +364,30 @@ def test_save_video_replaces_only_video_folders_and_leaves_no_partial_folder(tmp
     with pytest.raises(common.UserError, match="No space left"):
         data.save_video(tmp_path / "w", video)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "v"]  # no .w.partial left
+
+
+def test_a_link_where_a_video_folder_would_go_is_never_replaced(tmp_path):
+    """A link in the output folder, to a video folder elsewhere or to nothing, is the user's: replacing it would
+    drop the link (or, followed, delete the video it points to), so check_replaceable refuses it."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "meta.json").write_text(json.dumps({"num_frames": 2}))  # a video folder, which alone is replaceable
+    data.check_replaceable(elsewhere)
+    (tmp_path / "linked").symlink_to(elsewhere)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for link in ("linked", "dangling"):
+        with pytest.raises(common.UserError, match=f"{link}: a link, where a video's folder would be written"):
+            data.check_replaceable(tmp_path / link)
+
+
+@pytest.mark.parametrize("meta", [{"num_frames": 0}, {"num_frames": -3}, {"num_frames": 2.5}, {"fps": 25}, [2]])
+def test_a_meta_json_without_a_positive_frame_count_is_refused(tmp_path, meta):
+    """A video of 0 frames is no video: its meta.json is refused as one without a frame count, naming the file."""
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(common.UserError, match="meta.json: no frame count .num_frames.; delete its folder"):
+        data._read_meta(tmp_path / "meta.json")
+    (tmp_path / "meta.json").write_text(json.dumps({"num_frames": 1}))
+    assert data._read_meta(tmp_path / "meta.json") == {"num_frames": 1}
 
 
 def test_decode_frames_converts_each_frame_as_it_is_decoded(tmp_path):
