@@ -30,6 +30,15 @@ def close(got, want, what, atol=1e-5, rtol=1e-5):
                              f"want {want[first].item():.6g}")
 
 
+def unchanged(inputs, originals, what, why):
+    """Assert the tensors in inputs {name: tensor} still equal their copies in originals: the function under test
+    must not write into its arguments (in-place ops such as x0.mul_(...) or x0 *= ...)."""
+    changed = [name for name, value in inputs.items() if not torch.equal(value, originals[name])]
+    assert not changed, (f"{what} changed its input {' and '.join(changed)} in place (an in-place op such as "
+                         f"{changed[0]}.mul_(...) or {changed[0]} *= ...), but {why}: compute the result in a new "
+                         "tensor")
+
+
 def randomize(module, seed=0, std=0.5):
     """Random values in every parameter: a zero-initialised layer would hide whole paths through a block."""
     g = torch.Generator().manual_seed(seed)
@@ -57,6 +66,14 @@ def check_psnr(impl):
     got = impl(x, x + torch.tensor(deltas, dtype=x.dtype).view(-1, 1, 1, 1))
     close(got, -10 * np.log10((deltas / 2) ** 2), "psnr of images that differ by 0.02, 0.2 and 1.0 everywhere "
           "(expected 40, 20 and 6.02 dB, one value per image)", atol=1e-3)
+    half = torch.zeros(2, 3, 8, 8)  # half the values differ by 0.2, the rest not at all: MSE 0.02 (0.005 on [0, 1])
+    half[0, :, :4] = 0.2  # the top half of every channel
+    half[1, 0], half[1, 1, :4] = 0.2, 0.2  # all of channel 0 and the top half of channel 1
+    close(impl(x[:2], x[:2] + half), [-10 * np.log10(0.02 / 4)] * 2, "psnr of images where half the values differ "
+          "by 0.2 and the rest not at all (the top half of every channel; all of channel 0 and the top half of "
+          "channel 1): expected 23.01 dB for both, from the mean squared error of the whole image (average the "
+          "squared error over every pixel and channel first, then take the log; an average of per-pixel or "
+          "per-channel PSNRs is not the image's PSNR)", atol=1e-3)
     same = impl(x, x.clone())
     assert torch.isfinite(same).all() and (same > 60).all(), \
         f"identical images should give a large finite PSNR (clamp the error away from 0), got {same.tolist()}"
@@ -141,7 +158,7 @@ def check_motion(impl):
         want_x, want_motion = temporal_reference(block, x, motion, B)
         close(got_x, want_x, f"clip frames after temporal attention with {M} motion frames")
         assert got_motion is not None, "the motion frames should come back (updated), not None"
-        close(got_motion, want_motion, f"the {M} motion frames after temporal attention")
+        close(got_motion, want_motion, f"the {M} motion frames after temporal attention (in the order they came in)")
 
 
 def spatial_reference(block, x, c, symbiotic, guides):
@@ -182,7 +199,8 @@ def check_spatial(impl):
                             ("siamese guides", None, guides), ("symbiotic tokens and siamese guides", sym, guides)]:
             got_x, got_sym = impl(block, x, c, s, gd)
             want_x, want_sym = spatial_reference(block, x, c, s, gd)
-            what = f"{attention} spatial attention with {name}"
+            what = f"{attention} spatial attention with {name}" + \
+                (f" (self.full: one attention over the tokens of all {F} frames of a clip)" if block.full else "")
             close(got_x, want_x, f"frame tokens, {what}", atol=1e-4)
             if s is None:
                 assert got_sym is None, f"{what}: without symbiotic tokens the second output should be None"
@@ -246,7 +264,10 @@ def check_q_sample(impl):
         process = diffusion.Diffusion(schedule=schedule)
         ab = _alpha_bar(process, t, x0.dim())
         want = ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()
+        inputs = dict(x0=x0, t=t, noise=noise)
+        originals = {name: value.clone() for name, value in inputs.items()}
         close(impl(process, x0, t, noise), want, f"q_sample at t = {t.tolist()} ({schedule} schedule)")
+        unchanged(inputs, originals, "q_sample", "train.py still needs x0 and noise after it, for the training target")
 
 
 def check_split(impl):
@@ -275,7 +296,10 @@ def check_ddim_step(impl):
         ab, ab_prev = float(ab_all[t]), (float(ab_all[t_prev]) if t_prev >= 0 else 1.0)
         sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         want = np.sqrt(ab_prev) * x0 + np.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * noise
+        inputs = dict(x0=x0, eps=eps, noise=noise)
+        originals = {name: value.clone() for name, value in inputs.items()}
         close(impl(process, x0, eps, t, t_prev, eta, noise), want, f"ddim_step from t = {t} to {t_prev}, eta {eta}")
+        unchanged(inputs, originals, "ddim_step", "the dpm++ sampler keeps this step's x0 for its next step")
 
 
 # ----------------------------------------------------------------------------------------------------------------

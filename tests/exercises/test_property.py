@@ -49,6 +49,19 @@ def psnr_unclamped(x, y):
     return -10 * torch.log10((x - y).pow(2).flatten(1).mean(1) / 4)
 
 
+def psnr_per_pixel(x, y):
+    # one PSNR per pixel, then their mean: the log of an average is not the average of logs (and every exact pixel
+    # counts as 100 dB)
+    mse = ((x - y).pow(2).mean(1) / 4).clamp(min=1e-10)  # (B, H, W)
+    return (-10 * torch.log10(mse)).flatten(1).mean(1)
+
+
+def psnr_per_channel(x, y):
+    # one PSNR per colour channel, then their mean: right only when the error is spread evenly over the channels
+    mse = ((x - y).pow(2).flatten(2).mean(2) / 4).clamp(min=1e-10)  # (B, 3)
+    return (-10 * torch.log10(mse)).mean(1)
+
+
 def kl_without_half(mean, logvar):
     # drops the 1/2 in front
     return (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
@@ -85,6 +98,12 @@ def q_sample_off_by_one(self, x0, t, noise):
     # timesteps counted from 1: alpha_bar_{t-1}, and t = 0 wraps around to the noisiest step
     ab = self.alphas_cumprod[t - 1].view(-1, *[1] * (x0.dim() - 1))
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def q_sample_in_place(self, x0, t, noise):
+    # the right values, written into x0: train.py then computes the x0 and v targets from x_t instead of x0
+    ab = self._ab(t, x0)
+    return x0.mul_(ab.sqrt()).add_((1 - ab).sqrt() * noise)
 
 
 def sincos_over_dim(dim, positions):
@@ -190,6 +209,17 @@ def motion_appended(self, x, motion, B):
     return rearrange(seq[:, M:], "b f p d -> (b f) p d"), seq[:, :M]
 
 
+def motion_reversed(self, x, motion, B):
+    # motion frames prepended one at a time, each before the one taken earlier: the sequence holds them in reverse
+    # order, and the updated motion frames come back in reverse order too
+    M = motion.shape[1]
+    seq = rearrange(x, "(b f) p d -> b f p d", b=B)
+    for m in range(M):
+        seq = torch.cat([motion[:, m:m + 1], seq], dim=1)
+    seq = rearrange(_attend(self, rearrange(seq, "b f p d -> (b p) f d")), "(b p) f d -> b f p d", b=B)
+    return rearrange(seq[:, M:], "b f p d -> (b f) p d"), seq[:, :M]
+
+
 def motion_not_updated(self, x, motion, B):
     # the clip sees the motion frames, but the next block gets the motion frames of the previous one unchanged
     return Block.temporal(self, x, motion, B)[0], motion
@@ -289,6 +319,14 @@ def ddim_step_eps_ignores_sigma(self, x0, eps, t, t_prev, eta, noise):
     return math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps + sigma * noise
 
 
+def ddim_step_in_place(self, x0, eps, t, t_prev, eta, noise):
+    # the right values, written into x0: the dpm++ sampler's stored x0 of this step becomes x_prev
+    ab = self.alphas_cumprod[t].item()
+    ab_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    return x0.mul_(math.sqrt(ab_prev)).add_(math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * noise)
+
+
 def frechet_without_root(mu1, cov1, mu2, cov2):
     # the cross term tr(S1 S2) instead of tr((S1 S2)^1/2)
     return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * (cov1 @ cov2).trace()).item()
@@ -327,7 +365,8 @@ def spatial_symbiotic_as_guides(self, x, c, symbiotic=None, guides=None):
 
 
 def _spatial_factorized(self, x, c, symbiotic, guides, frames_outer=False, gate_mlp=True):
-    """Block.spatial, factorized attention only, with the switches the two wrong solutions below flip."""
+    """Block.spatial, factorized attention only (self.full ignored), with the switches the wrong solutions below
+    flip."""
     B, P = c.shape[0], x.shape[1]
     pattern = "b (six d) -> six (f b) 1 d" if frames_outer else "b (six d) -> six (b f) 1 d"
     shift1, scale1, gate1, shift2, scale2, gate2 = repeat(self.ada(c), pattern, six=6, f=x.shape[0] // B)
@@ -348,6 +387,11 @@ def spatial_ungated_mlp(self, x, c, symbiotic=None, guides=None):
     return _spatial_factorized(self, x, c, symbiotic, guides, gate_mlp=False)
 
 
+def spatial_always_per_frame(self, x, c, symbiotic=None, guides=None):
+    # ignores self.full: with attention="full" each frame still attends only to its own tokens, not the whole clip's
+    return _spatial_factorized(self, x, c, symbiotic, guides)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry: (exercise name, its check, our implementation, its empty version, the wrong solutions)
 
@@ -358,10 +402,10 @@ def empty(*args, **kwargs):
 
 EXERCISES = [
     ("psnr", checks.check_psnr, vae.psnr, empty,
-     [psnr_without_rescale, psnr_natural_log, psnr_of_the_batch, psnr_unclamped]),
+     [psnr_without_rescale, psnr_natural_log, psnr_of_the_batch, psnr_unclamped, psnr_per_pixel, psnr_per_channel]),
     ("kl", checks.check_kl, vae.kl_divergence, empty, [kl_without_half, kl_logvar_as_log_std, kl_summed, kl_detached]),
     ("q_sample", checks.check_q_sample, diffusion.Diffusion.q_sample, empty,
-     [q_sample_without_roots, q_sample_swapped, q_sample_off_by_one]),
+     [q_sample_without_roots, q_sample_swapped, q_sample_off_by_one, q_sample_in_place]),
     ("sincos", checks.check_sincos, letstalk.sincos_1d, empty,
      [sincos_over_dim, sincos_growing_frequencies, sincos_cos_first]),
     ("mel_windows", checks.check_mel_windows, audio.mel_windows, empty,
@@ -378,13 +422,15 @@ EXERCISES = [
     ("split", checks.check_split, diffusion.Diffusion.split, empty,
      [split_v_sign, split_eps_without_root, split_x0_without_root]),
     ("ddim_step", checks.check_ddim_step, diffusion.Diffusion.ddim_step, empty,
-     [ddim_step_negative_index, ddim_step_variance_as_std, ddim_step_eps_ignores_sigma, ddim_step_zero_is_clean]),
+     [ddim_step_negative_index, ddim_step_variance_as_std, ddim_step_eps_ignores_sigma, ddim_step_zero_is_clean,
+      ddim_step_in_place]),
     ("frechet", checks.check_frechet, metrics.frechet_distance, empty,
      [frechet_without_root, frechet_product_of_roots, frechet_mean_not_squared, frechet_unclamped,
       frechet_as_tensor]),
     ("spatial", checks.check_spatial, Block.spatial, empty,
-     [spatial_symbiotic_as_guides, spatial_frames_outer, spatial_ungated_mlp]),
-    ("motion", checks.check_motion, Block.temporal, empty, [motion_ignored, motion_appended, motion_not_updated]),
+     [spatial_symbiotic_as_guides, spatial_frames_outer, spatial_ungated_mlp, spatial_always_per_frame]),
+    ("motion", checks.check_motion, Block.temporal, empty,
+     [motion_ignored, motion_appended, motion_not_updated, motion_reversed]),
 ]
 
 
