@@ -287,7 +287,8 @@ def test_a_video_folder_whose_sound_was_cut_is_named(folder32, here, capsys):
     """A folder edited by hand, its audio.wav cut to 0.2 s: its videos trained with silence from there on."""
     shutil.copytree(folder32, here / "videos")
     audio.write_wav(sorted((here / "videos").glob("*/audio.wav"))[0], np.zeros(3200, np.float32))
-    assert refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c"],
+    assert refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c",
+                            "--vae-width", "8", "--batch-size", "4", "--steps", "1"],  # unrefused, it ends soon
                   capsys, here, "audio.wav holds 0.20 s, the video", during_work=True)
 
 

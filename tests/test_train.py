@@ -200,12 +200,15 @@ def test_user_errors_exit_2(tmp_path, vae_ckpt, capsys):
              (["--resume", "--out", str(tmp_path / "run"), "--device", "tpu7"], "not a device"),
              (["--resume", "--out", str(tmp_path / "run"), "--temporal-kernel", "triton"], "a GPU kernel"),
              # numbers out of range stop at the command line, not minutes later in the data or the first step
+             # (a run that would start if a check were missing is kept short: the test then fails, not hangs)
              (["--batch-size", "0", "--out", str(tmp_path / "z")], "--batch-size: 0: must be at least 1"),
              (["--drop-audio", "1.5", "--out", str(tmp_path / "z")], "must be at least 0 and at most 1"),
              (["--lr", "0", "--out", str(tmp_path / "z")], "--lr: 0: must be above 0"),
              (["--resume", "--out", str(tmp_path / "run"), "--steps", "-3"], "--steps: -3: must be at least 1"),
-             (["--stage", "vae", "--resolution", "60", "--out", str(tmp_path / "z")], "a multiple of 8"),
-             (["--stage", "vae", "--vae-width", "6", "--out", str(tmp_path / "z")], "a multiple of 4"),
+             (["--stage", "vae", "--resolution", "60", "--videos", "2", "--steps", "1", "--out",
+              str(tmp_path / "z")], "a multiple of 8"),
+             (["--stage", "vae", "--vae-width", "6", "--videos", "2", "--steps", "1", "--out",
+              str(tmp_path / "z")], "a multiple of 4"),
              # a setting of the other stage would be silently ignored: it is refused
              (["--stage", "vae", "--size", "T", "--prediction", "v", "--out", str(tmp_path / "z")],
               "--size, --prediction: not a setting of the vae stage; --stage diffusion takes them"),
