@@ -267,8 +267,8 @@ def _end_with(parent):
 
 def writable_file(path, flag, suffixes=(), inputs=()):
     """Refuse, before any work, an output file that could not be written or would destroy something: a folder of
-    that name, a folder where no file can be made, a suffix not in `suffixes` (the formats
-    the writer knows), or one of the command's `inputs`. Returns the path."""
+    that name, a folder where no file can be made, a suffix not in `suffixes` (the formats the writer knows), or
+    one of the command's `inputs`. Returns the path."""
     path = Path(path)
     if len(os.fsencode(path.name)) > MAX_NAME:  # fsencode: a name need not be UTF-8
         raise UserError(f"{flag} {path}: a file name of more than {MAX_NAME} bytes; pass a shorter one")
