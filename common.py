@@ -416,6 +416,20 @@ def load_checkpoint(path, needs=(), what="a letstalk checkpoint", hint="", mmap=
     return ckpt
 
 
+def replaceable_checkpoint(path, flag, what, ours):
+    """Refuse, before any work, an existing output `path` that is not `what` (ours(checkpoint dict) tells): another
+    run's checkpoint, a network, a damaged file are kept, not replaced."""
+    if not Path(path).exists():
+        return
+    try:
+        mine = ours(load_checkpoint(path))
+    except UserError:
+        mine = False
+    if not mine:
+        raise UserError(f"{flag} {path}: holds something other than {what}, which this would replace; pass another "
+                        "name (or delete it first)")
+
+
 def _tensors(obj, name=""):
     """(dotted name, tensor) of every tensor in nested dicts and lists."""
     if isinstance(obj, torch.Tensor):

@@ -22,8 +22,8 @@ from tqdm import tqdm
 import train
 from audio import FPS, SAMPLES_PER_FRAME, audio_features, frame_loudness, load_audio
 from common import (MAX_NAME, HelpFormatter, Parser, UserError, add_device, atomic_write, bounded, brief,
-                    check_device, contents_of, file_name, load_checkpoint, out_of_memory, save_torch, to_tensor,
-                    to_uint8, user_errors, writable_file, writable_folder)
+                    check_device, contents_of, file_name, load_checkpoint, out_of_memory, replaceable_checkpoint,
+                    save_torch, to_tensor, to_uint8, user_errors, writable_file, writable_folder)
 from data import VideoFolder, build_frame_pool, load_frame_pool
 from diffusion import SAMPLERS, STEPS
 from metrics import (EXPRESSION_HELP, I3D_HELP, PROBE, RunningStats, border_jump, clip_windows, fidelity,
@@ -446,14 +446,7 @@ def run(args):
         writable_file(args.out, "--out", (".pt",))
         if args.out.resolve() in {p.resolve() for p in paths.values()}:
             raise UserError(f"--out {args.out}: a frame pool this command reads from --cache; pass another name")
-        if args.out.exists():  # only a probe is replaced; whatever else is there (a network, a damaged file) is kept
-            try:
-                other = "head.weight" not in load_checkpoint(args.out)
-            except UserError:
-                other = True
-            if other:
-                raise UserError(f"--out {args.out}: holds something other than a probe, which this would replace; "
-                                "pass another name (or delete it first)")
+        replaceable_checkpoint(args.out, "--out", "a probe", lambda ckpt: "head.weight" in ckpt)
         writable_folder(args.cache, "--cache")
         args.cache.mkdir(parents=True, exist_ok=True)
         pools = {split: load_frame_pool(path) if path.exists() else

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, file_name, load_checkpoint,
-                    output_folder, remove_stale_temps, save_png, save_torch, to_tensor, to_uint8, user_errors,
-                    writable_file, writable_folder)
+                    output_folder, remove_stale_temps, replaceable_checkpoint, save_png, save_torch, to_tensor,
+                    to_uint8, user_errors, writable_file, writable_folder)
 from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
@@ -689,7 +689,9 @@ def train(cfg, resume=False, max_minutes=None):
     start, last_save = time.time(), time.time()
     if is_main and resume:
         trim_log(out / "log.jsonl", step)
-    log = open(out / "log.jsonl", "a" if resume else "w") if is_main else None  # a new run: a new log
+    if is_main and not resume:  # a new run: a new log, never written through a link into another file
+        (out / "log.jsonl").unlink(missing_ok=True)
+    log = open(out / "log.jsonl", "a") if is_main else None
     # the bar counts what ends the run: the time budget when there is one (the steps it allows are not known), else
     # the steps
     budget = None if max_minutes is None else 60 * max_minutes
@@ -776,7 +778,9 @@ def main(argv=None):
                                 "sample.py; drop them")
             run = Path(args.out or "runs/diffusion") / "ckpt.pt"
             inputs = (run, Path(args.vae)) if args.vae else (run,)
-            export(run, writable_file(args.export, "--export", (".pt",), inputs=inputs), args.vae)
+            writable_file(args.export, "--export", (".pt",), inputs=inputs)
+            replaceable_checkpoint(args.export, "--export", "an export", lambda ckpt: ckpt.get("stage") == "export")
+            export(run, args.export, args.vae)
             print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
         return None
     with user_errors():

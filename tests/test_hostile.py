@@ -1002,3 +1002,21 @@ def test_prepare_takes_each_raw_video_once_and_names_it_as_a_folder_can(here, ca
     shutil.rmtree(here / "odd")
     _video(here / "odd" / ("x" * 120) / ("y" * 120 + ".mp4"), 0.2)
     assert refuse("data", ["prepare", "odd", "out", "--size", "32"], capsys, here, "makes a folder name of 242 bytes")
+
+
+def test_export_replaces_only_an_export_and_a_new_log_is_never_written_through_a_link(here, capsys, vae_ckpt,
+                                                                                      diffusion_ckpt):
+    """Found by a sweep: --export onto another run's ckpt.pt replaced it (that run could no longer resume), and a
+    new run wrote its log through a log.jsonl link into the file it pointed to."""
+    shutil.copy(vae_ckpt, here / "vae_run.pt")
+    before = (here / "vae_run.pt").read_bytes()
+    assert refuse("train", ["--out", str(diffusion_ckpt.parent), "--export", "vae_run.pt"], capsys, here,
+                  "--export vae_run.pt: holds something other than an export")
+    assert (here / "vae_run.pt").read_bytes() == before
+    train.main(["--out", str(diffusion_ckpt.parent), "--export", "model.pt"])
+    train.main(["--out", str(diffusion_ckpt.parent), "--export", "model.pt"])  # an export: replaced
+    (here / "run").mkdir()
+    (here / "important.txt").write_text("mine")
+    (here / "run" / "log.jsonl").symlink_to(here / "important.txt")
+    train.main(diffusion_args(here / "run", vae_ckpt, "--steps", "1"))
+    assert (here / "important.txt").read_text() == "mine" and not (here / "run" / "log.jsonl").is_symlink()
