@@ -2,12 +2,14 @@
 
 - user errors: `UserError` is a problem the user can fix (a missing file, a bad flag, no GPU); `fail` is the one way
   a script reports one: `error: ...` on stderr, one line, exit status 2, no traceback;
-- the command line: `Parser` (usage errors go through `fail` too), `bounded` numbers, `add_device`;
+- the command line: `Parser` (usage errors go through `fail` too), `bounded` numbers, `file_name` outputs,
+  `add_device`;
 - work on many videos: `parallel_map` (worker processes with a progress bar);
 - files: `writable_file` / `writable_folder` check an output before any work, `output_folder` leaves no empty one
   behind, `atomic_write` (a crash never leaves half a file under the final name, and the next write of that name
   removes what a killed run left) and `load_checkpoint` (every torch.load of the project: weights_only=True, on
-  the CPU, refusing NaN weights, with an error that names the file);
+  the CPU, refusing NaN or infinite weights, naming the file); `replaceable_checkpoint` lets an output
+  replace only a checkpoint of its own kind;
 - images: `to_tensor` and `to_uint8` convert frames between uint8 (..., H, W, 3) and float (..., 3, H, W) in
   [-1, 1], and `load_image` reads a portrait of any kind.
 """
