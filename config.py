@@ -134,6 +134,14 @@ class TrainConfig:
 
 RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"])  # what --resume may change
 PATHS = ("data", "cache", "vae", "init")  # settings that name files or folders
+# the paths a resume may give anew, naming where the run's files are now (train.py checks that the videos and the
+# VAE there are the ones the run trained on); --init is not read again on a resume, so it never needs to
+MOVABLE = ("data", "cache", "vae")
+
+
+def full_path(name, value):
+    """A path setting's value as a full path (None and --data synthetic as they are)."""
+    return value if value is None or (name == "data" and value == "synthetic") else str(Path(value).resolve())
 
 
 def flag(name):
@@ -262,9 +270,7 @@ def new_config(settings):
                         "--videos")
     cfg = resolve(TrainConfig(**settings))
     for name in PATHS:  # saved as full paths: a resume or an --export from another folder names the same files
-        value = getattr(cfg, name)
-        if value is not None and not (name == "data" and value == "synthetic"):
-            setattr(cfg, name, str(Path(value).resolve()))
+        setattr(cfg, name, full_path(name, getattr(cfg, name)))
     return cfg
 
 
@@ -296,19 +302,29 @@ def check_saved(saved):
 
 def resumed_config(saved, settings, out):
     """The TrainConfig of a resumed run: the settings its checkpoint saved (a dict, checked by check_saved), with the
-    resumable ones the command line changed and the run folder where it is now. Repeating a saved setting is fine;
-    changing one that is not resumable, or giving one of the other stage, is a UserError (it would silently not
-    happen)."""
+    resumable ones the command line changed, the MOVABLE paths it gave (where the run's files are now) and the run
+    folder where it is now. Repeating a saved setting is fine; changing one that is not resumable, giving one of the
+    other stage, or swapping synthetic videos for a folder (or back) is a UserError (it would silently not happen).
+    A path the run still needs that is gone, and was not given anew, is a UserError that says how to give it."""
     def same(name, a, b):  # paths compare as the files they name: runs/vae/ckpt.pt is /home/me/runs/vae/ckpt.pt
         return a == b or (name in PATHS and b is not None and Path(a).resolve() == Path(b).resolve())
     check_saved(saved)
     refuse_other_stage(saved["stage"], settings)
+    moved = {name: full_path(name, value) for name, value in settings.items() if name in MOVABLE}
     fixed = sorted(name for name, value in settings.items()
-                   if name not in (*RESUMABLE, "out") and not same(name, value, saved.get(name)))
+                   if name not in (*RESUMABLE, *moved, "out") and not same(name, value, saved.get(name)))
+    if "data" in moved and (moved["data"] == "synthetic") != (saved.get("data", TrainConfig.data) == "synthetic"):
+        fixed.append("data")
     if fixed:
         raise UserError(f"{', '.join(flag(k) for k in fixed)}: a resumed run keeps the settings in its checkpoint; "
-                        f"only {', '.join(flag(k) for k in RESUMABLE)} and --max-minutes may change")
-    cfg = TrainConfig(**{**saved, "out": str(out), **{k: v for k, v in settings.items() if k in RESUMABLE}})
+                        f"only {', '.join(flag(k) for k in RESUMABLE)} and --max-minutes may change (and "
+                        f"{', '.join(flag(k) for k in MOVABLE)} may name where the run's files are now)")
+    cfg = TrainConfig(**{**saved, "out": str(out), **moved, **{k: v for k, v in settings.items() if k in RESUMABLE}})
+    for name, what, it in (("data", "training videos", "they"), ("vae", "VAE", "it")):
+        path = getattr(cfg, name)
+        if name not in moved and path not in (None, "synthetic") and not Path(path).exists():
+            raise UserError(f"{flag(name)} {path}: no longer there (the run's {what}); if {it} moved, pass "
+                            f"{flag(name)} with the new place")
     try:  # a run from a GPU machine may be continued on a CPU with --device cpu
         gpu = check_device(cfg.device).type == "cuda"
     except UserError as e:

@@ -39,7 +39,7 @@ from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, file_name, load_checkpoint,
                     output_folder, remove_stale_temps, replaceable_checkpoint, save_png, save_torch, to_tensor,
                     to_uint8, user_errors, writable_file, writable_folder)
-from config import RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
+from config import MOVABLE, RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS
@@ -203,10 +203,11 @@ class VAEStage:
     --init, a decoder fine-tune: the encoder and latent_scale of the checkpoint's VAE stay as they are (a diffusion
     model trained on its latents can then use the new decoder), the decoder learns from noised latents."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, resume):
         self.cfg, self.device = cfg, device
-        if cfg.init:
-            self.model = load_vae(cfg.init, device).train()
+        if cfg.init:  # resumed, the VAE comes from the run's own checkpoint (load puts its weights back): --init is
+            # not read again, so it may have moved
+            self.model = load_vae(Path(cfg.out) / "ckpt.pt" if resume else cfg.init, device).train()
             self.model.encoder.requires_grad_(False)
         else:
             self.model = VAE(VAEConfig(resolution=cfg.resolution, factor=cfg.factor, width=cfg.vae_width)).to(device)
@@ -340,7 +341,7 @@ def probe_figures(probe, videos, truth, people):
 class DiffusionStage:
     """The LetsTalk denoiser trained with L_simple (Eq. 3) on VAE latents of clips, plus an EMA copy."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, resume):
         self.cfg, self.device = cfg, device
         self.vae = load_vae(cfg.vae, device)
         self.resolution = self.vae.config.resolution
@@ -353,7 +354,7 @@ class DiffusionStage:
         self.ema = LetsTalk(mcfg).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.diffusion = Diffusion(schedule=cfg.schedule, prediction=cfg.prediction)
-        if cfg.init:  # checked before the data is touched (a resumed run then loads its own weights over these)
+        if cfg.init and not resume:  # checked before the data is touched (a resumed run loads its own weights)
             self.start_from(cfg.init)
         # with ground truth and a probe (evaluate.py probe), evaluations also measure lip sync (the probe was trained
         # on 64-px renders, so only a 64-px synthetic run is measured)
@@ -651,7 +652,7 @@ def train(cfg, resume=False, max_minutes=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    stage = (VAEStage if cfg.stage == "vae" else DiffusionStage)(cfg, device)  # checks the data, then caches it
+    stage = (VAEStage if cfg.stage == "vae" else DiffusionStage)(cfg, device, resume)  # checks the data, then caches it
     out.mkdir(parents=True, exist_ok=True)
     if rank() == 0:
         remove_stale_temps(ckpt_path)  # what a run killed while saving left
@@ -756,7 +757,9 @@ def main(argv=None):
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
                         "its settings come from its checkpoint (only --max-minutes and "
-                        f"{', '.join(flag(name) for name in RESUMABLE)} may change)")
+                        f"{', '.join(flag(name) for name in RESUMABLE)} may change; "
+                        f"{', '.join(flag(name) for name in MOVABLE)} may name where the run's files are now, if "
+                        "they moved: the run checks they hold what it trained on)")
     parser.add_argument("--max-minutes", type=bounded(float, 0, 10**6), default=None,
                         help="stop cleanly with a checkpoint after this much training time (0: set the run up, "
                         "train no step)")

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -118,7 +119,7 @@ def test_a_gpu_run_resumes_from_a_checkpoint_read_on_the_cpu(tmp_path, vae_ckpt,
     train.main(diffusion_args(tmp_path / "run", vae_ckpt, "--steps", "1"))
     monkeypatch.setattr(config, "check_device", lambda name: torch.device(name))
     build = train.DiffusionStage
-    monkeypatch.setattr(train, "DiffusionStage", lambda cfg, device: build(cfg, torch.device("cpu")))
+    monkeypatch.setattr(train, "DiffusionStage", lambda cfg, device, resume: build(cfg, torch.device("cpu"), resume))
     # sdpa and no compiling, not the GPU's defaults for a run that continues there: the Triton kernel would run in its
     # slow CPU interpreter here (tests/test_kernels.py checks it), and compiling would take half a minute
     argv = ["--out", str(tmp_path / "run"), "--resume", "--device", "cuda", "--steps", "2", "--temporal-kernel", "sdpa",
@@ -538,6 +539,34 @@ def test_a_decoder_fine_tune_keeps_the_latents_and_replaces_the_exported_decoder
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "z").exists()
+
+
+def test_a_run_resumes_with_its_files_where_they_moved_to(tmp_path, diffusion_ckpt, capsys):
+    """A resume may name where the run's videos and VAE are now (the run checks they hold what it trained on); a
+    moved one not given is named, with what to do. --init only starts a run: a resume never reads it again."""
+    cache = diffusion_ckpt.parent.parent / "cache"
+    shutil.copytree(cache / "synthetic_2x4s_32px_seed0", tmp_path / "videos")
+    shutil.copy(diffusion_ckpt, tmp_path / "init.pt")  # --init without --vae: its VAE is the run's
+    run = ["--out", str(tmp_path / "run"), "--cache", str(cache), "--steps", "2"]
+    train.main([*run, "--init", str(tmp_path / "init.pt"), "--data", str(tmp_path / "videos"), "--size", "T",
+                "--frames", "4", "--batch-size", "2", "--device", "cpu", "--max-minutes", "0"])
+    (tmp_path / "videos").rename(tmp_path / "moved")
+    (tmp_path / "init.pt").rename(tmp_path / "vae.pt")
+    train.main(["--stage", "vae", "--init", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "decoder"),
+                "--cache", str(cache), "--videos", "2", "--batch-size", "4", "--max-minutes", "0", "--device", "cpu"])
+    capsys.readouterr()
+    for extra, message in (([], f"--data {tmp_path / 'videos'}: no longer there (the run's training videos); if "
+                                "they moved, pass --data with the new place"),
+                           (["--data", str(tmp_path / "moved")], f"--vae {tmp_path / 'init.pt'}: no longer there"),
+                           (["--data", "synthetic", "--vae", str(tmp_path / "vae.pt")], "--data: a resumed run keeps")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*run, "--resume", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert train.main([*run, "--resume", "--data", str(tmp_path / "moved"), "--vae", str(tmp_path / "vae.pt")])[
+        "step"] == 2
+    (tmp_path / "vae.pt").unlink()  # the decoder fine-tune's --init
+    assert train.main(["--out", str(tmp_path / "decoder"), "--steps", "1", "--resume"])["step"] == 1
 
 
 def test_mismatched_audio_comes_from_another_video():
