@@ -117,9 +117,24 @@ def save_video(folder, video):
         raise
 
 
+# what synthetic videos know of each frame (world.py), with the shape of one frame's reading: mouth openness and
+# roundness, eye closure, head pose (yaw, pitch, roll) and the mouth's box in pixels (x0, y0, x1, y1)
+GROUND_TRUTH = {"openness": (), "roundness": (), "blink": (), "pose": (3,), "mouth_box": (4,)}
+
+
+def _numbers(value, shape):
+    """Whether a JSON value is an array of finite numbers of this shape."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # lists of different lengths
+        return False
+    return array.shape == shape and array.dtype.kind in "iuf" and bool(np.isfinite(array).all())
+
+
 def _read_meta(path):
-    """A video's meta.json as a dict; a UserError names the file when it is not JSON, lacks the frame count or has a
-    frame size ("size", absent in old folders) that is not a number of pixels."""
+    """A video's meta.json as a dict; a UserError names the file when it is not JSON, lacks the frame count, has a
+    frame size ("size", absent in old folders) that is not a number of pixels, or ground truth (GROUND_TRUTH) that
+    is not one finite reading of its shape per frame."""
     try:
         meta = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
@@ -129,6 +144,11 @@ def _read_meta(path):
     if "size" in meta and (not isinstance(meta["size"], int) or meta["size"] < 1):
         raise UserError(f"{path}: the frame size {meta['size']!r} is not a number of pixels; delete its folder and "
                         "prepare or render it again")
+    for key, shape in GROUND_TRUTH.items():  # checked here, not at the first step after hours of encoding
+        if key in meta and not _numbers(meta[key], (meta["num_frames"], *shape)):
+            each = f"{shape[0]} numbers" if shape else "a number"
+            raise UserError(f"{path}: its {key} ground truth is not {each} for each of its {meta['num_frames']} "
+                            "frames; delete its folder and render it again")
     return meta
 
 
@@ -430,9 +450,6 @@ def check_output(out, size):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Frame pools: the probe's frames
-
-
-GROUND_TRUTH = ("openness", "roundness", "blink", "pose", "mouth_box")  # what synthetic videos know of each frame
 
 
 FRAMES_PER_VIDEO = 16  # frames taken from each video for a frame pool: many identities, few frames each

@@ -4,6 +4,7 @@ line on stderr, no traceback, and no new file. Grouped by the kind of mistake (t
 import argparse
 import fcntl
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -268,7 +269,16 @@ def test_the_right_keys_with_wrong_contents_are_named(here, capsys):
 @pytest.mark.parametrize("damage, words, during_work", [
     (lambda meta: "{not json", "meta.json: cannot read", False),
     (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "num_frames"}), "no frame count", False),
-    (lambda meta: json.dumps({**meta, "num_frames": meta["num_frames"] + 50}), "video.mp4 holds", True),
+    (lambda meta: json.dumps({**{k: v for k, v in meta.items() if k not in data.GROUND_TRUTH},
+                              "num_frames": meta["num_frames"] + 50}), "video.mp4 holds", True),
+    # per-frame ground truth edited by hand: found before any work, not at the first step after the encoding
+    (lambda meta: json.dumps({**meta, "openness": meta["openness"][:-1]}), "its openness ground truth is not a "
+     "number for each of its 10 frames", False),
+    (lambda meta: json.dumps({**meta, "mouth_box": [box[:3] for box in meta["mouth_box"]]}), "its mouth_box ground "
+     "truth is not 4 numbers for each", False),
+    (lambda meta: json.dumps({**meta, "pose": [[str(v) for v in p] for p in meta["pose"]]}), "its pose ground", False),
+    (lambda meta: json.dumps({**meta, "blink": [None] * meta["num_frames"]}), "its blink ground", False),
+    (lambda meta: json.dumps({**meta, "roundness": [math.nan] * meta["num_frames"]}), "its roundness ground", False),
 ])
 def test_a_damaged_video_folder_is_named(damage, words, during_work, folder32, here, capsys):
     root = here / "videos"
@@ -279,8 +289,9 @@ def test_a_damaged_video_folder_is_named(damage, words, during_work, folder32, h
             (root / video.name / f.name).write_bytes(f.read_bytes())
     meta_file = sorted(root.glob("*/meta.json"))[0]
     meta_file.write_text(damage(json.loads(meta_file.read_text())))
-    assert refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c"],
-           capsys, here, words, during_work=during_work)
+    assert refuse("train", ["--stage", "vae", "--data", "videos", "--resolution", "32", "--out", "run", "--cache", "c",
+                            "--vae-width", "8", "--batch-size", "4", "--steps", "1"],  # unrefused, it ends soon
+                  capsys, here, words, during_work=during_work)
 
 
 def test_a_video_folder_whose_sound_was_cut_is_named(folder32, here, capsys):
