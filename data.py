@@ -340,8 +340,9 @@ def prepare_video(src, size, box=None):
     if n < 1:
         raise UserError(f"{src}: shorter than one frame")
     keep = _resample_frames(times, n)
-    return Video(np.stack([frames[k] for k in keep]), wav[:n * SAMPLES_PER_FRAME],  # one copy, of the kept frames
-                 {"num_frames": n, "fps": FPS, "size": size, "source": str(src), "box": [float(v) for v in box]})
+    meta = {"num_frames": n, "fps": FPS, "size": size, "source": str(Path(src).resolve()),
+            "box": [float(v) for v in box]}
+    return Video(np.stack([frames[k] for k in keep]), wav[:n * SAMPLES_PER_FRAME], meta)  # one copy, of the kept frames
 
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
@@ -427,7 +428,13 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
         if not (folder / "meta.json").exists():
             check_replaceable(folder)  # before any work: a file or folder of the user's in the way is never replaced
             jobs.append((src, folder, size, box))
-        elif box is not None and _read_meta(folder / "meta.json").get("box") != [float(v) for v in box]:
+            continue
+        meta = _read_meta(folder / "meta.json")  # prepared before: from this video, unless another is still there
+        theirs = Path(meta.get("source", src))  # (a source moved since, or renamed: taken to be this one)
+        if theirs.exists() and not theirs.samefile(src):
+            raise UserError(f"{src} would be prepared into {folder}, which holds another video, prepared from "
+                            f"{theirs}; rename one, or prepare into another folder")
+        if box is not None and meta.get("box") != [float(v) for v in box]:
             print(f"note: {folder} was prepared with another box, which it keeps; delete the folder to prepare it "
                   f"again with {list(box)}", file=sys.stderr)
     with output_folder(out):

@@ -595,6 +595,12 @@ def export(run_ckpt, dst, vae_path=None):
 DIVERGED = 1e4  # every loss here starts near 1 (unit-variance targets, frames in [-1, 1]): this far above, it diverged
 
 
+# what a resume reads of a run's checkpoint besides its settings: save_checkpoint's keys and its stage's state ("frames"
+# and "data" are left out: older runs saved none, and still resume)
+RESUME_NEEDS = {"vae": ("step", "elapsed", "rng", "optimizer", "vae"),
+                "diffusion": ("step", "elapsed", "rng", "optimizer", "model", "ema", "vae", "seen")}
+
+
 def save_checkpoint(path, cfg, step, stage, optimizer, elapsed):
     """Write the run's state atomically: a plain dict of tensors and numbers (loads with weights_only=True). Every
     rank calls it (each hands over its RNG state); rank 0 writes. Weights that are not finite are never saved."""
@@ -663,8 +669,7 @@ def train(cfg, resume=False, max_minutes=None):
     step, elapsed, saved_at = 0, 0.0, None
     torch.manual_seed(cfg.seed * 1000 + rank())  # from here on each rank draws its own noise
     if resume:  # loaded on the CPU: the model and optimizer copy what they need to the device, RNG states stay
-        ckpt = load_checkpoint(ckpt_path, needs=("step", "elapsed", "rng", "optimizer"),
-                               what="a letstalk run's checkpoint")
+        ckpt = load_checkpoint(ckpt_path, needs=RESUME_NEEDS[cfg.stage], what="a letstalk run's checkpoint")
         with contents_of(ckpt_path, "a letstalk run's checkpoint"):
             stage.load(ckpt)
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -819,6 +824,10 @@ def main(argv=None):
                                     "state to resume; start a new run from it with --init")
                 with contents_of(out / "ckpt.pt", "a letstalk run's checkpoint"):
                     cfg = resumed_config(saved["train_config"], settings, out)
+                    missing = [key for key in RESUME_NEEDS[cfg.stage] if key not in saved]
+                    if missing:  # found now, not after the videos are encoded
+                        raise UserError(f"{out / 'ckpt.pt'}: not a letstalk run's checkpoint (it holds no "
+                                        f"{', '.join(missing)})")
                     step, _ = progress(saved)
                     # the VAE behind --vae, checked before its latents are encoded: the run's model learned others
                     if cfg.stage == "diffusion" and latents_id(vae_from_state(saved["vae"])) != latents_id(

@@ -97,6 +97,15 @@ def test_prepare_converts_real_videos_skips_bad_ones_and_resumes(tmp_path, capsy
     assert np.sqrt(np.mean(wav[2000:-2000] ** 2)) == pytest.approx(0.3 / math.sqrt(2), rel=0.05)
     data.main(["prepare", str(raw), str(out), "--size", "32", *boxes])  # a second run redoes nothing
     assert "prepared 0, already done 1, skipped 2" in capsys.readouterr().out
+    # another video of the same name is not taken for the one prepared: refused before any work
+    (tmp_path / "other" / "speaker").mkdir(parents=True)
+    _write_raw_video(tmp_path / "other" / "speaker" / "talk.mp4", 30, 30, 96, 64, 0.3 * np.sin(np.pi * t))
+    with pytest.raises(common.UserError, match=f"{out / 'speaker__talk'}, which holds another video, prepared from "
+                       f"{raw / 'speaker' / 'talk.mp4'}; rename one"):
+        data.prepare(tmp_path / "other", out, 32)
+    raw.rename(tmp_path / "moved")  # the videos prepared from a folder that has moved since: done
+    data.main(["prepare", str(tmp_path / "moved"), str(out), "--size", "32", *boxes])
+    assert "prepared 0, already done 1, skipped 2" in capsys.readouterr().out
 
 
 def test_a_slow_video_shows_its_last_frame_for_as_long_as_the_others(tmp_path):
