@@ -39,7 +39,8 @@ from audio import FPS, MEL_WINDOW, N_MELS
 from common import (Parser, UserError, atomic_write, bounded, contents_of, file_name, load_checkpoint,
                     output_folder, remove_stale_temps, replaceable_checkpoint, save_png, save_torch, to_tensor,
                     to_uint8, user_errors, writable_file, writable_folder)
-from config import MOVABLE, RESUMABLE, TrainConfig, add_settings, flag, given, new_config, resumed_config
+from config import (MOVABLE, RESUMABLE, TrainConfig, add_settings, flag, full_path, given, new_config,
+                    resumed_config)
 from data import GROUND_TRUTH, ClipSampler, VideoCache, VideoFolder, cache_frames, encode_videos
 from diffusion import Diffusion
 from kernels import TEMPORAL_KERNELS
@@ -553,19 +554,24 @@ class DiffusionStage:
 
 
 @torch.no_grad()
-def export(run_ckpt, dst, vae_path=None):
+def export(run_ckpt, dst, vae_path=None, data=None):
     """Write the part of a diffusion run's checkpoint that sample.py needs: the EMA weights, the VAE and the
     diffusion settings, in fp16 (sampling casts back to float32; half the bytes), plus `domain`: the VAE's worst
     PSNR on about 512 training frames (the first frames of up to 32 videos: as many people as it can, since
     faces differ more between people than within a video), so sample.py can tell when a portrait is unlike
     anything trained on.
     `vae_path`: a checkpoint whose VAE replaces the run's, which must encode the same latents (a decoder
-    fine-tuned by `--stage vae --init`)."""
-    ckpt = load_checkpoint(run_ckpt, needs=("model", "ema", "vae", "diffusion", "train_config"),
-                           what="a diffusion run's checkpoint", hint=" (pass the run folder with --out)")
+    fine-tuned by `--stage vae --init`). `data`: where the run's folder of training videos is now, if it moved."""
+    model, vae, diffusion, _ = load_model(run_ckpt, "cpu")  # as sample.py will load it: checked before it is written
+    ckpt = load_checkpoint(run_ckpt, needs=("train_config", "step"), what="a diffusion run's checkpoint",
+                           hint=" (pass the run folder with --out)", mmap=True)
     with contents_of(run_ckpt, "a diffusion run's checkpoint"):
         cfg = TrainConfig(**ckpt["train_config"])
-        vae = vae_from_state(ckpt["vae"])
+    if data is not None:
+        if cfg.data == "synthetic" or data == "synthetic":  # (synthetic videos are rendered again where gone)
+            raise UserError(f"--data {data}: with --export, where the run's folder of training videos is now; "
+                            f"this run trained on {'synthetic videos' if cfg.data == 'synthetic' else cfg.data}")
+        cfg.data = data
     if vae_path:
         other = load_vae(vae_path)
         if latents_id(other) != latents_id(vae):
@@ -575,15 +581,16 @@ def export(run_ckpt, dst, vae_path=None):
     try:  # the export records how well the VAE reconstructs training frames: sample.py's out-of-domain note
         videos = VideoFolder(data_folder(cfg, vae.config.resolution), "train")
     except UserError as e:
-        raise UserError(f"--export measures the VAE on the run's training videos, which it cannot read: {e}") from None
+        raise UserError(f"--export measures the VAE on the run's training videos, which it cannot read: {e}"
+                        f"{'' if data else '; if they moved, pass --data with their new place'}") from None
     n = min(len(videos), 32)
     x = torch.cat([to_tensor(videos[i].frames[:math.ceil(512 / n)]) for i in range(n)])
     worst = min(psnr(vae.decode(vae.encode(chunk)), chunk).min().item() for chunk in x.split(64))
     half = lambda weights: {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}  # noqa: E731
     out = {"stage": "export", "step": ckpt["step"], "train_config": ckpt["train_config"],
-           "model": {"config": ckpt["model"]["config"]}, "ema": half(ckpt["ema"]),
+           "model": {"config": asdict(model.cfg)}, "ema": half(model.state_dict()),
            "vae": {"config": asdict(vae.config), "weights": half(vae.state_dict())},
-           "diffusion": ckpt["diffusion"], "domain": {"vae_min_psnr": worst}}
+           "diffusion": diffusion.config(), "domain": {"vae_min_psnr": worst}}
     save_torch(dst, out)
     return out
 
@@ -772,14 +779,14 @@ def main(argv=None):
     parser.add_argument("--export", type=file_name, metavar="PATH", help="write the sampling part of --out's "
                         "checkpoint (EMA weights, VAE, fp16) to PATH for sample.py, and exit; with --vae, that "
                         "checkpoint's fine-tuned decoder (--stage vae --init) replaces the run's. It reads the run's "
-                        "training videos to measure its VAE on them (synthetic ones are rendered again if its --cache "
-                        "is gone)")
+                        "training videos to measure its VAE on them (with --data, from where their folder is now, if "
+                        "it moved; synthetic ones are rendered again if its --cache is gone)")
     args = parser.parse_args(argv)
     settings = given(args)
 
     if args.export:
         with user_errors():
-            ignored = [flag(k) for k in settings if k not in ("out", "vae")]
+            ignored = [flag(k) for k in settings if k not in ("out", "vae", "data")]
             ignored += ["--resume"] * args.resume + ["--max-minutes"] * (args.max_minutes is not None)
             if ignored:
                 raise UserError(f"{', '.join(ignored)}: --export only writes --out's run (with --vae's decoder) for "
@@ -788,7 +795,7 @@ def main(argv=None):
             inputs = (run, Path(args.vae)) if args.vae else (run,)
             writable_file(args.export, "--export", (".pt",), inputs=inputs)
             replaceable_checkpoint(args.export, "--export", "an export", lambda ckpt: ckpt.get("stage") == "export")
-            export(run, args.export, args.vae)
+            export(run, args.export, args.vae, full_path("data", args.data))
             print(f"wrote {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)")
         return None
     with user_errors():

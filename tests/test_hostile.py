@@ -669,12 +669,25 @@ def test_damaged_caches_of_evaluate_are_named(here, capsys):
                   "a frame pool this command reads from --cache")
 
 
-def test_an_export_whose_training_videos_are_gone_says_why_it_needs_them(here, capsys, diffusion_ckpt):
+def test_an_export_whose_training_videos_moved_says_why_it_needs_them_and_takes_their_place(here, capsys,
+                                                                                           diffusion_ckpt):
     ckpt = torch.load(diffusion_ckpt, weights_only=True)
     (here / "run").mkdir()
     torch.save({**ckpt, "train_config": {**ckpt["train_config"], "data": str(here / "gone")}}, here / "run" / "ckpt.pt")
     assert refuse("train", ["--out", "run", "--export", "e.pt"], capsys, here,
-                  "--export measures the VAE on the run's training videos, which it cannot read")
+                  "--export measures the VAE on the run's training videos, which it cannot read: "
+                  f"{here / 'gone'}: no prepared videos")
+    assert refuse("train", ["--out", "run", "--export", "e.pt", "--data", "synthetic"], capsys, here,
+                  f"this run trained on {here / 'gone'}")
+    shutil.copytree(diffusion_ckpt.parent.parent / "cache" / "synthetic_2x4s_32px_seed0", here / "moved")
+    train.main(["--out", "run", "--export", "e.pt", "--data", "moved"])
+    assert sample.load_model(here / "e.pt", "cpu")[3]["vae_min_psnr"] > 0
+    # a damaged EMA (one weight of another shape) is refused before an export sample.py could not load is written
+    ema = ckpt["ema"]
+    first = next(iter(ema))
+    torch.save({**ckpt, "ema": {**ema, first: ema[first][:1]}}, here / "run" / "ckpt.pt")
+    assert refuse("train", ["--out", "run", "--export", "bad.pt"], capsys, here,
+                  "run/ckpt.pt: not a letstalk diffusion checkpoint (RuntimeError")
 
 
 def test_an_export_is_not_resumed_and_a_new_run_starts_a_new_log(here, capsys, vae_ckpt):
