@@ -295,16 +295,22 @@ def decode_frames(src, convert=lambda image: image):
 
 
 def spread_frames(src, n=FACE_SAMPLES):
-    """n frames uint8 (H, W, 3) spread over a whole video (their gaps even to within a factor of two), in one
-    decoding pass that holds at most 2n of them: every 25th frame at first (a second at 25 fps); whenever 2n are
-    held, every other one is dropped and the stride doubles."""
-    held, stride = [], FPS
-    for i, (_, frame, aspect) in enumerate(video_frames(src)):
-        if i % stride == 0:
+    """(n frames uint8 (H, W, 3) spread over a whole video (their gaps even to within a factor of two), how many
+    frames it has), in one decoding pass that holds at most 2n of them: every 25th frame at first (a second at 25
+    fps); whenever 2n are held, every other one is dropped and the stride doubles."""
+    held, stride, count = [], FPS, 0
+    for count, (_, frame, aspect) in enumerate(video_frames(src), 1):
+        if (count - 1) % stride == 0:
             held.append(np.asarray(upright(frame, aspect)))
             if len(held) == 2 * n:
                 held, stride = held[::2], 2 * stride
-    return [held[k] for k in np.linspace(0, len(held) - 1, min(n, len(held))).astype(int)]
+    return [held[k] for k in np.linspace(0, len(held) - 1, min(n, len(held))).astype(int)], count
+
+
+def _still_picture(src):
+    """The refusal of a file of one frame with a sound track (a podcast's cover image): how long it shows is not
+    read, nor worth learning."""
+    return UserError(f"{src}: one frame, a still picture; a talking-head video is needed")
 
 
 def prepare_video(src, size, box=None):
@@ -313,7 +319,9 @@ def prepare_video(src, size, box=None):
     the face find_face sees in FACE_SAMPLES frames spread over the video; meta.json records it. Raises UserError if
     the file is unreadable or silent or shows no one face."""
     if box is None:  # a first pass for the detector
-        samples = spread_frames(src)
+        samples, count = spread_frames(src)
+        if count == 1:  # (before the detector, whose advice would be to give its box)
+            raise _still_picture(src)
         box = find_face(samples)
         if box is None:
             raise UserError(f"{src}: no face, or not one face, in most of {len(samples)} frames looked at (give its "
@@ -324,8 +332,8 @@ def prepare_video(src, size, box=None):
             raise UserError(f"{src}: the crop box {list(box)} is not inside the {image.width}x{image.height} frame")
         return square_image(image, size, box)
     frames, times = decode_frames(src, convert=crop)
-    if len(frames) == 1:  # a still picture with a sound track; how long it shows is not read, nor worth learning
-        raise UserError(f"{src}: one frame, a still picture; a talking-head video is needed")
+    if len(frames) == 1:
+        raise _still_picture(src)
     wav, audio_start = decode_audio(src)
     if np.sqrt(np.mean(wav ** 2)) < 1e-4:
         raise UserError(f"{src}: silent audio")
@@ -442,17 +450,22 @@ def prepare(raw_dir, out_dir, size=256, boxes=None, workers=1, shard=(0, 1)):
     return len(jobs) - len(errors), len(sources) - len(jobs), errors
 
 
-def check_output(out, size):
-    """Refuse, before any work, an output folder of the layout that cannot be written, or a frame size H.264 cannot
-    take."""
+def check_output(out, size, synthetic):
+    """Refuse, before any work, an output folder of the layout that cannot be written, a frame size H.264 cannot
+    take, or a folder of videos that training could not take together with these (`synthetic`: world.py's, with
+    ground truth; else prepared ones): of another size, or of the other kind."""
     writable_folder(out, "output folder")
     if size % 2:
         raise UserError(f"--size {size}: must be even (H.264 needs even frame sizes)")
     earlier = next((m for m in Path(out).glob("*/meta.json") if not m.parent.name.startswith(".")), None)
-    theirs = _read_meta(earlier).get("size") if earlier else None
-    if theirs not in (None, size):  # training stacks frames of every video: one folder, one size
-        raise UserError(f"{out} holds videos of {theirs} px ({earlier.parent.name}); add to it with --size {theirs} "
-                        "or pass another output folder")
+    meta = _read_meta(earlier) if earlier else {}
+    if meta.get("size") not in (None, size):  # training stacks frames of every video: one folder, one size
+        raise UserError(f"{out} holds videos of {meta['size']} px ({earlier.parent.name}); add to it with --size "
+                        f"{meta['size']} or pass another output folder")
+    kinds = ("synthetic videos (world.py's)", "prepared videos (data.py prepare's)")
+    if meta and any(key in meta for key in GROUND_TRUTH) != synthetic:  # one batch, one kind (train.py)
+        raise UserError(f"{out} holds {kinds[synthetic]} ({earlier.parent.name}), which training does not mix with "
+                        f"{kinds[not synthetic]}; pass another output folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,7 +691,7 @@ def main(argv=None):
                    "share a dataset (default: 0/1, all of them)")
     args = parser.parse_args(argv)
     with user_errors():
-        check_output(args.out, args.size)
+        check_output(args.out, args.size, synthetic=False)
         i, _, n = args.shard.partition("/")
         if not (i.isascii() and i.isdigit() and n.isascii() and n.isdigit() and int(i) < int(n)):
             raise UserError(f"--shard {args.shard}: give i/n with 0 <= i < n, e.g. 0/4")
@@ -686,7 +699,8 @@ def main(argv=None):
         boxes = None
         if args.boxes is not None:
             if not args.boxes.is_file():
-                raise UserError(f"{args.boxes}: cannot read crop boxes (not a regular file)")
+                raise UserError(f"{args.boxes}: cannot read crop boxes "
+                                f"({'not a regular file' if args.boxes.exists() else 'no such file'})")
             try:
                 boxes = {k: tuple(v) for k, v in json.loads(args.boxes.read_text()).items()}
             except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:

@@ -408,7 +408,7 @@ def main(argv=None):
                         "portrait for sample.py)")
     args = parser.parse_args(argv)
     with user_errors():
-        check_output(args.out, args.size)
+        check_output(args.out, args.size, synthetic=True)
         folders = [args.out / f"{args.split}_{i:05d}" for i in range(args.videos)]
         for folder in folders:  # before any work: a file or folder of the user's in the way is never replaced
             check_replaceable(folder)

@@ -134,8 +134,9 @@ def test_a_video_whose_sound_ends_early_is_cut_to_its_sound(tmp_path):
 def test_a_still_picture_with_a_sound_track_is_refused(tmp_path):
     """One frame and 2 s of speech (a podcast's cover image) made a 1-frame video, the speech cut to 40 ms."""
     _write_raw_video(tmp_path / "still.mp4", 1, 25, 96, 64, 0.3 * np.sin(np.arange(2 * 44100) * 0.05))
-    with pytest.raises(common.UserError, match="one frame, a still picture"):
-        data.prepare_video(tmp_path / "still.mp4", 32, (16, 0, 80, 64))
+    for box in ((16, 0, 80, 64), None):  # without a box: said before the detector, whose advice is to give one
+        with pytest.raises(common.UserError, match="one frame, a still picture"):
+            data.prepare_video(tmp_path / "still.mp4", 32, box)
 
 
 def test_each_output_frame_shows_the_source_frame_on_screen_at_its_time():
@@ -424,8 +425,9 @@ def test_the_face_detector_sees_frames_spread_over_the_whole_video(tmp_path):
     frames = np.repeat(np.arange(seconds, dtype=np.uint8) * 6, 25)[:, None, None, None] * np.ones((1, 16, 16, 3),
                                                                                               np.uint8)
     data.write_mp4(tmp_path / "long.mp4", frames, crf=0)
-    picked = [int(round(f.mean() / 6)) for f in data.spread_frames(tmp_path / "long.mp4")]
-    assert len(picked) == 8 and picked[0] == 0 and picked[-1] >= 32
+    spread, count = data.spread_frames(tmp_path / "long.mp4")
+    picked = [int(round(f.mean() / 6)) for f in spread]
+    assert count == 1000 and len(picked) == 8 and picked[0] == 0 and picked[-1] >= 32
     assert all(2.5 <= b - a <= 10 for a, b in zip(picked, picked[1:]))
 
 
@@ -637,7 +639,7 @@ def test_a_phone_video_stored_sideways_is_decoded_upright(tmp_path):
     images, _ = data.decode_frames(tmp_path / "phone.mp4", convert=np.asarray)
     assert images[0].shape == (64, 32, 3)
     assert images[0][:8, -8:].mean() > 200 and images[0][:8, :8].mean() < 50
-    assert data.spread_frames(tmp_path / "phone.mp4")[0].shape == (64, 32, 3)
+    assert data.spread_frames(tmp_path / "phone.mp4")[0][0].shape == (64, 32, 3)
 
 
 def test_a_video_of_squeezed_pixels_is_decoded_as_shown(tmp_path):
@@ -656,7 +658,7 @@ def test_a_video_of_squeezed_pixels_is_decoded_as_shown(tmp_path):
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             out.mux(stream.encode())
     images, _ = data.decode_frames(tmp_path / "squeezed.mp4", convert=np.asarray)
-    assert images[0].shape == (48, 64, 3) and data.spread_frames(tmp_path / "squeezed.mp4")[0].shape == (48, 64, 3)
+    assert images[0].shape == (48, 64, 3) and data.spread_frames(tmp_path / "squeezed.mp4")[0][0].shape == (48, 64, 3)
     assert 30 <= (images[0][24, :, 0] > 128).sum() <= 34
     with pytest.raises(common.UserError, match="a pixel aspect ratio of 9, which no video has"):
         data.decode_frames(tmp_path / "absurd.mp4")

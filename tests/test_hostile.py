@@ -328,6 +328,22 @@ def test_sources_that_would_share_a_folder_are_refused(names, here, capsys):
     assert refuse("data", ["prepare", "raw", "out", "--size", "32"], capsys, here, "would both be prepared")
 
 
+def test_synthetic_and_prepared_videos_are_not_written_into_one_folder(folder32, here, capsys):
+    """Training refuses a folder that mixes the two kinds (one batch stacks one kind of ground truth): each writer
+    refuses to start one, before any work. And a --boxes file that is not there is said to be missing."""
+    _video(here / "raw" / "a.mp4", 0.2)
+    shutil.copytree(folder32, here / "synthetic")
+    err = refuse("data", ["prepare", "raw", "synthetic", "--size", "32"], capsys, here,
+                 "synthetic holds synthetic videos (world.py's) (train_0000")  # (either of its two)
+    assert "), which training does not mix with prepared videos" in err
+    (here / "prepared" / "a").mkdir(parents=True)
+    (here / "prepared" / "a" / "meta.json").write_text(json.dumps({"num_frames": 5, "size": 32}))
+    assert refuse("world", ["prepared", "--videos", "1", "--size", "32"], capsys, here,
+                  "holds prepared videos (data.py prepare's) (a), which training does not mix with synthetic")
+    assert refuse("data", ["prepare", "raw", "out", "--boxes", "nope.json"], capsys, here,
+                  "nope.json: cannot read crop boxes (no such file)")
+
+
 @pytest.mark.parametrize("box", ["[30, 0, 10, 20]", "[NaN, 0, 10, 10]", "[0, 0, Infinity, 10]", "[0, 0, 1e9, 1e9]",
                                  "[-5, 0, 10, 15]", "[5, 5, 5, 5]", "[0, 0, 10]", '["a", 0, 10, 10]',
                                  "[0, 0, 40, 20]"])
