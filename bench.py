@@ -381,35 +381,40 @@ USED_BY = {"width": TABLES[:3], "heads": TABLES[:3], "batch": TABLES[:5], "sizes
            "compile": TABLES[3:5]}  # the tables each option sets: one no chosen table uses would be silently ignored
 
 
+def some_of(choices):
+    """An argparse `type`: a comma-separated list of some of `choices`, spaces around the commas allowed -> list."""
+    def parse(text):
+        chosen = [name.strip() for name in text.split(",")]
+        if not set(chosen) <= set(choices):
+            raise argparse.ArgumentTypeError(f"{text}: choose from {','.join(choices)}")
+        return chosen
+    return parse
+
+
 def main(argv=None):
     """`python bench.py`: measure and print tables 1a-4, write them as JSON, return them (argv=None: sys.argv)."""
     parser = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     add_device(parser)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (CPU: a few minutes)")
-    parser.add_argument("--tables", default=",".join(TABLES), help="which tables to measure, comma-separated: "
-                        "attention (1a), block (1b), temporal (1c), throughput (2), sampling (3), data (4) "
-                        "(default: all of them)")
+    parser.add_argument("--tables", type=some_of(TABLES), default=list(TABLES), help="which tables to measure, "
+                        "comma-separated: attention (1a), block (1b), temporal (1c), throughput (2), sampling (3), "
+                        "data (4) (default: all of them)")
     parser.add_argument("--width", type=bounded(int, 1, 8192),
                         help="width of tables 1a-1c, a multiple of --heads and of 4 (default: 768, size B's)")
     parser.add_argument("--heads", type=bounded(int, 1, 256), help="attention heads of tables 1a-1c (default: 12)")
     parser.add_argument("--batch", type=bounded(int, 1, 4096), help="batch size of tables 1-3 (table 4 assembles "
                         "batches of 8); sampling also runs at batch 1 (default: 8 on CUDA, 1 on CPU)")
-    parser.add_argument("--sizes", default="", help="model sizes for tables 2-3, comma-separated (default: T,S,B on "
-                        "CUDA, T on CPU)")
+    parser.add_argument("--sizes", type=some_of(tuple(SIZES)), help="model sizes for tables 2-3, comma-separated "
+                        "(default: T,S,B on CUDA, T on CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure tables 2-3 torch.compile'd (default: on CUDA; a CPU compiles for minutes)")
     parser.add_argument("--json", type=file_name, default=Path("bench.json"),
                         help="where to write the tables (default: bench.json)")
     args = parser.parse_args(argv)
-    chosen = args.tables.split(",")
-    if not set(chosen) <= set(TABLES):
-        parser.error(f"--tables {args.tables}: choose from {','.join(TABLES)}")
-    if args.sizes and not set(args.sizes.split(",")) <= set(SIZES):
-        parser.error(f"--sizes {args.sizes}: choose from {','.join(SIZES)}")
     unused = [f"--{name}" for name, tables in USED_BY.items()
-              if getattr(args, name) not in (None, "") and not set(chosen) & set(tables)]
+              if getattr(args, name) is not None and not set(args.tables) & set(tables)]
     if unused:
-        parser.error(f"{', '.join(unused)}: not used by --tables {args.tables}")
+        parser.error(f"{', '.join(unused)}: not used by --tables {','.join(args.tables)}")
     args.width, args.heads = args.width or 768, args.heads or 12
     if args.width % args.heads or args.width % 4:  # 4: the 2D sin-cos position embedding's quarters
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads} and of 4")
@@ -429,15 +434,14 @@ def run(args):
     frames = [16, 32] if args.quick else [4, 8, 16, 32]
     patches = [64, 256] if args.quick else [64, 256, 1024]
     repeats = 2 if args.quick else 5
-    sizes = args.sizes.split(",") if args.sizes else (["T", "S", "B"] if gpu else ["T"])
+    sizes = args.sizes or (["T", "S", "B"] if gpu else ["T"])
     paper, demo = (16, 32), (8, 16)  # the paper's clip (16 frames of 32x32x4 latents) and the CPU demo's (8 of 16x16x4)
     shapes = [demo] if args.quick else [paper, demo]
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
     peak = gpu_peak(device) if gpu else None
     peak_text = f" (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, the MFU denominator)" if peak else ""
-    chosen = args.tables.split(",")
     shape = "".join(f", {name} {value}" for name, value in (("batch", batch), ("width", args.width))
-                    if set(chosen) & set(USED_BY[name]))  # the settings of the chosen tables only
+                    if set(args.tables) & set(USED_BY[name]))  # the settings of the chosen tables only
     print(f"device: {device_name}{peak_text}, {'bf16 autocast' if gpu else 'fp32'}{shape}, torch {torch.__version__}")
     measure_table = {
         "attention": lambda: attention_table(device, frames, patches, args.width, args.heads, batch, repeats),
@@ -452,7 +456,7 @@ def run(args):
                                            1 if args.quick else 2, compiled),
         "data": lambda: data_table([demo, paper], 8, 5 if args.quick else 50),
     }
-    tables = {name: measure_table[name]() for name in TABLES if name in chosen}
+    tables = {name: measure_table[name]() for name in TABLES if name in args.tables}
     columns = {
         "attention": ("1a. attention alone, forward + backward: full / (spatial + temporal)",
                       ["F", "P", "full_s", "factorized_s", "ratio", "eq4", "full_mib", "factorized_mib"]),

@@ -68,6 +68,10 @@ def test_tables_can_be_chosen(tmp_path, capsys):
     assert ", batch 1, width 64, torch" in out.splitlines()[0]  # the header names the chosen tables' settings
     assert list(json.loads((tmp_path / "bench.json").read_text())) == [
         "device", "torch", "peak_bf16_flop_s", "batch", "width", "temporal"]
+    bench.main(["--quick", "--tables", "data, temporal", "--width", "64", "--heads", "4", "--device", "cpu",
+                "--json", str(tmp_path / "bench.json")])  # spaces after the commas are fine
+    assert list(json.loads((tmp_path / "bench.json").read_text()))[-2:] == ["temporal", "data"]
+    capsys.readouterr()
     bench.main(["--quick", "--tables", "data", "--device", "cpu", "--json", str(tmp_path / "bench.json")])
     assert "batch" not in capsys.readouterr().out.splitlines()[0]  # table 4 takes neither --batch nor --width
     for wrong in (["--tables", "attention,speed"], ["--sizes", "T,XL"], ["--device", "tpu7"], ["--batch", "0"],
