@@ -42,7 +42,7 @@ def test_overfitting_one_synthetic_batch():
         with torch.no_grad():
             return (model(d.q_sample(latents, t_eval, noise_eval), t_eval, ref, mel) - noise_eval).pow(2).mean()
     before = eval_loss()
-    for _ in range(80):  # measured eval loss / before: 0.092 after 80 steps, 0.097 after 120 (the bound is 0.3)
+    for _ in range(40):  # measured eval loss / before: 0.13 after 40 steps, 0.09 after 80 (the bound is 0.3)
         t, noise = torch.randint(0, 1000, (4,)), torch.randn_like(latents)
         loss = (model(d.q_sample(latents, t, noise), t, ref, mel) - noise).pow(2).mean()
         opt.zero_grad()
@@ -305,6 +305,15 @@ def test_each_condition_is_dropped_at_its_own_rate_and_never_in_evaluation(stage
         assert abs(got - rate) < 0.07, key  # 600 draws: 3 standard deviations at most
     _, ref, _, _, drops = stage.conditions(batch, train=False)
     assert set(drops.values()) == {None} and torch.equal(ref, batch["ref"])  # nor any noise on the portrait
+
+
+def test_each_validation_clip_is_drawn_beside_the_portrait_its_reference_latent_encodes(stage):
+    """The sample grids and the lip-sync figures start each validation clip from val_portraits: the frame whose
+    cached latent is the clip's reference (each held-out video is decoded once for all of its clips)."""
+    assert len({tuple(r.flatten()[:4].tolist()) for r in stage.val["ref"]}) > 1  # clips of different frames
+    with torch.no_grad():
+        latents = stage.vae.encode(to_tensor(stage.val_portraits)) * stage.vae.latent_scale
+    assert torch.allclose(latents, stage.val["ref"], atol=1e-2)  # (cached in fp16)
 
 
 def test_the_ema_follows_the_weights_with_a_warm_up():
