@@ -1,17 +1,30 @@
 """Shared fixtures: tiny checkpoints trained by our own train.py, once per test session."""
 
 import os
-import wave
 
-import av
-import numpy as np
-import pytest
+# pytest.ini runs the tests on two processes (pytest-xdist, -n auto: pytest_xdist_auto_num_workers below), one
+# thread each, set before torch and numpy load, or the two would share 2 cores among 4 threads and slow each other
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import wave  # noqa: E402
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # kernels.py's Triton kernels run in Triton's interpreter on the tests' CPU tensors (read when the kernels are
 # defined, so before train.py imports them)
 os.environ["TRITON_INTERPRET"] = "1"
 
 import train  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many processes `-n auto` starts: two for the suite (on a 2-core CPU, about 30% sooner than one process
+    of two threads), none for a -k selection such as an exercise's check, whose few tests end before two processes
+    would have started."""
+    return 0 if config.option.keyword else 2
 
 
 @pytest.fixture(scope="session")

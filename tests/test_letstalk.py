@@ -236,7 +236,9 @@ def test_each_fusion_scheme_carries_its_condition(which, scheme):
     torch.manual_seed(0)
     model = L.LetsTalk(L.config_for("T", latent_size=4, frames=2, depth=2, motion=0, **{f"{which}_fusion": scheme}))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
-    for step in range(200):  # measured true/shuffled error ratios after 200 steps: 0.006-0.051 (the bound is 0.5)
+    # measured true/shuffled error ratios: ref 0.04-0.17 after 150 steps (0.35-0.38 after 100), audio 0.05-0.11
+    # after 100; the bound is 0.5
+    for step in range(150 if which == "ref" else 100):
         b, eps = _toy_batch(which, step)
         loss = (model(**b) - eps).pow(2).mean()
         opt.zero_grad()

@@ -104,7 +104,7 @@ def test_mouth_darkness_reads_the_mouth_of_the_synthetic_faces():
 def test_probe_learns_to_read_the_mouth(tmp_path):
     pools = {split: data.build_frame_pool(world.SyntheticVideos(split, n, 1.0, 64), tmp_path / f"{split}.pt")
              for split, n in (("train", 24), ("val", 8))}
-    probe, r = metrics.train_probe(pools["train"], pools["val"], steps=150)  # measured r: 0.947 at 150, 0.949 at 300
+    probe, r = metrics.train_probe(pools["train"], pools["val"], steps=100)  # measured r: 0.88 at 100, 0.92 at 150
     assert r > 0.8  # openness read on identities the probe never saw
     assert probe.features(torch.zeros(2, 3, 32, 32)).shape == (2, 128)  # any frame size is resized to 64
 
