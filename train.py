@@ -411,11 +411,9 @@ class DiffusionStage:
         self.val = val_sampler.batch(0, 0, 8)
         video, _, ref = val_sampler.draws(0, 0, 8)
         self.val_partner = mismatched_partners(video)
-        portraits = {}
+        self.val_portraits = np.empty((len(video), self.resolution, self.resolution, 3), np.uint8)  # (8, H, W, 3)
         for v in np.unique(video):  # each held-out video decoded once, one at a time (a real one may be minutes long)
-            frames = val_videos[v].frames
-            portraits.update({i: frames[ref[i]] for i in np.flatnonzero(video == v)})
-        self.val_portraits = np.stack([portraits[i] for i in range(len(video))])  # uint8 (8, H, W, 3)
+            self.val_portraits[video == v] = val_videos[v].frames[ref[video == v]]
         self.val_people = [Identity.from_meta(val_videos.meta[v]["identity"]) for v in video] if self.probe else None
         # compile the DDP wrapper, not the model inside it, so DDP's gradient buckets still overlap the backward
         net = distributed(self.model, device)

@@ -96,7 +96,7 @@ def test_ddp_two_processes_stay_in_sync_and_resume_exactly(tmp_path, vae_ckpt):
     assert data.encode_videos(videos, load_vae(vae_ckpt), tmp_path / "one", "cpu") == 2
     for name in (f.name for f in videos.folders):
         a, b = torch.load(latents / f"{name}.pt"), torch.load(tmp_path / "one" / f"{name}.pt")
-        # equal but for fp16 rounding: one thread per rank there, two here, may sum a convolution in another order
+        # equal but for fp16 rounding: a rank's one thread and this process's threads may sum in another order
         assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
     sampler = data.ClipSampler(data.VideoCache(latents, [videos.folders[0].name]), frames=4, motion=2)
     drawn = {(v, s) for rank in (0, 1) for v, s, _ in zip(*sampler.draws(0, rank, 2))}
