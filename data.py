@@ -198,7 +198,7 @@ class VideoFolder:
 
     def __getitem__(self, i):
         frames = read_video(self.folders[i] / "video.mp4")
-        if len(frames) < self.num_frames(i):
+        if len(frames) != self.num_frames(i):  # more: the ground truth and the audio would end first
             raise UserError(f"{self.folders[i]}: meta.json counts {self.num_frames(i)} frames, video.mp4 holds "
                             f"{len(frames)}; delete the folder and prepare or render it again")
         size = self.meta[i].get("size")

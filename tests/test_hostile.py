@@ -271,6 +271,10 @@ def test_the_right_keys_with_wrong_contents_are_named(here, capsys):
     (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "num_frames"}), "no frame count", False),
     (lambda meta: json.dumps({**{k: v for k, v in meta.items() if k not in data.GROUND_TRUTH},
                               "num_frames": meta["num_frames"] + 50}), "video.mp4 holds", True),
+    # fewer frames counted (ground truth cut to match): its ground truth and sound would end before its picture
+    (lambda meta: json.dumps({**{k: v[:-3] if k in data.GROUND_TRUTH else v for k, v in meta.items()},
+                              "num_frames": meta["num_frames"] - 3}), "meta.json counts 7 frames, video.mp4 holds 10",
+     True),
     # per-frame ground truth edited by hand: found before any work, not at the first step after the encoding
     (lambda meta: json.dumps({**meta, "openness": meta["openness"][:-1]}), "its openness ground truth is not a "
      "number for each of its 10 frames", False),
