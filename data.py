@@ -144,6 +144,9 @@ def _read_meta(path):
     if "size" in meta and (not isinstance(meta["size"], int) or meta["size"] < 1):
         raise UserError(f"{path}: the frame size {meta['size']!r} is not a number of pixels; delete its folder and "
                         "prepare or render it again")
+    if "source" in meta and not (isinstance(meta["source"], str) and meta["source"]):  # (prepare compares it)
+        raise UserError(f"{path}: the source {meta['source']!r} is not a video's path; delete its folder and prepare "
+                        "it again")
     for key, shape in GROUND_TRUTH.items():  # checked here, not at the first step after hours of encoding
         if key in meta and not _numbers(meta[key], (meta["num_frames"], *shape)):
             each = f"{shape[0]} numbers" if shape else "a number"

@@ -275,6 +275,8 @@ def test_the_right_keys_with_wrong_contents_are_named(here, capsys):
     (lambda meta: json.dumps({**{k: v[:-3] if k in data.GROUND_TRUTH else v for k, v in meta.items()},
                               "num_frames": meta["num_frames"] - 3}), "meta.json counts 7 frames, video.mp4 holds 10",
      True),
+    (lambda meta: json.dumps({**meta, "source": None}), "the source None is not a video's path", False),
+    (lambda meta: json.dumps({**meta, "source": ""}), "the source '' is not a video's path", False),
     # per-frame ground truth edited by hand: found before any work, not at the first step after the encoding
     (lambda meta: json.dumps({**meta, "openness": meta["openness"][:-1]}), "its openness ground truth is not a "
      "number for each of its 10 frames", False),
