@@ -195,6 +195,11 @@ class VideoFolder:
     def __len__(self):
         return len(self.folders)
 
+    def fingerprint(self):
+        """videos_fingerprint of the folder's videos (of its split) as they are now; equal to the VideoCache's of
+        the same videos, wherever the folder lies now. -> int."""
+        return videos_fingerprint((f.name, _source(f)) for f in self.folders)
+
     def num_frames(self, i):
         """Frame count of video i, from its meta.json (nothing is decoded)."""
         return self.meta[i]["num_frames"]
@@ -548,6 +553,12 @@ def _source(folder):
     return torch.tensor([zlib.crc32((Path(folder) / "meta.json").read_bytes())])
 
 
+def videos_fingerprint(named_sources):
+    """A checksum of which videos and of what each was made from, from (name, _source) pairs: it changes when a
+    video is added, removed, renamed or prepared again, which counts alone can miss. -> int."""
+    return zlib.crc32(";".join(f"{name}:{source.tolist()}" for name, source in named_sources).encode())
+
+
 def _cached(path, folder):
     """Whether the cache file `path` holds video `folder` as it is now. One made from an earlier preparation of
     that name (other frames, another size), by an older letstalk, or truncated or unreadable is not: it is made
@@ -600,10 +611,8 @@ class VideoCache:
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # global index of (video, position)
 
     def fingerprint(self):
-        """A checksum of which videos the cache holds and of what each was made from (names and _source): it
-        changes when a video is added, removed, renamed or prepared again, which counts alone can miss. -> int."""
-        text = ";".join(f"{name}:{entry['source'].tolist()}" for name, entry in zip(self.names, self.entries))
-        return zlib.crc32(text.encode())
+        """videos_fingerprint of the videos the cache holds, as they were when cached. -> int."""
+        return videos_fingerprint((name, entry["source"]) for name, entry in zip(self.names, self.entries))
 
     def locate(self, index):
         """Global positions (int array) -> (video, position within it) int arrays."""

@@ -585,6 +585,9 @@ def export(run_ckpt, dst, vae_path=None, data=None):
     except UserError as e:
         raise UserError(f"--export measures the VAE on the run's training videos, which it cannot read: {e}"
                         f"{'' if data else '; if they moved, pass --data with their new place'}") from None
+    if data is not None and ckpt.get("data", videos.fingerprint()) != videos.fingerprint():  # (older: none)
+        raise UserError(f"--data {data}: not the training videos of {run_ckpt} (others, or added, removed or prepared "
+                        "again since); pass the folder they moved to")
     n = min(len(videos), 32)
     x = torch.cat([to_tensor(videos[i].frames[:math.ceil(512 / n)]) for i in range(n)])
     worst = min(psnr(vae.decode(vae.encode(chunk)), chunk).min().item() for chunk in x.split(64))

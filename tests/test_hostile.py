@@ -702,6 +702,9 @@ def test_an_export_whose_training_videos_moved_says_why_it_needs_them_and_takes_
     assert refuse("train", ["--out", "run", "--export", "e.pt", "--data", "synthetic"], capsys, here,
                   f"this run trained on {here / 'gone'}")
     shutil.copytree(diffusion_ckpt.parent.parent / "cache" / "synthetic_2x4s_32px_seed0", here / "moved")
+    world.main([str(here / "other"), "--videos", "2", "--seconds", "1", "--size", "32", "--seed", "5"])
+    assert refuse("train", ["--out", "run", "--export", "e.pt", "--data", "other"], capsys, here,
+                  "/other: not the training videos of run/ckpt.pt")  # its VAE figure would be of other faces
     train.main(["--out", "run", "--export", "e.pt", "--data", "moved"])
     assert sample.load_model(here / "e.pt", "cpu")[3]["vae_min_psnr"] > 0
     # a damaged EMA (one weight of another shape) is refused before an export sample.py could not load is written
