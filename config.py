@@ -313,8 +313,11 @@ def resumed_config(saved, settings, out):
     moved = {name: full_path(name, value) for name, value in settings.items() if name in MOVABLE}
     fixed = sorted(name for name, value in settings.items()
                    if name not in (*RESUMABLE, *moved, "out") and not same(name, value, saved.get(name)))
-    if "data" in moved and (moved["data"] == "synthetic") != (saved.get("data", TrainConfig.data) == "synthetic"):
-        fixed.append("data")
+    was = saved.get("data", TrainConfig.data)
+    if "data" in moved and (moved["data"] == "synthetic") != (was == "synthetic"):
+        raise UserError(f"--data {moved['data']}: the run trained on "
+                        f"{'synthetic videos' if was == 'synthetic' else f'the videos of {was}'}; a resumed run "
+                        "keeps its kind of data (start a new run from it with --init)")
     if fixed:
         raise UserError(f"{', '.join(flag(k) for k in fixed)}: a resumed run keeps the settings in its checkpoint; "
                         f"only {', '.join(flag(k) for k in RESUMABLE)} and --max-minutes may change (and "

@@ -567,7 +567,9 @@ def test_a_run_resumes_with_its_files_where_they_moved_to(tmp_path, diffusion_ck
     for extra, message in (([], f"--data {tmp_path / 'videos'}: no longer there (the run's training videos); if "
                                 "they moved, pass --data with the new place"),
                            (["--data", str(tmp_path / "moved")], f"--vae {tmp_path / 'init.pt'}: no longer there"),
-                           (["--data", "synthetic", "--vae", str(tmp_path / "vae.pt")], "--data: a resumed run keeps")):
+                           (["--data", "synthetic", "--vae", str(tmp_path / "vae.pt")],
+                            f"--data synthetic: the run trained on the videos of {tmp_path / 'videos'}; a resumed run "
+                            "keeps its kind of data")):
         with pytest.raises(SystemExit) as e:
             train.main([*run, "--resume", *extra])
         err = capsys.readouterr().err
